@@ -1,0 +1,5 @@
+"""`python -m cfgen ...` (what `accelerate launch -m cfgen` runs)."""
+
+from cfgen.cli import main
+
+main()

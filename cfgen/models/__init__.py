@@ -1,0 +1,1 @@
+"""Models: loading diffusers checkpoints by path, the noise-aware classifier, training."""

@@ -1,0 +1,151 @@
+"""Shard I/O: one TarWriter per shard, atomic commit, done markers, readers.
+
+A stage's output directory holds, per shard index i:
+
+    <prefix>-<i:06d>.tar          the samples (written to .tmp, then renamed)
+    <prefix>-<i:06d>.parquet      one row per input sample, failures included
+    <prefix>-<i:06d>_stats.json   written LAST: its presence means "shard done"
+
+so a killed run never exposes a half-written shard, and a restarted run skips
+shards whose marker exists (img2dataset's convention). Tar headers are fixed
+(mtime, uid/gid, user/group names, mode), so the same inputs give
+byte-identical shards. We do not use webdataset's ShardWriter: it creates an
+empty first shard and numbers shards in write order (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: any fixed value makes tars reproducible
+
+
+class ShardError(RuntimeError):
+    """An input shard that cannot be read (missing, truncated, corrupt)."""
+
+
+def shard_stem(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}"
+
+
+def tar_path(directory: Path, prefix: str, index: int) -> Path:
+    return directory / f"{shard_stem(prefix, index)}.tar"
+
+
+def rows_path(directory: Path, prefix: str, index: int) -> Path:
+    return directory / f"{shard_stem(prefix, index)}.parquet"
+
+
+def marker_path(directory: Path, prefix: str, index: int) -> Path:
+    return directory / f"{shard_stem(prefix, index)}_stats.json"
+
+
+def is_done(directory: Path, prefix: str, index: int) -> bool:
+    return marker_path(directory, prefix, index).is_file()
+
+
+def finished_indices(directory: Path, prefix: str) -> list[int]:
+    """Indices of shards whose done marker exists, sorted."""
+    out = []
+    for p in directory.glob(f"{prefix}-*_stats.json"):
+        num = p.name[len(prefix) + 1: -len("_stats.json")]
+        if num.isdigit():
+            out.append(int(num))
+    return sorted(out)
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
+    """Yield a TarWriter on `path.tmp`; rename to `path` only if the block succeeds.
+
+    Write samples as {"__key__": key, "png": bytes, ...}: members are written
+    in sorted order, contiguously per sample.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fh = open(tmp, "wb")
+    writer = wds.TarWriter(fh, user="cfgen", group="cfgen", mode=0o644, encoder=False, mtime=TAR_MTIME)
+    try:
+        yield writer
+        writer.close()
+        fh.close()
+        _fsync_replace(tmp, path)
+    except BaseException:
+        fh.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    _fsync_replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_rows(path: Path, rows: list[dict], schema: pa.Schema) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    _fsync_replace(tmp, path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def read_samples(path: Path) -> Iterator[dict]:
+    """Samples of a tar as dicts {"__key__": key, member_suffix: bytes}, in file order.
+
+    Members are grouped by the key before the first dot (WebDataset's rule).
+    A truncated or corrupt tar raises ShardError.
+    """
+    if not path.is_file():
+        raise ShardError(f"shard not found: {path}")
+    current: dict | None = None
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, suffix = info.name.partition(".")
+                data = tar.extractfile(info).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[suffix] = data
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardError(f"corrupt or truncated shard {path.name}: {exc}") from None
+    if current is not None:
+        yield current
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    """Load a .npy member; object arrays (which need pickle) are refused."""
+    return np.load(io.BytesIO(data), allow_pickle=False)

@@ -1,0 +1,1 @@
+"""The pipeline stages, each a shard-to-shard transform: invert -> guide -> pack."""

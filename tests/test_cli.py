@@ -1,0 +1,74 @@
+"""The command line: --help, and one clear line with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "pipelines" / "digits.toml")
+
+
+def cfgen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cfgen", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+def test_help_lists_the_stages():
+    out = cfgen("--help")
+    assert out.returncode == 0
+    for command in ("invert", "guide", "pack", "run", "train", "evaluate"):
+        assert command in out.stdout
+    sub = cfgen("guide", "--help")
+    assert sub.returncode == 0 and "--set" in sub.stdout and "--out" in sub.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--config", "does/not/exist.toml"], "config file not found"),
+    (["run", "--config", DIGITS, "--set", "guide.scale=-1"], "guide.scale"),
+    (["run", "--config", DIGITS, "--set", "guide.sclae=2"], "unknown config key 'guide.sclae'"),
+    (["run", "--config", DIGITS, "--set", "invert.steps=ten"], "invert.steps: expected an integer"),
+    (["run", "--config", DIGITS, "--set", "invert.t_inv=1.5"], "invert.t_inv"),
+    (["run", "--config", DIGITS, "--set", "invert.batch_size=0"], "invert.batch_size"),
+    (["run", "--config", DIGITS, "--set", "model.unet=/nonexistent/unet"], "model directory not found"),
+    (["run", "--config", DIGITS, "--set", "guide.target=eleven"], "guide.target"),
+    (["run", "--config", DIGITS, "--set", "data.source=folder", "--set", "data.root=/nonexistent"],
+     "data.root is not a directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    out = cfgen(*args, "--out", str(tmp_path / "run"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cfgen: error:") and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_guide_before_invert_says_what_to_do(tmp_path):
+    out = cfgen("guide", "--config", DIGITS, "--out", str(tmp_path / "run"))
+    assert out.returncode == 2 and "run `cfgen invert` first" in out.stderr
+
+
+def test_invalid_toml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[guide\nscale = 2\n")
+    out = cfgen("invert", "--config", str(bad))
+    assert out.returncode == 2 and "invalid TOML" in out.stderr
+
+
+def test_run_writes_pairs_and_evaluate_reads_them(tmp_path):
+    run_dir = tmp_path / "run"
+    out = cfgen("run", "--config", DIGITS, "--out", str(run_dir), "--set", "data.limit=24",
+                "--set", "guide.scale=3")
+    assert out.returncode == 0, out.stderr
+    assert "pairs: 24 of 24 inputs" in out.stdout
+    import tomllib
+
+    resolved = tomllib.loads((run_dir / "pairs" / "config.toml").read_text())
+    assert resolved["guide"]["scale"] == 3.0
+    assert resolved["model"]["unet"] == str(ROOT / "models" / "digits" / "unet")
+    ev = cfgen("evaluate", str(run_dir))
+    assert ev.returncode == 0, ev.stderr
+    assert "flip rate by the judge" in ev.stdout

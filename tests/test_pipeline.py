@@ -1,0 +1,177 @@
+"""invert -> guide -> pack on the shipped digits models: the output contract, end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cfgen.stages.pack import CONTRACT_FIELDS, CONTRACT_MEMBERS
+from conftest import run_pipeline
+
+CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _tars(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "pairs").glob("pairs-*.tar"))
+
+
+def test_layout_and_counts(digits_run):
+    run_dir, stats = digits_run
+    pairs = run_dir / "pairs"
+    assert [p.name for p in _tars(run_dir)] == ["pairs-000000.tar", "pairs-000001.tar", "pairs-000002.tar"]
+    assert not list(run_dir.rglob("*.tmp")), "no temporary file may be left behind"
+    sizes = json.loads((pairs / "sizes.json").read_text())
+    assert sizes == {"pairs-000000.tar": 16, "pairs-000001.tar": 16, "pairs-000002.tar": 8}
+    manifest = pq.read_table(pairs / "manifest.parquet").to_pylist()
+    assert [r["id"] for r in manifest] == [f"digits-{i:05d}" for i in range(40)]
+    assert {r["status"] for r in manifest} == {"ok"}
+    assert stats["count"] == 40 and stats["pairs"] == 40 and stats["failed"] == 0
+    assert sum(stats["per_class"].values()) == 40
+    for stage in ("invert", "guide", "pairs"):
+        assert (run_dir / stage / "config.toml").is_file()
+
+
+def test_every_sample_has_exactly_the_contract_members(digits_run):
+    run_dir, _ = digits_run
+    for tar_file in _tars(run_dir):
+        with tarfile.open(tar_file) as tar:
+            names = tar.getnames()
+            infos = tar.getmembers()
+        assert all(i.mtime == infos[0].mtime and i.uid == 0 for i in infos)  # reproducible headers
+        keys = []
+        for name in names:  # members of one sample are contiguous
+            key = name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+        assert len(keys) == len(set(keys))
+        for key in keys:
+            assert "." not in key
+            members = sorted(n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == key)
+            assert members == sorted(CONTRACT_MEMBERS)
+
+
+def test_json_schema_captions_and_classes(digits_run):
+    run_dir, _ = digits_run
+    from cfgen.shards import read_samples
+
+    for tar_file in _tars(run_dir):
+        for s in read_samples(tar_file):
+            meta = json.loads(s["json"])
+            assert list(meta) == list(CONTRACT_FIELDS)
+            assert all(type(meta[k]) is t for k, t in CONTRACT_FIELDS.items())
+            assert meta["id"] == s["__key__"]
+            assert int(s["cls"]) == meta["label"] and int(s["cf.cls"]) == meta["cf_label"]
+            assert meta["cf_label"] != meta["label"]
+            assert meta["label_name"] == CLASS_NAMES[meta["label"]]
+            assert s["txt"].decode() == f"a photo of the digit {meta['label_name']}."
+            assert s["cf.txt"].decode() == f"a photo of the digit {meta['cf_label_name']}."
+            assert meta["steps"] == 25 and meta["t_inv"] == 0.5 and meta["target_strategy"] == "closest"
+            f = np.asarray(Image.open(io.BytesIO(s["png"])), dtype=np.float64) / 255
+            c = np.asarray(Image.open(io.BytesIO(s["cf.png"])), dtype=np.float64) / 255
+            assert meta["l1"] == np.abs(f - c).mean()  # the recorded metric is the stored images'
+            assert Image.open(io.BytesIO(s["png"])).format == "PNG"
+
+
+def test_factual_image_is_the_real_digit(digits_run):
+    from sklearn.datasets import load_digits
+
+    from cfgen.shards import read_samples
+
+    run_dir, _ = digits_run
+    first = next(read_samples(_tars(run_dir)[0]))
+    expected = np.rint(load_digits().images[0] * 255 / 16).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(first["png"]))), expected)
+
+
+def test_round_trip_and_counterfactual_quality(digits_run):
+    _, stats = digits_run
+    assert stats["mean_recon_l1"] <= 0.02          # s = 0 gives the image back
+    assert stats["flip_rate"] >= 0.9               # the guiding predictor's view
+    assert 0.0 < stats["mean_l1"] < 0.2
+
+
+def test_webdataset_reads_the_shards(digits_run):
+    import webdataset as wds
+
+    run_dir, _ = digits_run
+    urls = [str(p) for p in _tars(run_dir)]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == 40
+    s = samples[0]
+    assert s["png"].size == (8, 8) and s["cf.png"].size == (8, 8)
+    assert isinstance(s["cls"], int) and isinstance(s["json"], dict)
+    assert s["txt"].startswith("a photo of the digit")
+
+
+def test_hf_datasets_reads_the_shards(digits_run):
+    from datasets import load_dataset
+
+    run_dir, _ = digits_run
+    ds = load_dataset("webdataset", data_files={"train": [str(p) for p in _tars(run_dir)]}, split="train")
+    assert len(ds) == 40
+    row = ds[0]
+    assert row["__key__"] == "digits-00000"
+    assert row["png"].size == (8, 8) and row["cf.png"].size == (8, 8)
+    assert row["json"]["label"] == row["cls"]
+
+
+def test_same_config_gives_byte_identical_shards(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    run_pipeline(tmp_path)
+    for a, b in zip(_tars(run_dir), _tars(tmp_path)):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_results_do_not_depend_on_batch_or_shard_size(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    from cfgen.shards import read_samples
+
+    run_pipeline(tmp_path, ["data.shard_size=40", "invert.batch_size=40", "guide.batch_size=3"])
+    ref = {s["__key__"]: s for t in _tars(run_dir) for s in read_samples(t)}
+    other = {s["__key__"]: s for t in _tars(tmp_path) for s in read_samples(t)}
+    assert ref.keys() == other.keys()
+    for k in ref:
+        a = np.asarray(Image.open(io.BytesIO(ref[k]["cf.png"])), dtype=int)
+        b = np.asarray(Image.open(io.BytesIO(other[k]["cf.png"])), dtype=int)
+        # float reductions may round differently by batch shape; never more than a grey level
+        assert np.abs(a - b).max() <= 1
+        assert json.loads(ref[k]["json"])["cf_label"] == json.loads(other[k]["json"])["cf_label"]
+
+
+def test_finished_shards_are_skipped_on_rerun(digits_run):
+    run_dir, _ = digits_run
+    before = {p: p.stat().st_mtime_ns for p in _tars(run_dir)}
+    run_pipeline(run_dir)
+    assert {p: p.stat().st_mtime_ns for p in _tars(run_dir)} == before
+
+
+def test_unreadable_image_becomes_a_failure_row(tmp_path):
+    """An image folder with a corrupt file: it gets a row with its reason, the rest go on."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "images"
+    for i in range(12):
+        d = root / CLASS_NAMES[digits.target[i]]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.rint(digits.images[i] * 255 / 16).astype(np.uint8), "L").save(d / f"img{i}.png")
+    (root / "three" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "three" / "empty.png").write_bytes(b"")
+    classes = Path(__file__).resolve().parents[1] / "manifests" / "digits" / "classes.txt"
+    stats = run_pipeline(tmp_path / "run", ["data.source=folder", f"data.root={root.as_posix()!r}",
+                                            f"data.classes={classes.as_posix()!r}", "data.limit=0"])
+    manifest = {r["id"]: r for r in pq.read_table(tmp_path / "run" / "pairs" / "manifest.parquet").to_pylist()}
+    assert stats["count"] == 14 and stats["pairs"] == 12 and stats["failed"] == 2
+    broken = [r for r in manifest.values() if r["origin"].endswith("broken.png")][0]
+    empty = [r for r in manifest.values() if r["origin"].endswith("empty.png")][0]
+    assert broken["status"] == "failed" and broken["error"].startswith("not an image")
+    assert empty["status"] == "failed" and empty["error"] == "empty file"
+    assert stats["errors"] == {"not an image (unidentified format)": 1, "empty file": 1}
+    sizes = json.loads((tmp_path / "run" / "pairs" / "sizes.json").read_text())
+    assert sum(sizes.values()) == 12
