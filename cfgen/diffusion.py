@@ -76,7 +76,9 @@ def log_prob_grad(classifier: LogitsFn, x_t: torch.Tensor, t: torch.Tensor, targ
     """
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
-        logp = F.log_softmax(classifier(x, t).float(), dim=-1)
+        logits = classifier(x, t)
+        # half-precision logits are upcast for the softmax; float64 stays float64
+        logp = F.log_softmax(logits.float() if logits.element_size() < 4 else logits, dim=-1)
         selected = logp.gather(1, target[:, None]).sum()
         (grad,) = torch.autograd.grad(selected, x)
     return grad

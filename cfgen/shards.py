@@ -87,6 +87,10 @@ def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
         fh.close()
         _fsync_replace(tmp, path)
     except BaseException:
+        try:  # close the tar stream too, or its finalizer later writes to the closed file
+            writer.close()
+        except Exception:
+            pass
         fh.close()
         tmp.unlink(missing_ok=True)
         raise
@@ -134,6 +138,14 @@ def read_samples(path: Path) -> Iterator[dict]:
                 if current is None:
                     current = {"__key__": key}
                 current[suffix] = data
+            end = tar.offset
+        # Stream mode takes a missing or cut-off header for the end of the archive;
+        # a complete tar has a zero end-of-archive block right after its last member.
+        with path.open("rb") as fh:
+            fh.seek(end)
+            tail = fh.read(tarfile.BLOCKSIZE)
+        if len(tail) < tarfile.BLOCKSIZE or tail.count(0) != tarfile.BLOCKSIZE:
+            raise ShardError(f"corrupt or truncated shard {path.name}: no end-of-archive block at offset {end}")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ShardError(f"corrupt or truncated shard {path.name}: {exc}") from None
     if current is not None:
@@ -142,7 +154,7 @@ def read_samples(path: Path) -> Iterator[dict]:
 
 def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    np.save(buf, np.asarray(arr, order="C"), allow_pickle=False)  # ascontiguousarray turns 0-d into 1-d
     return buf.getvalue()
 
 

@@ -137,7 +137,7 @@ def _manifest(cfg: Config, classes: list[str]) -> list[SampleRef]:
         raw_path = str(row.get("path") or "")
         raw_id = str(row.get("id") or Path(raw_path).with_suffix("").as_posix() or f"row{n}")
         key = safe_key(raw_id)
-        if key in seen:  # duplicate ids: keep both, disambiguate by row number
+        while key in seen:  # duplicate ids: keep both, disambiguate by row number
             key = f"{key}-r{n}"
         seen.add(key)
         label_text = str(row.get("label") if row.get("label") is not None else "").strip()
