@@ -45,7 +45,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _load(config: Path, sets: list[str] | None) -> Config:
-    return load_config(config, sets or [])
+    """Load and check everything that can be checked before any work starts."""
+    from cfgen.data.sources import load_class_names
+    from cfgen.targets import resolve_fixed_target
+
+    cfg = load_config(config, sets or [])
+    try:
+        resolve_fixed_target(cfg.guide.target, load_class_names(cfg))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
 
 
 def _run_dir(cfg: Config, out: Path | None) -> Path:

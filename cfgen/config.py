@@ -75,7 +75,7 @@ class ModelConfig:
 class InvertConfig:
     steps: int = 25
     """DDIM steps between t=0 and t_inv (the same grid is walked back by guide)."""
-    t_inv: float = 0.5
+    t_inv: float = 0.6
     """Fraction of the schedule to invert to (0 < t_inv <= 1); shallower keeps more of the image."""
     batch_size: int = 256
     """Samples per forward pass (formed inside a shard; results do not depend on it)."""
@@ -87,8 +87,11 @@ class GuideConfig:
     """'closest' (predictor's top non-factual class), 'random', or a class index / name."""
     scale: float = 2.0
     """Guidance scale s in e^ = e - s*sqrt(1-a_t)*grad log p(y*|x_t,t)."""
-    escalation: list[float] = field(default_factory=lambda: [4.0, 8.0])
-    """Larger scales retried, in order, for samples the predictor says did not flip."""
+    escalation: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
+    """Larger scales retried, in order, for samples not yet flipped with confidence."""
+    confidence: float = 0.99
+    """A sample counts as done at a scale once the predictor gives y* at least this probability
+    on the counterfactual (and ranks it first); below it, the next escalation scale is tried."""
     batch_size: int = 256
     """Samples per guided pass."""
 
@@ -252,6 +255,7 @@ def validate(cfg: Config) -> None:
     need(0.0 < cfg.invert.t_inv <= 1.0, f"invert.t_inv must be in (0, 1], got {cfg.invert.t_inv}")
     need(cfg.invert.batch_size > 0, "invert.batch_size must be > 0")
     need(cfg.guide.batch_size > 0, "guide.batch_size must be > 0")
+    need(0.0 <= cfg.guide.confidence < 1.0, f"guide.confidence must be in [0, 1), got {cfg.guide.confidence}")
     need(cfg.guide.scale >= 0 and math.isfinite(cfg.guide.scale),
          f"guide.scale must be a finite number >= 0, got {cfg.guide.scale}")
     need(all(s >= 0 and math.isfinite(s) for s in cfg.guide.escalation),

@@ -49,7 +49,9 @@ def evaluate_pairs(run_dir: Path) -> dict:
     f = data["factual"].reshape(n, -1).astype(np.float64) / 255.0
     c = data["cf"].reshape(n, -1).astype(np.float64) / 255.0
     judge = SVC(kernel="rbf", gamma="scale", C=10.0)
-    cv_acc = float(cross_val_score(judge, f, data["label"], cv=5).mean())
+    # stratified k-fold needs k members of every class present
+    folds = min(5, int(np.unique(data["label"], return_counts=True)[1].min()))
+    cv_acc = float(cross_val_score(judge, f, data["label"], cv=folds).mean()) if folds >= 2 else float("nan")
     judge.fit(f, data["label"])
     oracle_flip = float((judge.predict(c) == data["cf_label"]).mean())
     l1 = np.abs(f - c).mean(axis=1)
@@ -63,7 +65,7 @@ def evaluate_pairs(run_dir: Path) -> dict:
         # mean |f_i - r| over pixels for every real image r of class y; keep the closest
         dists = np.abs(f[rows][:, None, :] - pool[None, :, :]).mean(axis=2)
         nearest[rows] = dists.min(axis=1)
-    return {"pairs": n, "judge": "SVC(rbf) on factual images", "judge_cv_accuracy": cv_acc,
+    return {"pairs": n, "judge": "SVC(rbf) on factual images", "judge_cv_accuracy": cv_acc, "judge_cv_folds": folds,
             "oracle_flip_rate": oracle_flip, "mean_l1": float(l1.mean()),
             "mean_nearest_target_l1": float(np.nanmean(nearest)),
             "l1_over_nearest": float(l1.mean() / np.nanmean(nearest))}
@@ -72,7 +74,7 @@ def evaluate_pairs(run_dir: Path) -> dict:
 def format_report(r: dict) -> str:
     return "\n".join([
         f"pairs                                   {r['pairs']}",
-        f"independent judge                       {r['judge']}, 5-fold accuracy {r['judge_cv_accuracy']:.3f}",
+        f"independent judge                       {r['judge']}, {r['judge_cv_folds']}-fold accuracy {r['judge_cv_accuracy']:.3f}",
         f"flip rate by the judge                  {r['oracle_flip_rate']:.3f}",
         f"mean L1 factual -> counterfactual       {r['mean_l1']:.4f}",
         f"mean L1 factual -> nearest real y* img  {r['mean_nearest_target_l1']:.4f}",

@@ -23,10 +23,10 @@ def test_load_digits_toml_values():
     assert cfg.data.channels == 1
     assert cfg.data.shard_size == 512
     assert cfg.invert.steps == 25
-    assert cfg.invert.t_inv == 0.5
+    assert cfg.invert.t_inv == 0.6
     assert cfg.guide.target == "closest"
     assert cfg.guide.scale == 2.0
-    assert cfg.guide.escalation == [4.0, 8.0]
+    assert cfg.guide.escalation == [4.0, 8.0, 16.0]
     assert cfg.pack.require_flip is False
     assert cfg.train.diffusion.block_out_channels == [32, 64, 64]
     assert cfg.train.diffusion.lr == pytest.approx(2e-4)
@@ -39,7 +39,7 @@ def test_load_digits_toml_values():
 def test_no_file_gives_defaults():
     cfg = load_config(None)
     assert cfg.data.source == "digits"
-    assert cfg.guide.escalation == [4.0, 8.0]
+    assert cfg.guide.escalation == [4.0, 8.0, 16.0]
     assert cfg.base_dir == Path(".")
 
 
@@ -51,7 +51,7 @@ def test_overrides_are_typed():
     assert all(type(s) is float for s in cfg.guide.escalation)
     assert cfg.guide.target == "seven"
     # Untouched keys keep the TOML values.
-    assert cfg.invert.t_inv == 0.5
+    assert cfg.invert.t_inv == 0.6
 
 
 def test_override_more_types():
@@ -196,7 +196,7 @@ def test_to_dict_makes_paths_absolute():
     assert d["data"]["classes"] == str(REPO / "manifests" / "digits" / "classes.txt")
     assert d["model"]["classifier"] == str(REPO / "models" / "digits" / "classifier")
     assert d["data"]["root"] == ""  # empty paths stay empty
-    assert d["guide"]["escalation"] == [4.0, 8.0]
+    assert d["guide"]["escalation"] == [4.0, 8.0, 16.0]
     assert d["train"]["diffusion"]["steps"] == 4000
 
 

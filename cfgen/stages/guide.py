@@ -51,7 +51,7 @@ def predict_clean(models: Models, x: torch.Tensor) -> torch.Tensor:
 
 
 def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid: list[int],
-                    scales: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    scales: list[float], confidence: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Guided reverse with per-sample escalation.
 
     Returns uint8 images, the scale each sample kept, p(y*) on the stored
@@ -73,7 +73,7 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
         p_cf[idx] = probs.gather(1, targets[pending][:, None]).squeeze(1).cpu().numpy()
         flipped = (probs.argmax(1) == targets[pending]).cpu()
         flipped_all[idx] = flipped.numpy()
-        pending = pending[~flipped]
+        pending = pending[~(flipped & (torch.from_numpy(p_cf[idx]) >= confidence))]
         if len(pending) == 0:
             break
     return images, used, p_cf, flipped_all
@@ -126,7 +126,7 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
                 targets = choose_targets(cfg.guide.target, predict_clean(models, x0), labels,
                                          [r["seed"] for r in batch_rows], classes)
                 recon = to_uint8(guided_reverse(eps_fn(models), None, u, models.alphas_cumprod, grid))
-                cf, used, p_cf, flipped = counterfactuals(models, u, targets, grid, scales)
+                cf, used, p_cf, flipped = counterfactuals(models, u, targets, grid, scales, cfg.guide.confidence)
                 for j, row in enumerate(batch_rows):
                     if not np.isfinite(p_cf[j]):
                         row.update(status="failed", error="non-finite output from the predictor")
