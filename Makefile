@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 CONFIG ?= pipelines/digits.toml
 OUT ?=
 NUM_PROCESSES ?= 1
+RUN ?= runs/digits
+# Extra accelerate launch flags, e.g. for several nodes:
+#   ACCELERATE_ARGS='--num_machines 2 --machine_rank 0 --main_process_ip HOST --main_process_port 29500'
+ACCELERATE_ARGS ?= --num_machines 1
 # The CPU wheel here; a CUDA image may pass its own, e.g. TORCH_SPEC='torch==2.13.0'.
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
@@ -15,10 +19,12 @@ OUT_FLAG := $(if $(OUT),--out $(OUT),)
 ifeq ($(NUM_PROCESSES),1)
 CFGEN := $(BIN)/cfgen
 else
-CFGEN := $(BIN)/accelerate launch --num_processes $(NUM_PROCESSES) -m cfgen
+# --multi_gpu selects accelerate's torchrun launcher (one process per GPU; gloo on a CPU-only box)
+CFGEN := $(BIN)/accelerate launch --multi_gpu --num_processes $(NUM_PROCESSES) $(ACCELERATE_ARGS) \
+	--mixed_precision no --dynamo_backend no -m cfgen
 endif
 
-.PHONY: help install demo test invert guide pack run evaluate train clean
+.PHONY: help install demo test invert guide pack run evaluate train bench bench-tune shapes report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,9 +38,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed ## create .venv and install cfgen with torch pinned
 
-demo: install ## digits -> runs/digits/pairs/, then judge the pairs independently
+demo: install ## digits -> runs/digits/pairs/, judge the pairs, then prompt tuning on them
 	$(BIN)/cfgen run --config pipelines/digits.toml
 	$(BIN)/cfgen evaluate runs/digits
+	$(BIN)/cfgen tune --config pipelines/digits.toml
 
 test: install ## run the test suite (offline)
 	$(BIN)/python -m pytest
@@ -51,9 +58,24 @@ pack: install ## cfgen pack on CONFIG
 run: install ## invert, guide and pack on CONFIG
 	$(CFGEN) run --config $(CONFIG) $(OUT_FLAG)
 
-train: install ## retrain the embedded digits models (diffusion, then classifier)
+train: install ## retrain the embedded digits models (diffusion, classifier, then the VLM image tower)
 	$(BIN)/cfgen train diffusion --config $(CONFIG)
 	$(BIN)/cfgen train classifier --config $(CONFIG)
+	$(BIN)/cfgen train vlm --config $(CONFIG)
+
+bench: install ## guide-stage throughput vs compute alone vs a one-at-a-time reference
+	$(BIN)/cfgen bench --config $(CONFIG)
+
+bench-tune: install ## cfgen tune: epoch time with the feature cache vs re-encoding the images
+	$(BIN)/cfgen tune --config $(CONFIG) $(OUT_FLAG) --bench
+
+shapes: install ## synthetic benchmark: run, sweep and report -> runs/shapes/report/report.html
+	$(BIN)/cfgen run --config pipelines/shapes.toml
+	$(BIN)/cfgen sweep --config pipelines/shapes.toml
+	$(BIN)/cfgen report runs/shapes
+
+report: install ## HTML quality report of a run: make report RUN=runs/digits
+	$(BIN)/cfgen report $(RUN)
 
 clean: ## remove runs/ (not .venv)
 	rm -rf runs

@@ -4,14 +4,19 @@
     cfgen invert --config pipelines/digits.toml --out runs/digits
     cfgen guide  --config pipelines/digits.toml --set guide.scale=6
     cfgen pack   --config pipelines/digits.toml
-    cfgen train diffusion|classifier --config pipelines/digits.toml
+    cfgen train diffusion|classifier|vlm --config pipelines/digits.toml
     cfgen evaluate runs/digits
+    cfgen tune   --config pipelines/digits.toml [--pairs 'runs/digits/pairs/pairs-{000000..000003}.tar'] [--bench]
+    cfgen sweep  --config pipelines/shapes.toml --scales 1,2,4,8,16   # flip rate vs scale
+    cfgen report runs/shapes                                        # -> runs/shapes/report/report.html
 
 User errors (bad config, missing files or weights) print one line and exit 2.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,6 +40,10 @@ class UserError(Exception):
     """Anything the user can fix; printed as one line, exit code 2."""
 
 
+class RunFailed(Exception):
+    """The run went wrong for reasons of data or disk, not of usage: one line, exit code 1."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cfgen.data.images import ImageDecodeError
     from cfgen.models.loading import ModelLoadError
@@ -42,6 +51,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, UserError, ModelLoadError, ShardError, ImageDecodeError, FileNotFoundError,
             PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    from cfgen.stages.common import FailFast
+
+    return (RunFailed, FailFast)
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _load(config: Path, sets: list[str] | None) -> Config:
@@ -61,51 +79,101 @@ def _run_dir(cfg: Config, out: Path | None) -> Path:
     return out if out is not None else Path("runs") / cfg.pipeline.name
 
 
+FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed sample (exit 1).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint",
+                                         help="Allow pickle (.bin/.pt) weights, which can run code when loaded.")]
+
+
+def _stage_config(config: Path, sets: list[str] | None, fail_fast: bool, trust: bool) -> Config:
+    flags = (["pipeline.fail_fast=true"] if fail_fast else []) + (["model.trust_checkpoint=true"] if trust else [])
+    return _load(config, [*(sets or []), *flags])
+
+
+def _check_failures(cfg: Config, run_dir: Path, stage: str) -> None:
+    """Exit 1 with a summary when more than pipeline.max_failure_fraction of the inputs failed."""
+    from cfgen.stages.common import failure_summary
+
+    summary = failure_summary(run_dir / stage, stage if stage != "pairs" else "pairs")
+    if summary["count"] and summary["failed"] / summary["count"] > cfg.pipeline.max_failure_fraction:
+        reasons = ", ".join(f"{k} x{v}" for k, v in summary["errors"].items())
+        raise RunFailed(f"{stage}: {summary['failed']} of {summary['count']} samples failed "
+                        f"(> pipeline.max_failure_fraction={cfg.pipeline.max_failure_fraction}): {reasons}")
+
+
 @app.command()
-def invert(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False):
+def invert(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
+           fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """Abduction: DDIM-invert every input image to its exogenous noise (RUN/invert/)."""
     from cfgen.stages.invert import run_invert
 
-    cfg = _load(config, set)
+    cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
     run_invert(cfg, _run_dir(cfg, out), overwrite=overwrite)
+    _check_failures(cfg, _run_dir(cfg, out), "invert")
 
 
 @app.command()
-def guide(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False):
+def guide(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
+          fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """Action + prediction: guided reverse DDIM from the noise to the counterfactual (RUN/guide/)."""
     from cfgen.stages.guide import run_guide
 
-    cfg = _load(config, set)
+    cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
     run_guide(cfg, _run_dir(cfg, out), overwrite=overwrite)
+    _check_failures(cfg, _run_dir(cfg, out), "guide")
 
 
 @app.command()
-def pack(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False):
+def pack(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
+         fail_fast: FailFastOpt = False):
     """Write the pair shards, manifest.parquet, stats.json and sizes.json (RUN/pairs/)."""
     from cfgen.stages.pack import run_pack
 
-    cfg = _load(config, set)
-    stats = run_pack(cfg, _run_dir(cfg, out), overwrite=overwrite)
-    typer.echo(_summary(stats))
+    cfg = _stage_config(config, set, fail_fast, False)
+    _echo_summary(run_pack(cfg, _run_dir(cfg, out), overwrite=overwrite))
+    _check_failures(cfg, _run_dir(cfg, out), "pairs")
 
 
 @app.command()
-def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False):
+def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
+        fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """invert, guide and pack in order."""
     from cfgen.stages.guide import run_guide
     from cfgen.stages.invert import run_invert
     from cfgen.stages.pack import run_pack
 
-    cfg = _load(config, set)
+    cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
     run_dir = _run_dir(cfg, out)
     run_invert(cfg, run_dir, overwrite=overwrite)
     run_guide(cfg, run_dir, overwrite=overwrite)
-    typer.echo(_summary(run_pack(cfg, run_dir, overwrite=overwrite)))
+    _echo_summary(run_pack(cfg, run_dir, overwrite=overwrite))
+    _check_failures(cfg, run_dir, "pairs")
+
+
+@app.command()
+def verify(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")]):
+    """Re-read every pair shard and check members, images, JSON schema and counts (exit 1 on problems)."""
+    from cfgen.verify import verify_run
+
+    checked, problems = verify_run(run_dir)
+    for line in problems:
+        typer.echo(line)
+    typer.echo(f"verified {checked} samples: {len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _echo_summary(stats: dict | None) -> None:
+    if stats is not None:  # None on the ranks that do not merge
+        typer.echo(_summary(stats))
 
 
 def _summary(stats: dict) -> str:
-    return (f"pairs: {stats['pairs']} of {stats['count']} inputs (failed {stats['failed']}); "
-            f"flip rate {stats['flip_rate']:.3f}; mean l1 {stats['mean_l1']:.4f}; "
+    truth = ""
+    if "oracle_flip_rate" in stats:
+        truth = (f"oracle flip rate {stats['oracle_flip_rate']:.3f}; closer to the true counterfactual "
+                 f"{stats['truth_closer_rate']:.3f}; ")
+    return (f"pairs: {stats['pairs']} of {stats['count']} inputs (failed {stats['failed']}, "
+            f"rejected {stats['rejected']}); flip rate {stats['flip_rate']:.3f}; {truth}mean l1 {stats['mean_l1']:.4f}; "
             f"mean recon_l1 {stats['mean_recon_l1']:.4f} -> {stats['pairs_dir']}")
 
 
@@ -115,6 +183,43 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
     from cfgen.evaluate import evaluate_pairs, format_report
 
     typer.echo(format_report(evaluate_pairs(run_dir)))
+
+
+@app.command()
+def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
+          scales: Annotated[str, typer.Option(help="Comma-separated guidance scales, each run alone.")] = "1,2,4,8,16",
+          limit: Annotated[int, typer.Option(help="Samples to sweep (the first N of the configured split).")] = 300):
+    """Guide the first --limit samples at each scale (and with escalation); print a table, write RUN/sweep/sweep.json."""
+    from cfgen.sweep import format_table, run_sweep
+
+    try:
+        values = [float(s) for s in scales.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--scales: expected comma-separated numbers, got {scales!r}") from None
+    if limit < 1:
+        raise ConfigError("--limit must be >= 1")
+    cfg = _load(config, set)
+    typer.echo(format_table(run_sweep(cfg, _run_dir(cfg, out), values, limit, overwrite)))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ and guide/ (e.g. runs/shapes).")]):
+    """Write RUN_DIR/report/report.html: contact sheets, metric histograms, flip rate vs scale, confusion."""
+    from cfgen.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir)}")
+
+
+@app.command()
+def bench(config: ConfigOpt, set: SetOpt = None,
+          samples: Annotated[int, typer.Option(help="Samples through the guide stage.")] = 1024,
+          reference_samples: Annotated[int, typer.Option(help="Samples for the one-at-a-time reference.")] = 32):
+    """Guide-stage throughput: end to end vs compute alone vs a one-at-a-time fp32 reference."""
+    from cfgen.bench import format_bench, run_bench
+
+    if samples < 1 or reference_samples < 1:
+        raise UserError("--samples and --reference-samples must be >= 1")
+    typer.echo(format_bench(run_bench(_load(config, set), samples, reference_samples)))
 
 
 @train_app.command("diffusion")
@@ -138,12 +243,55 @@ def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
     typer.echo(json.dumps(train_classifier(_load(config, set), out), indent=2))
 
 
+@train_app.command("vlm")
+def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
+                  out: Annotated[Optional[Path], typer.Option(help="Output dir [default: tune.vlm].")] = None):
+    """Train the embedded VLM's image tower against frozen MiniLM caption embeddings (LiT)."""
+    import json
+
+    from cfgen.tune.vlm import train_vlm
+
+    typer.echo(json.dumps(train_vlm(load_config(config, set or []), out), indent=2))
+
+
+@app.command()
+def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
+         pairs: Annotated[Optional[str], typer.Option(
+             "--pairs", help="Pair shards: a path, glob or brace list (default: tune.pairs, else RUN_DIR/pairs/pairs-*.tar).")] = None,
+         bench: Annotated[bool, typer.Option("--bench", help="Time an epoch with the feature cache vs re-encoding.")] = False):
+    """Learn prompts on the pairs: zero-shot vs baseline (lambda=0) vs DiCap, base-to-novel (RUN/tune/)."""
+    cfg = load_config(config, set or [])
+    run_dir = _run_dir(cfg, out)
+    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    if bench:
+        from cfgen.tune.bench import bench_cache, format_bench
+
+        typer.echo(format_bench(bench_cache(cfg, run_dir, pairs, log=log)))
+        return
+    from cfgen.tune.protocol import format_table
+    from cfgen.tune.train import run_tune
+
+    typer.echo(format_table(run_tune(cfg, run_dir, pairs, log=log), cfg.tune.seeds))
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of typer.Exit instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except _user_errors() as exc:
         typer.echo(f"cfgen: error: {exc}", err=True)
         sys.exit(2)
+    except _run_failures() as exc:
+        typer.echo(f"cfgen: failed: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        # Finished shards were committed atomically and stay valid; re-run to resume.
+        typer.echo(f"cfgen: failed: {os.strerror(exc.errno)} while writing {exc.filename or 'output'}; "
+                   "finished shards are kept, re-run the same command to resume", err=True)
+        sys.exit(1)
     except typer.Abort:
         typer.echo("cfgen: aborted", err=True)
         sys.exit(130)

@@ -31,12 +31,17 @@ class PipelineConfig:
     """Pipeline name; the default run directory is runs/<name>."""
     seed: int = 0
     """Global seed; each sample's seed is derived from it and the sample id."""
+    max_failure_fraction: float = 0.25
+    """A stage exits 1 with a summary when more than this share of its inputs failed."""
+    fail_fast: bool = False
+    """Stop at the first failed sample (the shard holding it is not committed); CLI --fail-fast."""
 
 
 @dataclass
 class DataConfig:
     source: str = "digits"
-    """'digits' (scikit-learn's handwritten digits), 'folder' (root/<class>/*.png) or 'manifest' (CSV/parquet of path,label)."""
+    """'digits' (scikit-learn's handwritten digits), 'shapes' (synthetic, known causal model: cfgen/data/shapes.py),
+    'folder' (root/<class>/*.png) or 'manifest' (CSV/parquet of path,label)."""
     root: str = ""
     """Dataset root: the image folder, or the directory that manifest paths are relative to."""
     manifest: str = ""
@@ -55,8 +60,15 @@ class DataConfig:
     """Samples per shard: the unit of work, retry and resumption."""
     limit: int = 0
     """Process only the first N samples (0 = all); handy for smoke runs."""
+    repeat: int = 1
+    """Process the sample list this many times over (ids get -r<k>); for scale and memory tests."""
     max_image_pixels: int = 89_478_485
     """Images with more pixels than this are refused as decompression bombs (PIL's default)."""
+    shapes_count: int = 3000
+    """source='shapes': how many images the renderer draws (indices 0..N-1; every fifth is test)."""
+    shapes_spurious: float = 0.9
+    """source='shapes': in the train split, the probability that the class follows the environment
+    (the background cue); the test split draws the class independently of it."""
 
 
 @dataclass
@@ -68,7 +80,37 @@ class ModelConfig:
     classifier: str = "../models/digits/classifier"
     """Directory of the noise-aware classifier p(y | x_t, t) (cfgen train classifier)."""
     device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda[:N]'."""
+    """'auto' (cuda:<LOCAL_RANK> if available, else cpu), 'cpu' or 'cuda[:N]'."""
+    dtype: str = "auto"
+    """Autocast dtype of the networks: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.
+    The DDIM update itself always runs in fp32."""
+    compile: bool = False
+    """torch.compile the UNet and the classifier (pays off on long GPU runs)."""
+    trust_checkpoint: bool = False
+    """Allow pickle weights (.bin/.pt), which can run code when loaded; CLI --trust-checkpoint."""
+    kind: str = "auto"
+    """'pixel' (the UNet denoises images), 'latent' (invert and guide VAE latents) or 'auto': latent when
+    model.vae is set or the UNet's pipeline directory has vae/ (README, Bring your own models)."""
+    vae: str = ""
+    """Directory of a diffusers AutoencoderKL (latent models); '' = vae/ beside the UNet in its pipeline directory."""
+    text_encoder: str = ""
+    """Text encoder of a UNet2DConditionModel (transformers, e.g. CLIPTextModel); '' = text_encoder/ beside the UNet."""
+    tokenizer: str = ""
+    """Tokenizer directory of that text encoder; '' = tokenizer/ beside the UNet."""
+    prompt: str = ""
+    """Caption a conditional UNet is conditioned on, the same for every sample ('' = the empty prompt)."""
+    predictor: str = "noise_aware"
+    """'noise_aware' (model.classifier, p(y | x_t, t)), or a clean classifier on the x0-estimate in
+    model.predictor_path: 'hf_classifier' (transformers image classifier) or 'clip_zero_shot' (CLIPModel)."""
+    predictor_path: str = ""
+    """Directory of the clean predictor (hf_classifier, clip_zero_shot), loaded with local_files_only."""
+    clip_prompts: list[str] = field(default_factory=lambda: ["a photo of a {label_name}."])
+    """clip_zero_shot: prompt templates; a class's text feature is the mean of its normalized template features."""
+    gradient: str = "unet"
+    """Clean predictors: 'unet' = grad_x_t log p(y*|D(x0(x_t, eps))) through the UNet (and VAE decoder);
+    'x0' = FastDiME-style, eps held constant: grad_x0 log p(y*|D(x0)) / sqrt(a_t), no UNet backward."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during the guidance backward (UNet, VAE decoder, predictor): less memory, more compute."""
 
 
 @dataclass
@@ -102,6 +144,12 @@ class PackConfig:
     """Caption template for K.txt / K.cf.txt; {label_name} is the class name."""
     require_flip: bool = False
     """Keep pairs whose counterfactual did not flip the predictor out of the shards."""
+    min_p_cf: float = 0.0
+    """Gate: reject pairs whose predictor probability of the target is below this (0 keeps all)."""
+    max_l1: float = 1.0
+    """Gate: reject pairs whose L1 factual -> counterfactual is above this (1.0, the maximum, keeps all)."""
+    max_recon_l1: float = 1.0
+    """Gate: reject pairs whose s = 0 reconstruction L1 is above this (1.0 keeps all)."""
 
 
 @dataclass
@@ -125,9 +173,70 @@ class TrainClassifierConfig:
 
 
 @dataclass
+class TrainVlmConfig:
+    steps: int = 400
+    """Optimizer steps of locked-text (LiT) training of the embedded VLM's image tower."""
+    batch_size: int = 256
+    """Images per step."""
+    lr: float = 2e-3
+    """AdamW learning rate (cosine schedule)."""
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """Conv channels of the image tower; its output dimension is the text tower's (384 for MiniLM)."""
+
+
+@dataclass
 class TrainConfig:
     diffusion: TrainDiffusionConfig = field(default_factory=TrainDiffusionConfig)
     classifier: TrainClassifierConfig = field(default_factory=TrainClassifierConfig)
+    vlm: TrainVlmConfig = field(default_factory=TrainVlmConfig)
+
+
+@dataclass
+class TuneConfig:
+    pairs: str = ""
+    """Pair shards to learn from: a path, glob or brace list (pairs-{000000..000003}.tar); '' = RUN_DIR/pairs/pairs-*.tar."""
+    backend: str = "embedded"
+    """'embedded' (frozen MiniLM text tower + the image tower in `vlm`) or 'transformers' (a CLIPModel directory in `vlm`)."""
+    vlm: str = "../models/digits/vlm"
+    """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint."""
+    learner: str = "coop"
+    """'coop' (one shared context) or 'cocoop' (the context shifted by a meta-net of the image feature)."""
+    n_ctx: int = 4
+    """Number of learned context vectors in front of the class name."""
+    ctx_init: str = "a photo of a"
+    """Phrase whose token embeddings start the context (n_ctx tokens long), also the zero-shot prompt; '' = N(0, 0.02)."""
+    objective: str = "dicap"
+    """'dicap' (L1 + lam*L2) or 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd); the baseline is L1 alone."""
+    lam: float = 1.0
+    """lambda of DiCap's L = L1 + lambda*L2 (L2: factual vs counterfactual image, true-class prompt as anchor)."""
+    alpha: float = 1.0
+    """CF-VLM weight of L_align (symmetric InfoNCE on the factual pairs)."""
+    beta: float = 0.45
+    """CF-VLM weight of L_csd (factual pair vs complete counterfactual pair, hinge)."""
+    gamma: float = 0.55
+    """CF-VLM weight of L_fcd (factual vs counterfactual image under the factual text, hinge)."""
+    margin_csd: float = 0.2
+    """Cosine margin m1 of L_csd."""
+    margin_fcd: float = 0.2
+    """Cosine margin m2 of L_fcd."""
+    temperature: float = 0.0
+    """tau of the losses (logits = cos / tau); 0 = the VLM's own, 1 / its logit scale."""
+    shots: int = 16
+    """Training pairs per base class (K shots), drawn per seed."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One training run per seed and method; figures are mean and std over them."""
+    epochs: int = 50
+    """Passes over the K-shot training set."""
+    batch_size: int = 32
+    """Pairs per optimizer step."""
+    lr: float = 0.002
+    """SGD learning rate (momentum 0.9, cosine decay), as CoOp."""
+    eval_split: str = ""
+    """Evaluate on the ids that data.split marks with this split, drawing shots from the others; '' = every pair not drawn as a shot."""
+    cache: bool = True
+    """Cache the frozen image features under RUN_DIR/tune/cache/, keyed by shard file and model."""
+    encode_batch_size: int = 256
+    """Images per forward pass of the frozen image encoder."""
 
 
 @dataclass
@@ -139,6 +248,7 @@ class Config:
     guide: GuideConfig = field(default_factory=GuideConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     base_dir: Path = field(default=Path("."), repr=False)
     """Directory relative paths are resolved against (the TOML file's directory)."""
 
@@ -152,6 +262,8 @@ class Config:
 _PATH_FIELDS = {
     ("data", "root"), ("data", "manifest"), ("data", "classes"), ("data", "split"),
     ("model", "unet"), ("model", "scheduler"), ("model", "classifier"),
+    ("model", "vae"), ("model", "text_encoder"), ("model", "tokenizer"), ("model", "predictor_path"),
+    ("tune", "pairs"), ("tune", "vlm"),
 }
 
 
@@ -245,12 +357,21 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(cfg.data.source in ("digits", "folder", "manifest"),
-         f"data.source: expected 'digits', 'folder' or 'manifest', got {cfg.data.source!r}")
+    need(cfg.data.source in ("digits", "shapes", "folder", "manifest"),
+         f"data.source: expected 'digits', 'shapes', 'folder' or 'manifest', got {cfg.data.source!r}")
+    need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")
+    need(0.0 <= cfg.data.shapes_spurious <= 1.0, f"data.shapes_spurious must be in [0, 1], got {cfg.data.shapes_spurious}")
+    need(0.0 <= cfg.pack.min_p_cf <= 1.0, f"pack.min_p_cf must be in [0, 1], got {cfg.pack.min_p_cf}")
+    need(cfg.pack.max_l1 >= 0.0, f"pack.max_l1 must be >= 0, got {cfg.pack.max_l1}")
+    need(cfg.pack.max_recon_l1 >= 0.0, f"pack.max_recon_l1 must be >= 0, got {cfg.pack.max_recon_l1}")
     need(cfg.data.image_size > 0, "data.image_size must be > 0")
     need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.shard_size > 0, "data.shard_size must be > 0")
     need(cfg.data.limit >= 0, "data.limit must be >= 0")
+    need(cfg.data.repeat >= 1, "data.repeat must be >= 1")
+    need(0.0 <= cfg.pipeline.max_failure_fraction <= 1.0, "pipeline.max_failure_fraction must be in [0, 1]")
+    need(cfg.model.dtype in ("auto", "fp32", "bf16", "fp16"),
+         f"model.dtype: expected 'auto', 'fp32', 'bf16' or 'fp16', got {cfg.model.dtype!r}")
     need(cfg.invert.steps > 0, "invert.steps must be > 0")
     need(0.0 < cfg.invert.t_inv <= 1.0, f"invert.t_inv must be in (0, 1], got {cfg.invert.t_inv}")
     need(cfg.invert.batch_size > 0, "invert.batch_size must be > 0")
@@ -260,11 +381,47 @@ def validate(cfg: Config) -> None:
          f"guide.scale must be a finite number >= 0, got {cfg.guide.scale}")
     need(all(s >= 0 and math.isfinite(s) for s in cfg.guide.escalation),
          "guide.escalation: scales must be finite and >= 0")
-    for section in ("diffusion", "classifier"):
+    for section in ("diffusion", "classifier", "vlm"):
         t = getattr(cfg.train, section)
         need(t.steps > 0 and t.batch_size > 0 and t.lr > 0,
              f"train.{section}: steps, batch_size and lr must be > 0")
     need(0.0 < cfg.train.classifier.test_fraction < 1.0, "train.classifier.test_fraction must be in (0, 1)")
+    _validate_model(cfg, need)
+    _validate_tune(cfg, need)
+
+
+def _validate_model(cfg: Config, need) -> None:
+    m = cfg.model
+    need(m.kind in ("auto", "pixel", "latent"), f"model.kind: expected 'auto', 'pixel' or 'latent', got {m.kind!r}")
+    need(m.predictor in ("noise_aware", "hf_classifier", "clip_zero_shot"),
+         f"model.predictor: expected 'noise_aware', 'hf_classifier' or 'clip_zero_shot', got {m.predictor!r}")
+    need(m.gradient in ("unet", "x0"), f"model.gradient: expected 'unet' or 'x0', got {m.gradient!r}")
+    need(m.predictor == "noise_aware" or bool(m.predictor_path),
+         f"model.predictor={m.predictor!r} needs model.predictor_path (the model's directory)")
+    need(m.gradient == "unet" or m.predictor != "noise_aware",
+         "model.gradient='x0' needs a clean predictor (hf_classifier or clip_zero_shot); "
+         "a noise-aware classifier is differentiated at x_t")
+    need(not (m.kind == "pixel" and m.vae), "model.vae is set but model.kind='pixel'")
+    need(len(m.clip_prompts) >= 1 and all("{label_name}" in p for p in m.clip_prompts),
+         "model.clip_prompts: give one or more templates, each containing {label_name}")
+
+
+def _validate_tune(cfg: Config, need) -> None:
+    t = cfg.tune
+    need(t.backend in ("embedded", "transformers"),
+         f"tune.backend: expected 'embedded' or 'transformers', got {t.backend!r}")
+    need(t.learner in ("coop", "cocoop"), f"tune.learner: expected 'coop' or 'cocoop', got {t.learner!r}")
+    need(t.objective in ("dicap", "cfvlm"), f"tune.objective: expected 'dicap' or 'cfvlm', got {t.objective!r}")
+    need(t.n_ctx >= 1, "tune.n_ctx must be >= 1")
+    need(t.shots >= 1, "tune.shots must be >= 1")
+    need(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "tune.seeds: give one or more distinct seeds")
+    need(t.epochs >= 1 and t.batch_size >= 1 and t.encode_batch_size >= 1,
+         "tune.epochs, tune.batch_size and tune.encode_batch_size must be >= 1")
+    for key in ("lr", "lam", "alpha", "beta", "gamma", "margin_csd", "margin_fcd", "temperature"):
+        v = getattr(t, key)
+        need(math.isfinite(v) and v >= 0, f"tune.{key} must be a finite number >= 0, got {v}")
+    need(t.lr > 0, "tune.lr must be > 0")
+    need(not t.eval_split or bool(cfg.data.split), f"tune.eval_split={t.eval_split!r} needs data.split (a CSV of id,split)")
 
 
 def to_dict(cfg: Config) -> dict:

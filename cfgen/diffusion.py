@@ -14,6 +14,15 @@ Action + prediction (guided reverse), down the *same* grid from u = x_{T_inv}:
     x_{t_prev} = step(x_t, e^, a_t, a_{t_prev})
 With s = 0 the reverse is the plain DDIM reconstruction (DiCap Cor. 3.3/3.4).
 
+A clean predictor p(y | x0) (no noise awareness: an ImageNet classifier, CLIP
+zero-shot) is evaluated on the x0-estimate, decoded to pixels D(.) for latent
+models (D = identity for pixel models):
+    'unet':  g = grad_{x_t} log p(y* | D(x0(x_t, eps(x_t, t))))   (backprop through the UNet)
+    'x0':    g = grad_{x0} log p(y* | D(x0)) / sqrt(a_t)            (FastDiME: e held constant,
+             so d x0 / d x_t = 1 / sqrt(a_t); no UNet backward)
+A network trained to predict v or x0 instead of eps is turned into e first
+(`eps_from_output`), so everything above sees a noise estimate.
+
 No clipping or thresholding anywhere: the round trip must be exact up to the
 ODE discretisation. Walking one grid up and then down avoids the off-by-one
 between the loops (diffusers PR #3436).
@@ -30,6 +39,11 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """eps(x_t, t) -> predicted noise; t is a (B,) long tensor."""
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """classifier(x_t, t) -> logits (B, num_classes)."""
+X0LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+"""clean predictor(x0) -> logits (B, num_classes), x0 an x0-estimate in model space."""
+GRADIENTS = ("noisy", "unet", "x0")
+"""How guided_reverse takes g: from a noise-aware classifier(x_t, t), or from a clean predictor(x0)
+through the UNet ('unet') or with e held constant ('x0')."""
 
 
 def timestep_grid(num_train_timesteps: int, steps: int, t_inv: float) -> list[int]:
@@ -53,6 +67,21 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) 
     return a_to ** 0.5 * x0_estimate(x_t, eps, a_from) + (1.0 - a_to) ** 0.5 * eps
 
 
+def eps_from_output(out: torch.Tensor, x_t: torch.Tensor, a_t, prediction_type: str) -> torch.Tensor:
+    """The noise estimate e from a network's output, for diffusers' three prediction types.
+
+    epsilon: out = e;  v_prediction: out = sqrt(a) e - sqrt(1-a) x0  =>  e = sqrt(a) out + sqrt(1-a) x_t;
+    sample:  out = x0  =>  e = (x_t - sqrt(a) x0) / sqrt(1-a).   `a_t` is a float or broadcastable tensor.
+    """
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return a_t ** 0.5 * out + (1.0 - a_t) ** 0.5 * x_t
+    if prediction_type == "sample":
+        return (x_t - a_t ** 0.5 * out) / (1.0 - a_t) ** 0.5
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction or sample)")
+
+
 def _t(batch: int, t: int, device) -> torch.Tensor:
     return torch.full((batch,), t, dtype=torch.long, device=device)
 
@@ -68,6 +97,12 @@ def invert(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, grid: 
     return x
 
 
+def _selected_log_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """sum_i log softmax(logits_i)[target_i]; half-precision logits are upcast for the softmax."""
+    logp = F.log_softmax(logits.float() if logits.element_size() < 4 else logits, dim=-1)
+    return logp.gather(1, target[:, None]).sum()
+
+
 def log_prob_grad(classifier: LogitsFn, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """grad_{x_t} log p(target | x_t, t), per sample.
 
@@ -76,31 +111,58 @@ def log_prob_grad(classifier: LogitsFn, x_t: torch.Tensor, t: torch.Tensor, targ
     """
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
-        logits = classifier(x, t)
-        # half-precision logits are upcast for the softmax; float64 stays float64
-        logp = F.log_softmax(logits.float() if logits.element_size() < 4 else logits, dim=-1)
-        selected = logp.gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(selected, x)
+        (grad,) = torch.autograd.grad(_selected_log_prob(classifier(x, t), target), x)
     return grad
 
 
+def clean_log_prob_grad(eps_fn: EpsFn, classifier: X0LogitsFn, x_t: torch.Tensor, t: torch.Tensor, a_t: float,
+                        target: torch.Tensor, through_unet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, g) for a clean predictor on the x0-estimate: e = eps(x_t, t) and, per sample,
+
+        through_unet:  g = grad_{x_t} log p(target | x0(x_t, e(x_t)))     one UNet forward + backward
+        otherwise:     g = grad_{x0} log p(target | x0) / sqrt(a_t)       e constant (FastDiME)
+
+    The UNet runs once either way: its e (detached) is the one the DDIM step uses.
+    """
+    with torch.enable_grad():
+        if through_unet:
+            x = x_t.detach().requires_grad_(True)
+            e = eps_fn(x, t)
+            (g,) = torch.autograd.grad(_selected_log_prob(classifier(x0_estimate(x, e, a_t)), target), x)
+        else:
+            with torch.no_grad():
+                e = eps_fn(x_t, t)
+            x0 = x0_estimate(x_t, e, a_t).detach().requires_grad_(True)
+            (g0,) = torch.autograd.grad(_selected_log_prob(classifier(x0), target), x0)
+            g = g0 / a_t ** 0.5
+    return e.detach(), g
+
+
 @torch.no_grad()
-def guided_reverse(eps_fn: EpsFn, classifier: LogitsFn | None, u: torch.Tensor, alphas_cumprod: torch.Tensor,
+def guided_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor, alphas_cumprod: torch.Tensor,
                    grid: list[int], target: torch.Tensor | None = None,
-                   scale: torch.Tensor | float = 0.0) -> torch.Tensor:
+                   scale: torch.Tensor | float = 0.0, gradient: str = "noisy") -> torch.Tensor:
     """Prediction: from the noise u (at t_S) down the grid to t_0, steered toward `target`.
 
     `scale` is s, a float or a (B,) tensor (per-sample scales, for escalation).
     With s = 0 (or no classifier) this is the unguided DDIM reconstruction.
+    `gradient` (GRADIENTS): 'noisy' for a noise-aware classifier(x_t, t); 'unet' or 'x0'
+    for a clean classifier(x0) on the x0-estimate (clean_log_prob_grad).
     """
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     a = alphas_cumprod.tolist()
     s = torch.as_tensor(scale, dtype=u.dtype, device=u.device).reshape(-1, *([1] * (u.dim() - 1)))
     guided = classifier is not None and bool((s != 0).any())
     x = u
     for t_cur, t_prev in zip(grid[:0:-1], grid[-2::-1]):
         t = _t(x.shape[0], t_cur, x.device)
-        eps = eps_fn(x, t)
-        if guided:
-            eps = eps - s * (1.0 - a[t_cur]) ** 0.5 * log_prob_grad(classifier, x, t, target)
+        if guided and gradient != "noisy":
+            eps, g = clean_log_prob_grad(eps_fn, classifier, x, t, a[t_cur], target, through_unet=gradient == "unet")
+            eps = eps - s * (1.0 - a[t_cur]) ** 0.5 * g
+        else:
+            eps = eps_fn(x, t)
+            if guided:
+                eps = eps - s * (1.0 - a[t_cur]) ** 0.5 * log_prob_grad(classifier, x, t, target)
         x = ddim_step(x, eps, a[t_cur], a[t_prev])
     return x

@@ -96,10 +96,21 @@ def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
         raise
 
 
+@contextmanager
+def _cleanup_on_error(tmp: Path):
+    """Remove a temporary file if writing it failed (e.g. the disk filled up)."""
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    _fsync_replace(tmp, path)
+    with _cleanup_on_error(tmp):
+        tmp.write_bytes(data)
+        _fsync_replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -108,8 +119,9 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_write_rows(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    _fsync_replace(tmp, path)
+    with _cleanup_on_error(tmp):
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        _fsync_replace(tmp, path)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -13,7 +13,9 @@ Sample ids become WebDataset keys, so they are made dot-free and safe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ class SampleRef:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
 
 
 def safe_key(name: str) -> str:
@@ -60,6 +63,10 @@ def load_class_names(cfg: Config) -> list[str]:
     if not cfg.data.classes:
         if cfg.data.source == "digits":
             return [str(i) for i in range(10)]
+        if cfg.data.source == "shapes":
+            from cfgen.data.shapes import CLASSES
+
+            return list(CLASSES)
         if cfg.data.source == "folder":
             root = cfg.path(cfg.data.root)
             if not root.is_dir():
@@ -90,6 +97,20 @@ def _digits(cfg: Config) -> list[SampleRef]:
     return refs
 
 
+def _shapes(cfg: Config, classes: list[str]) -> list[SampleRef]:
+    from cfgen.data import shapes
+
+    if len(classes) != len(shapes.CLASSES):
+        raise ConfigError(f"data.classes: the shapes source has {len(shapes.CLASSES)} classes "
+                          f"({', '.join(shapes.CLASSES)}), the class list has {len(classes)}")
+    refs = []
+    for i in range(cfg.data.shapes_count):
+        f = shapes.factors(i, cfg.data.shapes_spurious)
+        refs.append(SampleRef(id=shapes.sample_id(i), label=f.label, origin=shapes.origin(i),
+                              load=(lambda f=f: shapes.render(f, f.label, cfg.data.image_size, cfg.data.channels))))
+    return refs
+
+
 def _image_loader(path: Path, cfg: Config):
     return lambda: decode_image(path, cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels)
 
@@ -116,11 +137,9 @@ def _read_manifest_rows(path: Path) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"data.manifest: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    # Undecodable bytes survive as surrogates, so one bad row fails alone instead of the whole file.
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def _manifest(cfg: Config, classes: list[str]) -> list[SampleRef]:
@@ -142,6 +161,10 @@ def _manifest(cfg: Config, classes: list[str]) -> list[SampleRef]:
         seen.add(key)
         label_text = str(row.get("label") if row.get("label") is not None else "").strip()
         error = None
+        if any(_NOT_UTF8.search(str(v)) for v in row.values() if v is not None):
+            refs.append(SampleRef(id=key, label=-1, origin=raw_path.encode("utf-8", "surrogateescape").decode(
+                "utf-8", "replace"), error="non-UTF-8 text in the manifest row"))
+            continue
         if label_text in index:
             label = index[label_text]
         elif label_text.isdigit() and int(label_text) < len(classes):
@@ -169,6 +192,8 @@ def list_samples(cfg: Config, split: str | None = None) -> list[SampleRef]:
     classes = load_class_names(cfg)
     if cfg.data.source == "digits":
         refs = _digits(cfg)
+    elif cfg.data.source == "shapes":
+        refs = _shapes(cfg, classes)
     elif cfg.data.source == "folder":
         refs = _folder(cfg, classes)
     else:
@@ -181,4 +206,6 @@ def list_samples(cfg: Config, split: str | None = None) -> list[SampleRef]:
         refs = [r for r in refs if splits.get(r.id) == want]
     if cfg.data.limit:
         refs = refs[: cfg.data.limit]
+    if cfg.data.repeat > 1:
+        refs = refs + [dataclasses.replace(r, id=f"{r.id}-r{k}") for k in range(1, cfg.data.repeat) for r in refs]
     return refs

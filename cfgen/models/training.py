@@ -8,6 +8,9 @@ image folder or manifest trains models for that data. The diffusion model is
 a plain diffusers `UNet2DModel` trained with the epsilon objective on a DDIM
 schedule; the classifier sees x_t = sqrt(a_t) x0 + sqrt(1-a_t) n at uniformly
 drawn t, which is what makes it usable as p(y | x_t, t) during guidance.
+For a latent model (model.kind, README "Bring your own models") the
+classifier is trained on the VAE latents the guidance walks, and on the noise
+levels of the pipeline's own scheduler (model.scheduler) whenever it exists.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tqdm import tqdm
 from cfgen.config import Config, ConfigError
 from cfgen.data.sources import list_samples, load_class_names
 from cfgen.models.classifier import NoiseAwareClassifier
-from cfgen.models.loading import pick_device
+from cfgen.models.loading import ModelLoadError, load_codec, load_scheduler, pick_device
 from cfgen.tensors import to_model_space
 
 
@@ -112,6 +115,21 @@ def train_diffusion(cfg: Config, out: Path | None = None) -> Path:
     return out
 
 
+def _classifier_scheduler(cfg: Config) -> DDIMScheduler:
+    """The pipeline's scheduler (a user's DDPM or Stable Diffusion schedule: the classifier must see the
+    noise levels guidance walks), else, before `train diffusion` wrote one, the one it will write."""
+    try:
+        return load_scheduler(cfg.path(cfg.model.scheduler))
+    except ModelLoadError:
+        return build_scheduler(cfg)
+
+
+@torch.no_grad()
+def _encode_latents(codec, x: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([codec.encode(x[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, x.shape[0], batch_size)])
+
+
 def _split_train_test(cfg: Config, y: torch.Tensor, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks: the manifest split if there is one, else a seeded stratified split."""
     if cfg.data.split:
@@ -145,13 +163,16 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     torch.manual_seed(cfg.pipeline.seed)
     device = pick_device(cfg.model.device)
     x, y, ids = _load_arrays(cfg, split="")
+    codec = load_codec(cfg, device)  # latent models: learn p(y | z_t, t) on the VAE latents
+    if codec is not None:
+        x = _encode_latents(codec, x, device)
     train, test = _split_train_test(cfg, y, ids)
     classes = load_class_names(cfg)
     tc = cfg.train.classifier
-    scheduler = build_scheduler(cfg)
+    scheduler = _classifier_scheduler(cfg)
     a = scheduler.alphas_cumprod.to(torch.float32)
-    model = NoiseAwareClassifier(in_channels=cfg.data.channels, num_classes=len(classes),
-                                 sample_size=cfg.data.image_size, channels=tuple(tc.channels)).to(device)
+    model = NoiseAwareClassifier(in_channels=x.shape[1], num_classes=len(classes),
+                                 sample_size=x.shape[-1], channels=tuple(tc.channels)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, tc.steps))
     xtr, ytr = x[train], y[train]

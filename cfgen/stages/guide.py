@@ -17,6 +17,7 @@ the PNG sees the same numbers.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,14 @@ import torch
 from cfgen.config import Config, ConfigError
 from cfgen.data.images import decode_image, encode_png
 from cfgen.data.sources import load_class_names
-from cfgen.diffusion import guided_reverse, timestep_grid
+from cfgen.diffusion import guided_reverse
 from cfgen.metrics import l1, l2
 from cfgen.models.loading import Models, load_models
-from cfgen.shards import (atomic_tar, finished_indices, npy_load, read_rows, read_samples,
-                          rows_path, tar_path)
-from cfgen.stages.common import batches, run_shards
+from cfgen.shards import atomic_tar, finished_indices, npy_load, read_rows, rows_path, tar_path
+from cfgen.overlap import BackgroundWriter, chunks, prefetched
+from cfgen.stages.common import config_grid, mark_unread, run_shards, samples_until_error
 from cfgen.stages.invert import PREFIX as INVERT_PREFIX
-from cfgen.stages.invert import eps_fn, invert_dir
+from cfgen.stages.invert import invert_dir
 from cfgen.targets import choose_targets, resolve_fixed_target
 from cfgen.tensors import to_model_space, to_uint8
 
@@ -45,9 +46,8 @@ def guide_dir(run_dir: Path) -> Path:
 
 @torch.no_grad()
 def predict_clean(models: Models, x: torch.Tensor) -> torch.Tensor:
-    """Predictor probabilities on clean images (t = 0)."""
-    t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    return torch.softmax(models.classifier(x, t).float(), dim=-1)
+    """Predictor probabilities on clean pixel images (t = 0)."""
+    return torch.softmax(models.predict(x), dim=-1)
 
 
 def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid: list[int],
@@ -58,25 +58,63 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
     image, and whether the predictor's top class on it is y*.
     """
     n = u.shape[0]
-    images = np.zeros((n, u.shape[2], u.shape[3], u.shape[1]), dtype=np.uint8)
+    images = None  # (n, H, W, C) uint8 in pixel space, allocated from the first decoded batch
     used = np.zeros(n, dtype=np.float64)
     p_cf = np.zeros(n, dtype=np.float64)
     flipped_all = np.zeros(n, dtype=bool)
     pending = torch.arange(n)
     for s in scales:
-        x = guided_reverse(eps_fn(models), models.classifier, u[pending], models.alphas_cumprod, grid,
+        classifier, gradient = models.guidance
+        x = guided_reverse(models.eps, classifier, u[pending], models.alphas_cumprod, grid, gradient=gradient,
                            target=targets[pending], scale=s)
+        x = models.decode(x)  # latent models: back to pixels (identity for pixel models)
+        finite = torch.isfinite(x).flatten(1).all(1).cpu()
         stored = to_uint8(x)
+        if images is None:
+            images = np.zeros((n, *stored.shape[1:]), dtype=np.uint8)
         probs = predict_clean(models, to_model_space(torch.from_numpy(stored)).to(models.device))
         idx = pending.numpy()
         images[idx], used[idx] = stored, s
-        p_cf[idx] = probs.gather(1, targets[pending][:, None]).squeeze(1).cpu().numpy()
-        flipped = (probs.argmax(1) == targets[pending]).cpu()
+        p = probs.gather(1, targets[pending][:, None]).squeeze(1).cpu().double()
+        p[~finite] = float("nan")  # a NaN path must not pass as a (clipped) image
+        p_cf[idx] = p.numpy()
+        flipped = (probs.argmax(1) == targets[pending]).cpu() & finite
         flipped_all[idx] = flipped.numpy()
-        pending = pending[~(flipped & (torch.from_numpy(p_cf[idx]) >= confidence))]
+        # done: flipped with confidence, or broken (NaN/inf) where escalating cannot help
+        done = (flipped & (p >= confidence)) | ~torch.isfinite(p)
+        pending = pending[~done]
         if len(pending) == 0:
             break
     return images, used, p_cf, flipped_all
+
+
+@dataclass
+class GuideResult:
+    targets: np.ndarray      # y* per sample
+    recon: np.ndarray        # uint8 s = 0 reconstructions
+    cf: np.ndarray           # uint8 counterfactuals
+    scale: np.ndarray        # scale each sample kept
+    p_cf: np.ndarray         # p(y* | stored counterfactual)
+    flipped: np.ndarray      # y* ranks first on the stored counterfactual
+    finite: np.ndarray       # False where the UNet or the predictor produced NaN/inf for the sample
+
+
+def guide_batch(models: Models, cfg: Config, classes: list[str], grid: list[int], factual: np.ndarray,
+                noise: np.ndarray, labels: list[int], seeds: list[int]) -> GuideResult:
+    """The compute of the guide stage for one batch: target choice, s = 0 path, guided path.
+
+    Inputs are uint8 factual images (B, H, W, C) and their noise u (B, C, H, W).
+    """
+    x0 = to_model_space(torch.from_numpy(factual)).to(models.device)
+    u = torch.from_numpy(noise).to(models.device)
+    y = torch.tensor(labels, device=models.device)
+    targets = choose_targets(cfg.guide.target, predict_clean(models, x0), y, seeds, classes)
+    recon_x = models.decode(guided_reverse(models.eps, None, u, models.alphas_cumprod, grid))
+    recon_ok = torch.isfinite(recon_x).flatten(1).all(1).cpu().numpy()
+    cf, used, p_cf, flipped = counterfactuals(models, u, targets, grid, [cfg.guide.scale, *cfg.guide.escalation],
+                                              cfg.guide.confidence)
+    return GuideResult(targets.cpu().numpy(), to_uint8(recon_x), cf, used, p_cf, flipped,
+                       recon_ok & np.isfinite(p_cf))
 
 
 def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
@@ -90,58 +128,82 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
     if not indices:
         raise ConfigError(f"no finished invert shards in {src}; run `cfgen invert` first")
     models = load_models(cfg)
-    grid = timestep_grid(models.num_train_timesteps, cfg.invert.steps, cfg.invert.t_inv)
-    scales = [cfg.guide.scale, *cfg.guide.escalation]
+    grid = config_grid(cfg, models.num_train_timesteps)
     out_dir = guide_dir(run_dir)
 
-    def process(index: int) -> list[dict]:
-        rows = read_rows(rows_path(src, INVERT_PREFIX, index))
-        by_id = {r["id"]: r for r in rows}
+    def parse(samples: list[dict]) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+        """Decode a batch of invert samples (on the prefetch thread); bad ones become failed rows."""
         good = []
-        for sample in read_samples(tar_path(src, INVERT_PREFIX, index)):
-            meta = json.loads(sample["json"])
-            if meta["grid"] != grid:
-                raise ConfigError(f"invert shards in {src} were made with steps={meta['steps']}, "
-                                  f"t_inv={meta['t_inv']}; the config says steps={cfg.invert.steps}, "
-                                  f"t_inv={cfg.invert.t_inv}: re-run `cfgen invert --overwrite`")
-            row = by_id[meta["id"]]
+        for sample in samples:
+            row = by_id.get(sample["__key__"])
+            if row is None:  # a sample the invert stage has no row for: not ours to guess about
+                continue
+            seen.add(row["id"])
             row.update(target_strategy=cfg.guide.target)
+            try:
+                meta = json.loads(sample["json"])
+                made_with = (meta["grid"], meta["steps"], meta["t_inv"])
+            except (KeyError, TypeError, ValueError):
+                row.update(status="failed", error="input sample has no readable json member")
+                continue
+            if made_with[0] != grid:
+                raise ConfigError(f"invert shards in {src} were made with steps={made_with[1]}, "
+                                  f"t_inv={made_with[2]}; the config says steps={cfg.invert.steps}, "
+                                  f"t_inv={cfg.invert.t_inv}: re-run `cfgen invert --overwrite`")
             if fixed is not None and fixed == row["label"]:
                 row.update(status="failed", error="factual label is already the fixed target")
+                continue
+            missing = [m for m in ("png", "noise.npy") if m not in sample]
+            if missing:
+                row.update(status="failed", error=f"input sample is missing members: {', '.join(missing)}")
                 continue
             try:
                 pixels = decode_image(sample["png"], cfg.data.image_size, cfg.data.channels)
                 noise = npy_load(sample["noise.npy"]).astype(np.float32)
-            except (ValueError, KeyError) as exc:
-                row.update(status="failed", error=f"unreadable invert sample: {exc}")
+            except ValueError as exc:
+                row.update(status="failed", error=f"unreadable input sample: {exc}")
                 continue
             good.append((row, pixels, noise))
-        with atomic_tar(tar_path(out_dir, PREFIX, index)) as tar:
-            for batch in batches(good, cfg.guide.batch_size):
-                batch_rows = [r for r, _, _ in batch]
-                factual = np.stack([p for _, p, _ in batch])
-                x0 = to_model_space(torch.from_numpy(factual)).to(models.device)
-                u = torch.from_numpy(np.stack([n for _, _, n in batch])).to(models.device)
-                labels = torch.tensor([r["label"] for r in batch_rows], device=models.device)
-                targets = choose_targets(cfg.guide.target, predict_clean(models, x0), labels,
-                                         [r["seed"] for r in batch_rows], classes)
-                recon = to_uint8(guided_reverse(eps_fn(models), None, u, models.alphas_cumprod, grid))
-                cf, used, p_cf, flipped = counterfactuals(models, u, targets, grid, scales, cfg.guide.confidence)
-                for j, row in enumerate(batch_rows):
-                    if not np.isfinite(p_cf[j]):
-                        row.update(status="failed", error="non-finite output from the predictor")
-                        continue
-                    y = int(targets[j])
-                    row.update(cf_label=y, cf_label_name=classes[y], guidance_scale=float(used[j]),
-                               p_cf=float(p_cf[j]), flipped=bool(flipped[j]),
-                               l1=l1(factual[j], cf[j]), l2=l2(factual[j], cf[j]),
-                               recon_l1=l1(factual[j], recon[j]))
-                    meta = {k: row[k] for k in ("id", "label", "label_name", "cf_label", "cf_label_name",
-                                                "target_strategy", "guidance_scale", "seed", "p_cf",
-                                                "flipped", "l1", "l2", "recon_l1")}
-                    meta.update(t_inv=cfg.invert.t_inv, steps=cfg.invert.steps)
-                    tar.write({"__key__": row["id"], "png": encode_png(factual[j]), "cf.png": encode_png(cf[j]),
-                               "recon.png": encode_png(recon[j]), "json": json.dumps(meta, sort_keys=True).encode()})
+        return good
+
+    def write(tar, batch_rows: list[dict], factual: np.ndarray, res: GuideResult) -> None:
+        """Metrics, PNG encoding and tar writing (on the writer thread)."""
+        for j, row in enumerate(batch_rows):
+            if not res.finite[j]:
+                row.update(status="failed", error="non-finite output from the UNet or the predictor")
+                continue
+            y = int(res.targets[j])
+            row.update(cf_label=y, cf_label_name=classes[y], guidance_scale=float(res.scale[j]),
+                       p_cf=float(res.p_cf[j]), flipped=bool(res.flipped[j]),
+                       l1=l1(factual[j], res.cf[j]), l2=l2(factual[j], res.cf[j]),
+                       recon_l1=l1(factual[j], res.recon[j]))
+            meta = {k: row[k] for k in ("id", "label", "label_name", "cf_label", "cf_label_name",
+                                        "target_strategy", "guidance_scale", "seed", "p_cf",
+                                        "flipped", "l1", "l2", "recon_l1")}
+            meta.update(t_inv=cfg.invert.t_inv, steps=cfg.invert.steps)
+            tar.write({"__key__": row["id"], "png": encode_png(factual[j]), "cf.png": encode_png(res.cf[j]),
+                       "recon.png": encode_png(res.recon[j]), "json": json.dumps(meta, sort_keys=True).encode()})
+
+    by_id: dict[str, dict] = {}
+    seen: set[str] = set()
+
+    def process(index: int) -> list[dict]:
+        rows = read_rows(rows_path(src, INVERT_PREFIX, index))
+        by_id.clear()
+        by_id.update((r["id"], r) for r in rows)
+        broken: list[str] = []
+        seen.clear()
+        samples = samples_until_error(tar_path(src, INVERT_PREFIX, index), broken)
+        with atomic_tar(tar_path(out_dir, PREFIX, index)) as tar, BackgroundWriter() as writer:
+            for good in prefetched(chunks(samples, cfg.guide.batch_size), parse):
+                if not good:
+                    continue
+                batch_rows = [r for r, _, _ in good]
+                factual = np.stack([p for _, p, _ in good])
+                res = guide_batch(models, cfg, classes, grid, factual, np.stack([n for _, _, n in good]),
+                                  [r["label"] for r in batch_rows], [r["seed"] for r in batch_rows])
+                writer.submit(write, tar, batch_rows, factual, res)
+        mark_unread(rows, seen, broken)
         return rows
 
     run_shards("guide", cfg, out_dir, PREFIX, indices, process, overwrite)

