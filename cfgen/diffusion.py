@@ -139,8 +139,8 @@ def clean_log_prob_grad(eps_fn: EpsFn, classifier: X0LogitsFn, x_t: torch.Tensor
 
 
 @torch.no_grad()
-def guided_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   grid: list[int], target: torch.Tensor | None = None,
+def guided_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, grid: list[int], target: torch.Tensor | None = None,
                    scale: torch.Tensor | float = 0.0, gradient: str = "noisy") -> torch.Tensor:
     """Prediction: from the noise u (at t_S) down the grid to t_0, steered toward `target`.
 

@@ -164,10 +164,10 @@ def _confusion(rows: list[dict], classes: list[str], has_truth: bool, path: Path
     plt = _plt()
     k = len(classes)
     guided = [r for r in rows if r["cf_label"] is not None]
-    mats = [("factual class -> target class (every guided pair)", "factual", "target",
+    mats = [("factual class -> target class", "factual", "target",
              [(r["label"], r["cf_label"]) for r in guided])]
     if has_truth:
-        mats.append(("target class -> oracle's class of the counterfactual", "target", "oracle",
+        mats.append(("target class -> oracle's class", "target", "oracle",
                      [(r["cf_label"], r["oracle_label"]) for r in guided if r["oracle_label"] is not None]))
     side = max(4.0, 0.45 * k + 2)
     fig, axes = plt.subplots(1, len(mats), figsize=(side * len(mats), side))

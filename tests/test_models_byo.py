@@ -17,7 +17,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -456,6 +455,9 @@ def test_label_columns():
     assert label_columns(imagenet_like, ["tench", "great_white_shark"]) == [0, 1]
     assert label_columns({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, CLASSES) is None  # generic names: as is
     assert label_columns({0: "circle", 1: "square", 2: "triangle"}, CLASSES) is None  # same order
+    # ImageNet's list has duplicate names (two 'crane's): renamed in place, the order is kept
+    assert label_columns({0: "crane", 1: "tench", 2: "crane"}, ["crane", "tench", "crane (2)"]) is None
+    assert label_columns({0: "square", 1: "circle", 2: "triangle"}, CLASSES) == [1, 0, 2]
     with pytest.raises(ValueError, match="class 'hexagon' is not among the classifier's 5 labels"):
         label_columns(imagenet_like, ["circle", "hexagon"])
 
@@ -534,24 +536,30 @@ RECIPES = {"cifar10.toml": ("pixel", "noise_aware", "weights/ddpm-cifar10-32"),
            "imagenet.toml": ("latent", "hf_classifier", "weights/stable-diffusion-v1-5")}
 
 
+def _recipe_copy(name: str, tmp: Path) -> Path:
+    """The recipe in a fresh tree, so its ../weights/ is missing even where a user has downloaded them."""
+    (tmp / "pipelines").mkdir()
+    return Path(shutil.copy(ROOT / "pipelines" / name, tmp / "pipelines" / name))
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_recipes_validate_and_name_their_missing_weights(name):
+def test_recipes_validate_and_name_their_missing_weights(name, tmp_path):
     kind, predictor, weights = RECIPES[name]
-    path = ROOT / "pipelines" / name
-    text = path.read_text()
-    assert "download" in text and "memory" in text.lower()  # each documents its weights and memory
-    cfg = load_config(path)
+    text = (ROOT / "pipelines" / name).read_text()
+    assert "download" in text and "Memory (an estimate" in text  # each documents its weights and memory
+    cfg = load_config(_recipe_copy(name, tmp_path))
     assert (cfg.model.kind, cfg.model.predictor) == (kind, predictor)
-    assert cfg.path(cfg.model.unet) == ROOT / weights
+    assert cfg.path(cfg.model.unet) == tmp_path / weights
     with pytest.raises(ModelLoadError) as err:
         load_models(cfg)
-    assert str(err.value) == f"model directory not found: {ROOT / weights}"
+    assert str(err.value) == f"model directory not found: {tmp_path / weights}"
 
 
 def test_recipe_without_weights_exits_2_with_one_line(tmp_path):
+    recipe = _recipe_copy("cifar10.toml", tmp_path)
     out = subprocess.run(
-        [sys.executable, "-m", "cfgen", "invert", "--config", str(ROOT / "pipelines" / "cifar10.toml"),
-         "--out", str(tmp_path / "run"), "--set", "data.source=shapes", "--set", "data.classes=",
-         "--set", "data.limit=2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        [sys.executable, "-m", "cfgen", "invert", "--config", str(recipe), "--out", str(tmp_path / "run"),
+         "--set", "data.source=shapes", "--set", "data.classes=", "--set", "data.limit=2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.strip() == f"cfgen: error: model directory not found: {ROOT / 'weights' / 'ddpm-cifar10-32'}"
+    assert out.stderr.strip() == f"cfgen: error: model directory not found: {tmp_path / 'weights' / 'ddpm-cifar10-32'}"

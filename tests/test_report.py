@@ -16,15 +16,21 @@ from test_quality import ROOT, TINY, tiny_run
 
 
 @pytest.fixture(scope="module")
-def shapes_report(tmp_path_factory) -> tuple[Path, dict, Path]:
+def shapes_report(tmp_path_factory) -> tuple[Path, dict, Path, dict]:
     from cfgen.report import write_report
     from cfgen.sweep import run_sweep
 
+    from cfgen.stages.pack import run_pack
+
     run_dir = tmp_path_factory.mktemp("shapes_report")
-    stats = tiny_run(run_dir, "shapes", ["pack.min_p_cf=0.9"])   # a strict gate: some rows rejected
+    tiny_run(run_dir, "shapes")
+    l1s = sorted(r["l1"] for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist())
+    # re-pack with a gate between the 6th and 7th L1: exactly 6 of the 12 pairs rejected
+    gated = load_config(ROOT / "pipelines" / "shapes.toml", TINY + [f"pack.max_l1={(l1s[5] + l1s[6]) / 2}"])
+    stats = run_pack(gated, run_dir, overwrite=True)
     cfg = load_config(ROOT / "pipelines" / "shapes.toml", TINY)
     sweep = run_sweep(cfg, run_dir, [1.0, 4.0], limit=6)
-    return run_dir, sweep, write_report(run_dir)
+    return run_dir, sweep, write_report(run_dir), stats
 
 
 def _refs(page: Path) -> list[str]:
@@ -33,7 +39,7 @@ def _refs(page: Path) -> list[str]:
 
 
 def test_every_referenced_image_exists_and_nothing_is_remote(shapes_report):
-    _, _, page = shapes_report
+    _, _, page, _ = shapes_report
     refs = _refs(page)
     images = [r for r in refs if r.endswith(".png")]
     assert len(images) >= 6
@@ -50,14 +56,21 @@ def test_every_referenced_image_exists_and_nothing_is_remote(shapes_report):
 def test_cards_are_factual_cf_difference_truth_strips(shapes_report):
     from cfgen.report import ZOOM
 
-    run_dir, _, page = shapes_report
+    run_dir, _, page, stats = shapes_report
     cards = [r for r in _refs(page) if r.startswith("cards/")]
     assert cards
     w, h = Image.open(page.parent / cards[0]).size
     assert (w, h) == ((4 * 16 + 3) * ZOOM, 16 * ZOOM)       # 4 panels of 16 px + 3 gaps
     text = page.read_text(encoding="utf-8")
-    assert "rejected" in text                               # gated pairs are shown with their reason
     rows = pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist()
+    # the worst sheet holds 8 of the 12 guided pairs, so of the 6 rejected some are shown, with their reason
+    rejected = [r["id"] for r in rows if r["status"] == "rejected"]
+    assert stats["rejected"] == len(rejected) == 6
+    shown = [rid for rid in rejected if f"<b>{rid}</b>" in text]
+    assert shown
+    for rid in shown:
+        card_html = text[text.index(f"<b>{rid}</b>"):].split("</div>", 1)[0]
+        assert "rejected: l1_above_max" in card_html
     manifest_pairs = {(r["label"], r["cf_label"]) for r in rows if r["status"] == "ok"}
     assert text.count("median-L1") == 1
     assert len(set(cards)) >= len(manifest_pairs)
@@ -66,7 +79,7 @@ def test_cards_are_factual_cf_difference_truth_strips(shapes_report):
 def test_sweep_rows_and_table(shapes_report):
     from cfgen.sweep import format_table
 
-    run_dir, sweep, _ = shapes_report
+    run_dir, sweep, _, _ = shapes_report
     assert json.loads((run_dir / "sweep" / "sweep.json").read_text()) == sweep
     assert [r["scale"] for r in sweep["rows"]] == [1.0, 4.0, "escalation"]
     for r in sweep["rows"]:
@@ -84,7 +97,7 @@ def test_report_without_a_sweep_says_how_to_get_one(shapes_report, tmp_path):
 
     from cfgen.report import write_report
 
-    run_dir, _, _ = shapes_report
+    run_dir, _, _, _ = shapes_report
     for stage in ("guide", "pairs"):
         shutil.copytree(run_dir / stage, tmp_path / stage)
     page = write_report(tmp_path)

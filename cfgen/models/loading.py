@@ -134,13 +134,16 @@ def load_codec(cfg: Config, device: torch.device) -> LatentCodec | None:
     return LatentCodec(vae.to(device).eval().requires_grad_(False))
 
 
-def _transformers_model(path: Path, trust_checkpoint: bool, auto_class: str):
-    """A transformers model by its config's architecture (e.g. CLIPTextModel), else the given Auto class."""
+def _transformers_model(path: Path, trust_checkpoint: bool, class_name: str, by_architecture: bool = False):
+    """A transformers model of class `class_name` (e.g. AutoModelForImageClassification, CLIPModel); with
+    by_architecture, the class its config names (CLIPTextModel, T5EncoderModel, ...) if transformers has it."""
     import transformers
 
     safe = _check_weights(path, trust_checkpoint)
-    arch = (_read_config(path).get("architectures") or [auto_class])[0]
-    cls = getattr(transformers, arch, None) or getattr(transformers, auto_class)
+    cls = getattr(transformers, class_name)
+    if by_architecture:
+        arch = getattr(transformers, (_read_config(path).get("architectures") or [""])[0], None)
+        cls = arch if isinstance(arch, type) and hasattr(arch, "from_pretrained") else cls
     try:
         return cls.from_pretrained(path, local_files_only=True, use_safetensors=safe)
     except (OSError, ValueError, KeyError) as exc:
@@ -165,7 +168,7 @@ def load_condition(cfg: Config, unet: torch.nn.Module, device: torch.device) -> 
     if unet.config.addition_embed_type is not None or unet.config.class_embed_type is not None:
         raise ModelLoadError("UNet2DConditionModel with added (SDXL-style) or class conditioning is not supported")
     path = _resolve(_component(cfg, cfg.model.text_encoder, "text_encoder"), "text_encoder", "config.json")
-    encoder = _transformers_model(path, cfg.model.trust_checkpoint, "AutoModel").eval()
+    encoder = _transformers_model(path, cfg.model.trust_checkpoint, "AutoModel", by_architecture=True).eval()
     tokenizer = load_tokenizer(_component(cfg, cfg.model.tokenizer, "tokenizer"))
     cond = text_condition(encoder, tokenizer, cfg.model.prompt, torch.device("cpu")).to(device)
     if cond.shape[-1] != unet.config.cross_attention_dim:

@@ -33,7 +33,7 @@ CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27
 
 
 def _side(value) -> tuple[int, int]:
-    """A processor size (int, or a dict with shortest_edge / longest_edge / height+width) as (h, w) of a square input."""
+    """A processor size (int, or a dict: shortest_edge / longest_edge / height+width) as (h, w) for a square input."""
     if isinstance(value, int):
         return value, value
     if "height" in value and "width" in value:
@@ -103,8 +103,9 @@ def label_columns(id2label: dict, classes: list[str]) -> list[int] | None:
     """Which of the classifier's outputs is each dataset class; None = the same order (identity).
 
     A class matches a label, or one of its comma-separated synonyms ('tench, Tinca tinca'),
-    ignoring case and '_' vs ' '. Every class must match; if none does and the counts are
-    equal (generic LABEL_i names), the order is taken as is. A partial match is an error.
+    ignoring case and '_' vs ' '. With as many classes as labels and no class matched to
+    another position (generic LABEL_i names, the classifier's own list, or that list with
+    duplicates renamed), the order is kept. Otherwise every class must match.
     """
     def norm(text: str) -> str:
         return " ".join(str(text).replace("_", " ").lower().split())
@@ -114,7 +115,7 @@ def label_columns(id2label: dict, classes: list[str]) -> list[int] | None:
         for name in (label, *str(label).split(",")):
             index.setdefault(norm(name), i)
     found = [index.get(norm(c)) for c in classes]
-    if all(f is None for f in found) and len(classes) == len(id2label):
+    if len(classes) == len(id2label) and all(f is None or f == i for i, f in enumerate(found)):
         return None
     missing = [c for c, f in zip(classes, found) if f is None]
     if missing:
@@ -122,7 +123,7 @@ def label_columns(id2label: dict, classes: list[str]) -> list[int] | None:
                          f"({len(missing)} of {len(classes)} classes unmatched)")
     if len(set(found)) != len(found):
         raise ValueError("two dataset classes map to the same classifier label")
-    return None if found == list(range(len(id2label))) else found
+    return found
 
 
 class HFImageClassifier(nn.Module):
@@ -157,7 +158,8 @@ class ClipZeroShot(nn.Module):
                 parts.append(F.normalize(_pooled(clip.get_text_features(**batch)).float(), dim=-1))
             per_class = torch.cat(parts).view(len(class_names), len(templates), -1).mean(1)
         self.register_buffer("text_features", F.normalize(per_class, dim=-1), persistent=False)
-        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection  # the text tower is dropped
+        # only the image side is kept: the text tower's work is done
+        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
         self.logit_scale = float(clip.logit_scale.detach().exp().clamp(max=100.0))
         self.preprocess = preprocess
 
