@@ -389,6 +389,24 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(zoo, tmp_
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
 
 
+def test_scheduler_configs_of_other_families(zoo, tmp_path):
+    """google/ddpm-*'s original config (legacy 'timesteps' key) and SD's PNDM config give their own alphas."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    from cfgen.models.loading import load_scheduler
+
+    google = load_scheduler(zoo / "ddpm_flat")
+    torch.testing.assert_close(google.alphas_cumprod, DDPMScheduler(beta_schedule="linear").alphas_cumprod,
+                               rtol=0, atol=0)
+    legacy = dict(GOOGLE_DDPM_SCHEDULER, timesteps=4000)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(legacy))
+    assert load_scheduler(tmp_path).alphas_cumprod.shape == (4000,)
+    sd = load_scheduler(zoo / "sd")
+    torch.testing.assert_close(sd.alphas_cumprod, PNDMScheduler.from_config(SD_SCHEDULER).alphas_cumprod,
+                               rtol=0, atol=0)
+    assert sd.config.prediction_type == "epsilon"
+
+
 def test_eps_from_v_and_x0_predictions():
     gen = torch.Generator().manual_seed(3)
     x0, eps = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=gen,
@@ -406,7 +424,7 @@ def test_eps_from_v_and_x0_predictions():
 
 def test_preprocessing_matches_the_transformers_processors(zoo):
     """The differentiable preprocessing gives what the library's (PIL) processors give on the stored images."""
-    from transformers import CLIPImageProcessorPil, ViTImageProcessorPil
+    from transformers import CLIPImageProcessorPil, ConvNextImageProcessorPil, ViTImageProcessorPil
 
     from cfgen.data.sources import list_samples
 
@@ -415,11 +433,15 @@ def test_preprocessing_matches_the_transformers_processors(zoo):
     pixels = np.stack([r.load() for r in list_samples(cfg)])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     # PIL resizes uint8 images (rounding to grey levels). Its bilinear kernel is torch's; its bicubic
-    # upsampling differs from torch's (and torchvision's, transformers' default backend) by a few grey
-    # levels at sharp edges. A misplaced crop or wrong statistics would be off by far more.
+    # upsampling differs from torch's (and torchvision's, transformers' default backend) by up to ~10
+    # grey levels at the shapes' sharp edges, 0.3 on average. A crop off by one pixel is 13 grey levels
+    # off on average, a missing crop 11.
+    convnext = {"size": 24, "crop_pct": 0.875, "resample": 3, "do_resize": True, "do_normalize": True,
+                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # resize 27, crop 24
     for name, proc_cls, size, max_grey in (("vit", ViTImageProcessorPil, 32, 1.5),
-                                           ("clip", CLIPImageProcessorPil, 24, 10.0)):
-        p = json.loads((zoo / name / "preprocessor_config.json").read_text())
+                                           ("clip", CLIPImageProcessorPil, 24, 12.0),
+                                           ("convnext", ConvNextImageProcessorPil, 24, 12.0)):
+        p = convnext if name == "convnext" else json.loads((zoo / name / "preprocessor_config.json").read_text())
         ours = ImagePreprocess.from_processor(p, size)(x)
         ref = proc_cls(**{k: v for k, v in p.items() if k != "image_processor_type"})(
             images=[Image.fromarray(a) for a in pixels], return_tensors="pt").pixel_values

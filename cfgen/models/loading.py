@@ -18,6 +18,7 @@ they call `encode` / `eps` / `logits` / `decode` / `predict` and pass
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -87,8 +88,12 @@ def load_unet(path: Path, trust_checkpoint: bool = False) -> UNet2DModel | UNet2
 
 def load_scheduler(path: Path) -> DDIMScheduler:
     path = _resolve(path, "scheduler", "scheduler_config.json")
-    # Any DDPM/DDIM-family config works: only its betas/alphas are used.
-    return DDIMScheduler.from_pretrained(path, local_files_only=True)
+    # Any DDPM/DDIM/PNDM-family config works: only its betas/alphas (and prediction_type) are used.
+    config = dict(DDIMScheduler.load_config(path, local_files_only=True))
+    if "timesteps" in config and "num_train_timesteps" not in config:  # the original google/ddpm-* configs
+        config["num_train_timesteps"] = config.pop("timesteps")
+    known = set(inspect.signature(DDIMScheduler.__init__).parameters)
+    return DDIMScheduler.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")})
 
 
 def load_classifier(path: Path, trust_checkpoint: bool = False) -> NoiseAwareClassifier:

@@ -64,7 +64,7 @@ class ImagePreprocess(nn.Module):
         if p.get("do_resize", True):
             resize = _side(size)
             pct = p.get("crop_pct")
-            if pct and isinstance(size, dict) and "shortest_edge" in size and resize[0] < 384:
+            if pct and (isinstance(size, int) or "shortest_edge" in size) and resize[0] < 384:
                 crop, resize = resize, (int(resize[0] / pct),) * 2  # ConvNeXt: resize up by 1/crop_pct, crop back
         if crop is None and p.get("do_center_crop") and p.get("crop_size"):
             crop = _side(p["crop_size"])
