@@ -27,21 +27,9 @@ WORDS = ["a", "photo", "of", "seven", "cat", "hot", "dog"]
 
 def _clip_tokenizer():
     """A CLIP BPE tokenizer whose merges spell each of WORDS as one token."""
-    from transformers import CLIPTokenizer
+    from cfgen.tune.bench import tiny_clip_tokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
-    for ch in "abcdefghijklmnopqrstuvwxyz.":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    for word in WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            if (parts[0], parts[1]) not in merges:
-                merges.append((parts[0], parts[1]))
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    return tiny_clip_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")

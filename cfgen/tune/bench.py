@@ -134,21 +134,10 @@ def save_timing_clip(path: Path, words: tuple[str, ...] = ("a", "photo", "of", "
         python -m cfgen.tune.bench /tmp/clip-b32
         cfgen tune --config pipelines/digits.toml --bench --set tune.backend=transformers --set tune.vlm=/tmp/clip-b32
     """
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,'-":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            if (parts[0], parts[1]) not in merges:
-                merges.append((parts[0], parts[1]))
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer = tiny_clip_tokenizer(words, "abcdefghijklmnopqrstuvwxyz0123456789.,'-")
+    vocab = tokenizer.get_vocab()
     config = CLIPConfig(text_config={"vocab_size": len(vocab), "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1})
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(path)
@@ -160,3 +149,22 @@ if __name__ == "__main__":
     import sys
 
     print(save_timing_clip(Path(sys.argv[1])))
+
+
+def tiny_clip_tokenizer(words, alphabet: str = "abcdefghijklmnopqrstuvwxyz.", **kwargs):
+    """An offline CLIP BPE tokenizer whose merges spell each of `words` as one token."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges: list[tuple[str, str]] = []
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            if (parts[0], parts[1]) not in merges:
+                merges.append((parts[0], parts[1]))
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1]] + parts[2:]
+    return CLIPTokenizer(vocab=vocab, merges=merges, **kwargs)
