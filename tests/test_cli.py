@@ -72,3 +72,22 @@ def test_run_writes_pairs_and_evaluate_reads_them(tmp_path):
     ev = cfgen("evaluate", str(run_dir))
     assert ev.returncode == 0, ev.stderr
     assert "flip rate by the judge" in ev.stdout
+
+
+def test_bench_prints_its_figures_and_a_consistent_json_last_line():
+    """`cfgen bench` on a few digits: every figure present, the ratios are the ratios of the rates."""
+    import json
+
+    out = cfgen("bench", "--config", DIGITS, "--samples", "20", "--reference-samples", "2",
+                "--set", "data.shard_size=8", "--set", "guide.batch_size=5", "--set", "invert.steps=5")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    r = json.loads(lines[-1])
+    assert r["samples"] == 20 and r["batch_size"] == 5 and r["steps"] == 5
+    for key in ("pairs_per_s", "compute_pairs_per_s", "reference_pairs_per_s", "unet_tflops"):
+        assert r[key] > 0
+    assert r["efficiency"] == pytest.approx(r["pairs_per_s"] / r["compute_pairs_per_s"])
+    assert r["speedup_vs_reference"] == pytest.approx(r["pairs_per_s"] / r["reference_pairs_per_s"])
+    assert r["unet_mfu"] is None  # no bf16 peak on a CPU
+    text = "\n".join(lines[:-1])
+    assert "end to end" in text and "compute alone" in text and "speed-up vs reference" in text

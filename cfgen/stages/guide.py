@@ -105,7 +105,7 @@ def guide_batch(models: Models, cfg: Config, classes: list[str], grid: list[int]
 
     Inputs are uint8 factual images (B, H, W, C) and their noise u (B, C, H, W).
     """
-    x0 = to_model_space(torch.from_numpy(factual)).to(models.device)
+    x0 = to_model_space(torch.from_numpy(np.require(factual, requirements="W"))).to(models.device)
     u = torch.from_numpy(noise).to(models.device)
     y = torch.tensor(labels, device=models.device)
     targets = choose_targets(cfg.guide.target, predict_clean(models, x0), y, seeds, classes)
@@ -117,7 +117,8 @@ def guide_batch(models: Models, cfg: Config, classes: list[str], grid: list[int]
                        recon_ok & np.isfinite(p_cf))
 
 
-def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
+def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Models | None = None) -> Path:
+    """`models`: already loaded (and warmed up) ones, as `cfgen bench` passes; else loaded here."""
     classes = load_class_names(cfg)
     try:
         fixed = resolve_fixed_target(cfg.guide.target, classes)
@@ -127,7 +128,7 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
     indices = finished_indices(src, INVERT_PREFIX)
     if not indices:
         raise ConfigError(f"no finished invert shards in {src}; run `cfgen invert` first")
-    models = load_models(cfg)
+    models = models or load_models(cfg)
     grid = config_grid(cfg, models.num_train_timesteps)
     out_dir = guide_dir(run_dir)
 
