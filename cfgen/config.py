@@ -106,9 +106,12 @@ class ModelConfig:
     """Directory of the clean predictor (hf_classifier, clip_zero_shot), loaded with local_files_only."""
     clip_prompts: list[str] = field(default_factory=lambda: ["a photo of a {label_name}."])
     """clip_zero_shot: prompt templates; a class's text feature is the mean of its normalized template features."""
-    gradient: str = "unet"
-    """Clean predictors: 'unet' = grad_x_t log p(y*|D(x0(x_t, eps))) through the UNet (and VAE decoder);
-    'x0' = FastDiME-style, eps held constant: grad_x0 log p(y*|D(x0)) / sqrt(a_t), no UNet backward."""
+    gradient: str = "auto"
+    """How guidance takes grad log p(y*) (cfgen/diffusion.py): 'noisy' = at x_t from the noise-aware
+    p(y*|x_t, t); on the x0-estimate instead: 'unet' = grad_x_t log p(y*|D(x0(x_t, eps))) through the UNet
+    (and VAE decoder), 'x0' = FastDiME-style, eps held constant: grad_x0 log p(y*|D(x0)) / sqrt(a_t), no
+    UNet backward. A noise-aware classifier is read at t = 0 for 'unet' and 'x0'.
+    'auto' = 'noisy' for noise_aware, 'unet' for clean predictors."""
     gradient_checkpointing: bool = False
     """Recompute activations during the guidance backward (UNet, VAE decoder, predictor): less memory, more compute."""
 
@@ -170,6 +173,9 @@ class TrainClassifierConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     test_fraction: float = 0.2
     """Held-out share (stratified, seeded) on which accuracy is reported."""
+    balance_groups: bool = False
+    """Draw training batches uniformly over (group, class) cells (group-balanced ERM), so a nuisance
+    that predicts the class in the train split (shapes: the background's environment) does not pay."""
 
 
 @dataclass
@@ -361,6 +367,8 @@ def validate(cfg: Config) -> None:
          f"data.source: expected 'digits', 'shapes', 'folder' or 'manifest', got {cfg.data.source!r}")
     need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")
     need(0.0 <= cfg.data.shapes_spurious <= 1.0, f"data.shapes_spurious must be in [0, 1], got {cfg.data.shapes_spurious}")
+    need(not cfg.train.classifier.balance_groups or cfg.data.source == "shapes",
+         "train.classifier.balance_groups needs a source that records groups (shapes: the environment)")
     need(0.0 <= cfg.pack.min_p_cf <= 1.0, f"pack.min_p_cf must be in [0, 1], got {cfg.pack.min_p_cf}")
     need(cfg.pack.max_l1 >= 0.0, f"pack.max_l1 must be >= 0, got {cfg.pack.max_l1}")
     need(cfg.pack.max_recon_l1 >= 0.0, f"pack.max_recon_l1 must be >= 0, got {cfg.pack.max_recon_l1}")
@@ -390,17 +398,28 @@ def validate(cfg: Config) -> None:
     _validate_tune(cfg, need)
 
 
+GRADIENT_CHOICES = ("auto", "noisy", "unet", "x0")
+
+
+def guidance_gradient(m: "ModelConfig") -> str:
+    """model.gradient with 'auto' resolved: 'noisy' for a noise-aware classifier, 'unet' for clean ones."""
+    if m.gradient != "auto":
+        return m.gradient
+    return "noisy" if m.predictor == "noise_aware" else "unet"
+
+
 def _validate_model(cfg: Config, need) -> None:
     m = cfg.model
     need(m.kind in ("auto", "pixel", "latent"), f"model.kind: expected 'auto', 'pixel' or 'latent', got {m.kind!r}")
     need(m.predictor in ("noise_aware", "hf_classifier", "clip_zero_shot"),
          f"model.predictor: expected 'noise_aware', 'hf_classifier' or 'clip_zero_shot', got {m.predictor!r}")
-    need(m.gradient in ("unet", "x0"), f"model.gradient: expected 'unet' or 'x0', got {m.gradient!r}")
+    need(m.gradient in GRADIENT_CHOICES,
+         f"model.gradient: expected 'auto', 'noisy', 'unet' or 'x0', got {m.gradient!r}")
     need(m.predictor == "noise_aware" or bool(m.predictor_path),
          f"model.predictor={m.predictor!r} needs model.predictor_path (the model's directory)")
-    need(m.gradient == "unet" or m.predictor != "noise_aware",
-         "model.gradient='x0' needs a clean predictor (hf_classifier or clip_zero_shot); "
-         "a noise-aware classifier is differentiated at x_t")
+    need(m.gradient != "noisy" or m.predictor == "noise_aware",
+         f"model.gradient='noisy' needs a noise-aware classifier; model.predictor={m.predictor!r} is clean "
+         "(use 'unet' or 'x0')")
     need(not (m.kind == "pixel" and m.vae), "model.vae is set but model.kind='pixel'")
     need(len(m.clip_prompts) >= 1 and all("{label_name}" in p for p in m.clip_prompts),
          "model.clip_prompts: give one or more templates, each containing {label_name}")

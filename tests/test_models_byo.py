@@ -353,6 +353,29 @@ def test_clean_gradients_through_real_models(latent_vit):
     assert float((g_unet - g_x0).norm() / g_x0.norm()) > 1e-3
 
 
+def test_noise_aware_classifier_read_at_t0_on_the_x0_estimate():
+    """model.gradient='x0' with the shipped noise-aware classifier: g = grad_x0 log p(y | x0, t=0) / sqrt(a_t),
+    computed independently; 'auto' keeps the noisy gradient at x_t for a noise-aware classifier."""
+    digits = ROOT / "pipelines" / "digits.toml"
+    assert load_models(load_config(digits)).guidance[1] == "noisy"
+    m = load_models(load_config(digits, ["model.gradient=x0"]))
+    classifier, gradient = m.guidance
+    assert gradient == "x0"
+    gen = torch.Generator().manual_seed(2)
+    x_t = torch.randn(3, 1, 8, 8, generator=gen)
+    t = torch.full((3,), 400, dtype=torch.long)
+    a = float(m.alphas_cumprod[400])
+    y = torch.tensor([3, 1, 7])
+    e, g = clean_log_prob_grad(m.eps, classifier, x_t, t, a, y, through_unet=False)
+    with torch.no_grad():
+        e_ref = m.unet(x_t, t).sample
+    x0 = ((x_t - (1 - a) ** 0.5 * e_ref) / a ** 0.5).requires_grad_(True)
+    logp = torch.log_softmax(m.classifier(x0, torch.zeros(3, dtype=torch.long)), -1)[torch.arange(3), y].sum()
+    (ref,) = torch.autograd.grad(logp, x0)
+    torch.testing.assert_close(e, e_ref, rtol=0, atol=0)
+    torch.testing.assert_close(g, ref / a ** 0.5, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(zoo, tmp_path):
     """With model.gradient_checkpointing, UNet, VAE decoder and CLIP layers run twice (forward, recompute)
     during a guidance step; the gradient is unchanged."""
@@ -529,8 +552,9 @@ def test_model_config_validation(tmp_path):
     for sets, message in (
         (["model.kind=vector"], "model.kind: expected 'auto', 'pixel' or 'latent', got 'vector'"),
         (["model.predictor=clip_zero_shot"], "model.predictor='clip_zero_shot' needs model.predictor_path"),
-        (["model.gradient=x0"], "model.gradient='x0' needs a clean predictor"),
-        (["model.gradient=both"], "model.gradient: expected 'unet' or 'x0', got 'both'"),
+        (["model.predictor=clip_zero_shot", "model.predictor_path=/x", "model.gradient=noisy"],
+         "model.gradient='noisy' needs a noise-aware classifier"),
+        (["model.gradient=both"], "model.gradient: expected 'auto', 'noisy', 'unet' or 'x0', got 'both'"),
         (["model.clip_prompts=['a photo']"], "model.clip_prompts: give one or more templates, each containing"),
         (["model.kind=pixel", "model.vae=/x"], "model.vae is set but model.kind='pixel'"),
     ):

@@ -15,11 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "pipelines" / "shapes.toml"
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return ys.min(), ys.max(), xs.min(), xs.max()
-
-
 def test_factors_and_images_are_a_pure_function_of_the_index():
     a, b = shapes.factors(17, 0.9), shapes.factors(17, 0.9)
     assert a == b
@@ -45,9 +40,12 @@ def test_true_counterfactual_keeps_every_exogenous_factor_but_the_class(index):
         # background texture, environment tint and the noise: bit-identical wherever no object can be
         assert np.array_equal(truth[~any_object], factual[~any_object])
         assert (~region).sum() > 0 and np.array_equal(truth[~region], factual[~region])
-        # position and size: the object fills the same bounding box
-        assert _bbox(shapes.coverage(other, f, 16) > 0.5) == pytest.approx(
-            _bbox(shapes.coverage(f.label, f, 16) > 0.5), abs=1)
+        # position and size: the same area and centroid (to the pixel grid's resolution)
+        cov_f, cov_t = shapes.coverage(f.label, f, 16), shapes.coverage(other, f, 16)
+        assert cov_t.sum() == pytest.approx(cov_f.sum(), rel=0.03)
+        ys, xs = np.mgrid[0:16, 0:16] + 0.5
+        for grid in (xs, ys):
+            assert (grid * cov_t).sum() / cov_t.sum() == pytest.approx((grid * cov_f).sum() / cov_f.sum(), abs=0.25)
         # colour: fully covered pixels carry the same object colour (up to the shared noise)
         full_f = shapes.coverage(f.label, f, 16) == 1
         full_t = shapes.coverage(other, f, 16) == 1
@@ -58,16 +56,39 @@ def test_true_counterfactual_keeps_every_exogenous_factor_but_the_class(index):
         assert (np.abs(truth - factual).max(axis=2) > 25).sum() >= 6
 
 
-def test_the_three_shapes_differ_clearly():
-    x, y = shapes._grid(64, 1)
-    masks = [shapes.shape_mask(k, 0.5, 0.5, 0.3, x, y) for k in range(3)]
-    areas = [m.mean() for m in masks]
-    assert areas[0] == pytest.approx(np.pi * 0.3 ** 2, rel=0.05)   # circle
-    assert areas[1] == pytest.approx(0.6 ** 2, rel=0.05)           # square
-    assert areas[2] == pytest.approx(0.6 * 0.6 / 2, rel=0.05)      # triangle, same box
+def test_the_three_shapes_share_area_and_centroid_and_differ_clearly():
+    x, y = shapes._grid(400, 1)
+    masks = [shapes.shape_mask(k, 0.5, 0.45, 0.25, x, y) for k in range(3)]
+    for m in masks:  # every class: area pi r^2, centroid (cx, cy)
+        assert m.mean() == pytest.approx(np.pi * 0.25 ** 2, rel=0.02)
+        assert x[m].mean() == pytest.approx(0.5, abs=2e-3)
+        assert y[m].mean() == pytest.approx(0.45, abs=2e-3)
+    # square half-side sqrt(pi)/2 r; equilateral triangle apex up, circumradius side/sqrt(3)
+    assert y[masks[1]].min() == pytest.approx(0.45 - np.sqrt(np.pi) / 2 * 0.25, abs=3e-3)
+    side = np.sqrt(4 * np.pi / np.sqrt(3)) * 0.25
+    assert y[masks[2]].min() == pytest.approx(0.45 - side / np.sqrt(3), abs=3e-3)   # apex
+    assert y[masks[2]].max() == pytest.approx(0.45 + side / np.sqrt(3) / 2, abs=3e-3)  # base
+    assert x[masks[2]].max() - x[masks[2]].min() == pytest.approx(side, abs=6e-3)
     for i in range(3):
         for j in range(i + 1, 3):
-            assert (masks[i] ^ masks[j]).mean() > 0.05
+            assert (masks[i] ^ masks[j]).mean() > 0.02
+
+
+def test_group_balanced_weights_draw_every_cell_equally():
+    from cfgen.models.training import group_balanced_weights
+
+    groups = ["sand"] * 9 + ["grass"] * 1 + ["sand"] * 2
+    labels = [0] * 9 + [0] + [1] * 2
+    w = group_balanced_weights(groups, labels)
+    cell_mass = {cell: float(sum(w[i] for i in range(12) if (groups[i], labels[i]) == cell))
+                 for cell in set(zip(groups, labels))}
+    assert cell_mass == {("sand", 0): pytest.approx(1.0), ("grass", 0): pytest.approx(1.0),
+                         ("sand", 1): pytest.approx(1.0)}
+
+
+def test_balance_groups_needs_a_source_with_groups():
+    with pytest.raises(ConfigError, match="balance_groups"):
+        load_config(ROOT / "pipelines" / "digits.toml", ["train.classifier.balance_groups=true"])
 
 
 def test_spurious_cue_exists_in_train_only():
@@ -111,6 +132,7 @@ def test_shapes_source_lists_the_test_split_with_loadable_pixels():
     r = refs[5]
     f = shapes.factors(shapes.index_of(r.origin), cfg.data.shapes_spurious)
     assert r.id == shapes.sample_id(f.index) and r.label == f.label and r.error is None
+    assert r.group == shapes.ENVIRONMENTS[f.env]   # the nuisance group balance_groups draws by
     pixels = r.load()
     assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
     assert np.array_equal(pixels, shapes.render(f, f.label, 16))

@@ -8,7 +8,8 @@ from the sample index alone):
 
     env      the environment, 0..K-1: it sets the background's tint (sand, grass, sky)
     label    the class Y: the SHAPE of the object -- the only causal feature
-    cx, cy   the object's centre;  half   its half-extent (every class fills the same bounding box)
+    cx, cy   the object's centroid;  radius  its size: every class has the area of a circle of this
+             radius and its centroid at (cx, cy), so a shape swap moves no mass around
     hue      the object's colour;  stripe angle / phase / frequency  the background texture
     noise    per-pixel Gaussian noise (seeded by the index)
 
@@ -34,6 +35,7 @@ import numpy as np
 CLASSES = ("circle", "square", "triangle")
 DATASET_SEED = 20240605
 """Fixed: the dataset is the same whatever pipeline.seed says (that seed is for guidance)."""
+ENVIRONMENTS = ("sand", "grass", "sky")
 ENV_TINTS = ((0.60, 0.48, 0.30), (0.26, 0.48, 0.24), (0.26, 0.38, 0.62))
 """Background base colour per environment: sand, grass, sky (RGB in [0, 1])."""
 NOISE_SIGMA = 0.02
@@ -50,7 +52,7 @@ class Factors:
     label: int
     cx: float            # centre, in pixels of a unit image (0..1)
     cy: float
-    half: float          # half the side of the object's bounding box, unit image
+    radius: float        # size: the object's area is pi * radius**2 (unit image) whatever its class
     hue: float
     stripe_angle: float
     stripe_phase: float
@@ -89,8 +91,9 @@ def factors(index: int, spurious: float) -> Factors:
     label = env if split == "train" and follows_env < spurious else free_label
     return Factors(
         index=index, split=split, env=env, label=label,
-        cx=float(rng.uniform(0.32, 0.68)), cy=float(rng.uniform(0.32, 0.68)),
-        half=float(rng.uniform(0.22, 0.30)), hue=float(rng.random()),
+        # The triangle reaches 1.555 radii above its centroid and 0.78 below: cy is kept low enough for it.
+        cx=float(rng.uniform(0.38, 0.62)), cy=float(rng.uniform(0.46, 0.58)),
+        radius=float(rng.uniform(0.24, 0.29)), hue=float(rng.random()),
         stripe_angle=float(rng.uniform(0, math.pi)), stripe_phase=float(rng.uniform(0, 2 * math.pi)),
         stripe_freq=float(rng.uniform(2.0, 4.0)), noise_seed=int(rng.integers(2**31)))
 
@@ -101,22 +104,38 @@ def _grid(size: int, sub: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c, indexing="xy")
 
 
-def shape_mask(label: int, cx: float, cy: float, half: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Inside-test of shape `label` at points (x, y); every class fills the box cx +- half, cy +- half."""
+SQUARE_HALF = math.sqrt(math.pi) / 2
+"""Half-side of the square of area pi (radius 1)."""
+TRIANGLE_SIDE = math.sqrt(4 * math.pi / math.sqrt(3))
+"""Side of the equilateral triangle of area pi (radius 1)."""
+
+
+def shape_mask(label: int, cx: float, cy: float, radius: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Inside-test of shape `label` at points (x, y).
+
+    Every class has area pi * radius**2 and its centroid at (cx, cy): equal area and
+    centroid make "the same object with another shape" well defined, so the true
+    counterfactual is also the minimal edit (no class is a smaller, shifted copy of another).
+    """
     dx, dy = x - cx, y - cy
     name = CLASSES[label]
     if name == "circle":
-        return dx * dx + dy * dy <= half * half
+        return dx * dx + dy * dy <= radius * radius
     if name == "square":
+        half = SQUARE_HALF * radius
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    # triangle: apex at the top centre of the box, base along its bottom (image y grows downward)
-    return (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
+    # equilateral triangle, apex up (image y grows downward): the centroid is a third of the
+    # height above the base, so the base is at +R/2 and the apex at -R (R the circumradius)
+    side = TRIANGLE_SIDE * radius
+    circum = side / math.sqrt(3)
+    top, base = -circum, circum / 2
+    return (dy <= base) & (dy >= top) & (np.abs(dx) <= (dy - top) / math.sqrt(3))
 
 
 def coverage(label: int, f: Factors, size: int) -> np.ndarray:
     """Anti-aliased alpha (size, size) in [0, 1] of the object of class `label`."""
     x, y = _grid(size, SUPERSAMPLE)
-    m = shape_mask(label, f.cx, f.cy, f.half, x, y).astype(np.float64)
+    m = shape_mask(label, f.cx, f.cy, f.radius, x, y).astype(np.float64)
     return m.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 

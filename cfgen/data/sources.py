@@ -41,6 +41,8 @@ class SampleRef:
     """Returns uint8 (H, W, C) pixels; raises ImageDecodeError."""
     error: str | None = None
     """Set when the sample is known to be unusable before any decoding."""
+    group: str = ""
+    """A known nuisance attribute (shapes: the environment), for group-balanced classifier training."""
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -107,6 +109,7 @@ def _shapes(cfg: Config, classes: list[str]) -> list[SampleRef]:
     for i in range(cfg.data.shapes_count):
         f = shapes.factors(i, cfg.data.shapes_spurious)
         refs.append(SampleRef(id=shapes.sample_id(i), label=f.label, origin=shapes.origin(i),
+                              group=shapes.ENVIRONMENTS[f.env],
                               load=(lambda f=f: shapes.render(f, f.label, cfg.data.image_size, cfg.data.channels))))
     return refs
 

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
-from cfgen.config import Config
+from cfgen.config import Config, guidance_gradient
 from cfgen.diffusion import eps_from_output, x0_estimate
 from cfgen.models.classifier import NoiseAwareClassifier
 from cfgen.models.latent import LatentCodec, text_condition
@@ -273,7 +273,7 @@ class Models:
     cond: torch.Tensor | None = None     # (1, L, D) text condition of a UNet2DConditionModel
     prediction_type: str = "epsilon"     # what the UNet predicts (the scheduler's prediction_type)
     clean: bool = False                  # the predictor is a clean classifier, applied to D(x0-estimate)
-    gradient: str = "unet"               # clean predictors: 'unet' or 'x0' (diffusion.clean_log_prob_grad)
+    gradient: str = "unet"               # 'noisy' (noise-aware only), 'unet' or 'x0' (config.guidance_gradient)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -340,12 +340,20 @@ class Models:
         t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         return self.logits(self.encode(images), t)
 
+    def x0_logits_at_t0(self, x0: torch.Tensor) -> torch.Tensor:
+        """A noise-aware classifier read as a clean one: p(y | x0-estimate, t = 0), in model space."""
+        t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+        with self._autocast():
+            return self.classifier(self._layout(x0), t).float()
+
     @property
     def guidance(self) -> tuple[Callable, str]:
         """(classifier, gradient) for diffusion.guided_reverse."""
         if self.clean:
             return self.x0_logits, self.gradient
-        return self.logits, "noisy"
+        if self.gradient == "noisy":
+            return self.logits, "noisy"
+        return self.x0_logits_at_t0, self.gradient
 
     def sample_shape(self, channels: int, size: int) -> tuple[int, int, int]:
         """Shape (C, H, W) in model space of a (channels, size, size) image."""
@@ -387,4 +395,4 @@ def load_models(cfg: Config) -> Models:
     return Models(unet=unet, alphas_cumprod=scheduler.alphas_cumprod.to(device, torch.float64),
                   classifier=classifier, device=device, dtype=dtype, channels_last=channels_last, vae=vae,
                   cond=cond, prediction_type=scheduler.config.prediction_type, clean=clean,
-                  gradient=cfg.model.gradient)
+                  gradient=guidance_gradient(cfg.model))

@@ -33,8 +33,12 @@ from cfgen.models.loading import ModelLoadError, load_codec, load_scheduler, pic
 from cfgen.tensors import to_model_space
 
 
-def _load_arrays(cfg: Config, split: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All decodable samples as model-space tensors; undecodable ones are skipped and counted."""
+def _load_arrays(cfg: Config, split: str | None = None,
+                 groups: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All decodable samples as model-space tensors; undecodable ones are skipped and counted.
+
+    `groups`, when given, is filled with each kept sample's `SampleRef.group`.
+    """
     images, labels, ids, skipped = [], [], [], 0
     for ref in tqdm(list_samples(cfg, split=split), desc="load", leave=False):
         if ref.error:
@@ -47,6 +51,8 @@ def _load_arrays(cfg: Config, split: str | None = None) -> tuple[torch.Tensor, t
             continue
         labels.append(ref.label)
         ids.append(ref.id)
+        if groups is not None:
+            groups.append(ref.group)
     if not images:
         raise ConfigError("no usable training images in the configured dataset")
     if skipped:
@@ -158,11 +164,22 @@ def classifier_accuracy(model: NoiseAwareClassifier, x: torch.Tensor, y: torch.T
     return float((logits.argmax(1) == y).float().mean())
 
 
+def group_balanced_weights(groups: list[str], labels: list[int]) -> torch.Tensor:
+    """Sampling weight 1 / (size of the sample's (group, class) cell): every cell present is drawn
+    equally often, so a group that predicts the class in the train split stops predicting it."""
+    cells = list(zip(groups, labels))
+    counts: dict[tuple[str, int], int] = {}
+    for cell in cells:
+        counts[cell] = counts.get(cell, 0) + 1
+    return torch.tensor([1.0 / counts[cell] for cell in cells], dtype=torch.float64)
+
+
 def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     """Train p(y|x_t,t) on the train split; report held-out accuracy at several t."""
     torch.manual_seed(cfg.pipeline.seed)
     device = pick_device(cfg.model.device)
-    x, y, ids = _load_arrays(cfg, split="")
+    groups: list[str] = []
+    x, y, ids = _load_arrays(cfg, split="", groups=groups)
     codec = load_codec(cfg, device)  # latent models: learn p(y | z_t, t) on the VAE latents
     if codec is not None:
         x = _encode_latents(codec, x, device)
@@ -176,10 +193,13 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, tc.steps))
     xtr, ytr = x[train], y[train]
+    weights = (group_balanced_weights([g for g, keep in zip(groups, train.tolist()) if keep], ytr.tolist())
+               if tc.balance_groups else None)
     gen = torch.Generator().manual_seed(cfg.pipeline.seed)
     bar = tqdm(range(tc.steps), desc="train classifier")
     for _ in bar:
-        idx = torch.randint(0, xtr.shape[0], (tc.batch_size,), generator=gen)
+        idx = (torch.randint(0, xtr.shape[0], (tc.batch_size,), generator=gen) if weights is None
+               else torch.multinomial(weights, tc.batch_size, replacement=True, generator=gen))
         x0, target = xtr[idx], ytr[idx]
         # Half the batch near-clean (t < T/10): the guided reverse ends there and
         # p_cf / 'closest' are read at t = 0, so clean accuracy matters most.
@@ -196,6 +216,7 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     model.eval().cpu()
     steps = scheduler.config.num_train_timesteps
     report = {"train_samples": int(train.sum()), "test_samples": int(test.sum()),
+              "balance_groups": tc.balance_groups,
               "test_accuracy_by_t": {str(t): classifier_accuracy(model, x[test], y[test], a, t, cfg.pipeline.seed)
                                      for t in (0, steps // 10, steps // 4, steps // 2, 3 * steps // 4)}}
     out = out or cfg.path(cfg.model.classifier)
