@@ -182,7 +182,8 @@ def _manifest(cfg: Config, classes: list[str]) -> list[SampleRef]:
     return refs
 
 
-def _split_ids(cfg: Config) -> dict[str, str]:
+def split_ids(cfg: Config) -> dict[str, str]:
+    """data.split read: sample id -> split name."""
     path = cfg.path(cfg.data.split)
     if not path.is_file():
         raise ConfigError(f"data.split: file not found: {path}")
@@ -205,7 +206,7 @@ def list_samples(cfg: Config, split: str | None = None) -> list[SampleRef]:
     if want:
         if not cfg.data.split:
             raise ConfigError(f"data.use_split={want!r} needs data.split (a CSV of id,split)")
-        splits = _split_ids(cfg)
+        splits = split_ids(cfg)
         refs = [r for r in refs if splits.get(r.id) == want]
     if cfg.data.limit:
         refs = refs[: cfg.data.limit]

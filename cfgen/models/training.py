@@ -139,9 +139,9 @@ def _encode_latents(codec, x: torch.Tensor, device: torch.device, batch_size: in
 def _split_train_test(cfg: Config, y: torch.Tensor, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks: the manifest split if there is one, else a seeded stratified split."""
     if cfg.data.split:
-        from cfgen.data.sources import _split_ids
+        from cfgen.data.sources import split_ids
 
-        splits = _split_ids(cfg)
+        splits = split_ids(cfg)
         test = torch.tensor([splits.get(i) == "test" for i in ids])
     else:
         from sklearn.model_selection import train_test_split

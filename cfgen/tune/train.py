@@ -18,7 +18,6 @@ CoCoOp's cross-entropy). Writes to RUN/tune/:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from cfgen.config import Config, ConfigError, TuneConfig, write_resolved
+from cfgen.data.sources import split_ids
 from cfgen.models.loading import pick_device
 from cfgen.shards import atomic_write_json
 from cfgen.tune.backends import VLM, load_vlm
@@ -172,19 +172,11 @@ def evaluate(learner: PromptLearner | None, vlm: VLM, task: Task, pairs: PairFea
     return accuracy(torch.cat(logits).cpu(), target)
 
 
-def _split_ids(cfg: Config) -> dict[str, str]:
-    path = cfg.path(cfg.data.split)
-    if not path.is_file():
-        raise ConfigError(f"data.split: file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as fh:
-        return {row["id"]: row["split"] for row in csv.DictReader(fh)}
-
-
 def eval_pool(cfg: Config, pairs: PairFeatures) -> np.ndarray | None:
     """Boolean mask of the held-out pairs fixed by tune.eval_split, or None (held out = not a shot)."""
     if not cfg.tune.eval_split:
         return None
-    splits = _split_ids(cfg)
+    splits = split_ids(cfg)
     mask = np.array([splits.get(i) == cfg.tune.eval_split for i in pairs.ids])
     if not mask.any():
         raise ConfigError(f"tune.eval_split={cfg.tune.eval_split!r}: no pair in the shards has that split in {cfg.data.split}")
