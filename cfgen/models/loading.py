@@ -342,9 +342,7 @@ class Models:
 
     def x0_logits_at_t0(self, x0: torch.Tensor) -> torch.Tensor:
         """A noise-aware classifier read as a clean one: p(y | x0-estimate, t = 0), in model space."""
-        t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-        with self._autocast():
-            return self.classifier(self._layout(x0), t).float()
+        return self.logits(x0, torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device))
 
     @property
     def guidance(self) -> tuple[Callable, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -168,9 +169,7 @@ def group_balanced_weights(groups: list[str], labels: list[int]) -> torch.Tensor
     """Sampling weight 1 / (size of the sample's (group, class) cell): every cell present is drawn
     equally often, so a group that predicts the class in the train split stops predicting it."""
     cells = list(zip(groups, labels))
-    counts: dict[tuple[str, int], int] = {}
-    for cell in cells:
-        counts[cell] = counts.get(cell, 0) + 1
+    counts = Counter(cells)
     return torch.tensor([1.0 / counts[cell] for cell in cells], dtype=torch.float64)
 
 
