@@ -28,15 +28,14 @@ import numpy as np
 import torch
 
 from cfgen.config import Config
-from cfgen.data.images import decode_image, encode_png
+from cfgen.contract import GUIDE
+from cfgen.data.images import encode_png
 from cfgen.data.sources import load_class_names
-from cfgen.models.loading import Models, load_models
-from cfgen.shards import finished_indices, marker_path, npy_load, read_samples, tar_path
+from cfgen.models.loading import load_models
+from cfgen.models.runtime import Models
 from cfgen.stages.common import config_grid
-from cfgen.stages.guide import PREFIX as GUIDE_PREFIX
-from cfgen.stages.guide import guide_batch, guide_dir, run_guide
-from cfgen.stages.invert import PREFIX as INVERT_PREFIX
-from cfgen.stages.invert import invert_dir, run_invert
+from cfgen.stages.guide import guide_batch, run_guide
+from cfgen.stages.invert import Inverted, read_inverted, run_invert
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -47,25 +46,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _load_resident(run_dir: Path) -> list[dict]:
-    """Every invert sample decoded into memory (for the compute-only and reference passes)."""
-    out = []
-    src = invert_dir(run_dir)
-    for i in finished_indices(src, INVERT_PREFIX):
-        for s in read_samples(tar_path(src, INVERT_PREFIX, i)):
-            meta = json.loads(s["json"])
-            out.append({"png": s["png"], "noise": s["noise.npy"], "label": meta["label"], "seed": meta["seed"],
-                        "id": meta["id"]})
-    return out
+def _arrays(cfg: Config, samples: list[Inverted]) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    arrays = [s.arrays(cfg) for s in samples]
+    return (np.stack([a for a, _ in arrays]), np.stack([n for _, n in arrays]),
+            [s.meta["label"] for s in samples], [s.meta["seed"] for s in samples])
 
 
-def _arrays(cfg: Config, samples: list[dict]) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
-    factual = np.stack([decode_image(s["png"], cfg.data.image_size, cfg.data.channels) for s in samples])
-    noise = np.stack([npy_load(s["noise"]) for s in samples]).astype(np.float32)
-    return factual, noise, [s["label"] for s in samples], [s["seed"] for s in samples]
-
-
-def _warm_up(models: Models, cfg: Config, classes, grid, samples: list[dict]) -> None:
+def _warm_up(models: Models, cfg: Config, classes, grid, samples: list[Inverted]) -> None:
     """One guide_batch at the full batch size and one at the shard's remainder size."""
     bs = cfg.guide.batch_size
     sizes = {min(bs, len(samples)), (min(cfg.data.shard_size, len(samples)) % bs) or bs}
@@ -74,7 +61,7 @@ def _warm_up(models: Models, cfg: Config, classes, grid, samples: list[dict]) ->
     _sync(models.device)
 
 
-def _compute_only(models: Models, cfg: Config, classes, grid, samples: list[dict]) -> float:
+def _compute_only(models: Models, cfg: Config, classes, grid, samples: list[Inverted]) -> float:
     factual, noise, labels, seeds = _arrays(cfg, samples)
     bs = cfg.guide.batch_size
     start = time.perf_counter()
@@ -85,7 +72,7 @@ def _compute_only(models: Models, cfg: Config, classes, grid, samples: list[dict
     return len(samples) / (time.perf_counter() - start)
 
 
-def _reference(models: Models, cfg: Config, classes, grid, samples: list[dict]) -> float:
+def _reference(models: Models, cfg: Config, classes, grid, samples: list[Inverted]) -> float:
     """One sample at a time, fp32, no overlap: decode, compute, encode, write, repeat."""
     import tarfile
 
@@ -96,12 +83,11 @@ def _reference(models: Models, cfg: Config, classes, grid, samples: list[dict]) 
     start = time.perf_counter()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for s in samples:
-            factual = decode_image(s["png"], cfg.data.image_size, cfg.data.channels)[None]
-            noise = npy_load(s["noise"]).astype(np.float32)[None]
-            res = guide_batch(fp32, cfg, classes, grid, factual, noise, [s["label"]], [s["seed"]])
+            factual, noise = (a[None] for a in s.arrays(cfg))
+            res = guide_batch(fp32, cfg, classes, grid, factual, noise, [s.meta["label"]], [s.meta["seed"]])
             for name, img in (("png", factual[0]), ("cf.png", res.cf[0]), ("recon.png", res.recon[0])):
                 data = encode_png(img)
-                info = tarfile.TarInfo(f"{s['id']}.{name}")
+                info = tarfile.TarInfo(f"{s.meta['id']}.{name}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return len(samples) / (time.perf_counter() - start)
@@ -138,9 +124,9 @@ def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, wor
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=samples))
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         run_dir = Path(tmp)
-        run_invert(cfg, run_dir)  # the input of the guide stage; not timed
-        resident = _load_resident(run_dir)
         models = load_models(cfg)
+        run_invert(cfg, run_dir, models=models)  # the input of the guide stage; not timed
+        resident = read_inverted(run_dir)
         classes = load_class_names(cfg)
         grid = config_grid(cfg, models.num_train_timesteps)
         # Both timed passes start warm: the first call at a batch shape pays one-off costs (oneDNN
@@ -148,9 +134,7 @@ def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, wor
         # amortises over its whole dataset.
         _warm_up(models, cfg, classes, grid, resident)
         run_guide(cfg, run_dir, models=models)  # end to end, timed per shard by the stage itself
-        out = guide_dir(run_dir)
-        e2e_seconds = sum(json.loads(marker_path(out, GUIDE_PREFIX, i).read_text())["seconds"]
-                          for i in finished_indices(out, GUIDE_PREFIX))
+        e2e_seconds = sum(json.loads(GUIDE.marker(run_dir, i).read_text())["seconds"] for i in GUIDE.finished(run_dir))
     n = len(resident)
     pairs_per_s = n / e2e_seconds
     compute_pairs_per_s = _compute_only(models, cfg, classes, grid, resident)

@@ -23,7 +23,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cfgen.config import Config, ConfigError, load_config
+from cfgen.config import Config, load_config
+from cfgen.errors import ConfigError, RunFailed, UserError
 
 app = typer.Typer(help="Generate factual/counterfactual image pairs as WebDataset shards.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -34,29 +35,6 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline TOML f
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory [default: runs/<pipeline name>].")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo shards that are already finished.")]
-
-
-class UserError(Exception):
-    """Anything the user can fix; printed as one line, exit code 2."""
-
-
-class RunFailed(Exception):
-    """The run went wrong for reasons of data or disk, not of usage: one line, exit code 1."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from cfgen.data.images import ImageDecodeError
-    from cfgen.models.loading import ModelLoadError
-    from cfgen.shards import ShardError
-
-    return (ConfigError, UserError, ModelLoadError, ShardError, ImageDecodeError, FileNotFoundError,
-            PermissionError, NotADirectoryError, IsADirectoryError)
-
-
-def _run_failures() -> tuple[type[BaseException], ...]:
-    from cfgen.stages.common import FailFast
-
-    return (RunFailed, FailFast)
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -89,14 +67,14 @@ def _stage_config(config: Path, sets: list[str] | None, fail_fast: bool, trust: 
     return _load(config, [*(sets or []), *flags])
 
 
-def _check_failures(cfg: Config, run_dir: Path, stage: str) -> None:
+def _check_failures(cfg: Config, run_dir: Path, stage) -> None:
     """Exit 1 with a summary when more than pipeline.max_failure_fraction of the inputs failed."""
     from cfgen.stages.common import failure_summary
 
-    summary = failure_summary(run_dir / stage, stage if stage != "pairs" else "pairs")
+    summary = failure_summary(stage, run_dir)
     if summary["count"] and summary["failed"] / summary["count"] > cfg.pipeline.max_failure_fraction:
         reasons = ", ".join(f"{k} x{v}" for k, v in summary["errors"].items())
-        raise RunFailed(f"{stage}: {summary['failed']} of {summary['count']} samples failed "
+        raise RunFailed(f"{stage.folder}: {summary['failed']} of {summary['count']} samples failed "
                         f"(> pipeline.max_failure_fraction={cfg.pipeline.max_failure_fraction}): {reasons}")
 
 
@@ -104,49 +82,55 @@ def _check_failures(cfg: Config, run_dir: Path, stage: str) -> None:
 def invert(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
            fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """Abduction: DDIM-invert every input image to its exogenous noise (RUN/invert/)."""
+    from cfgen.contract import INVERT
     from cfgen.stages.invert import run_invert
 
     cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
     run_invert(cfg, _run_dir(cfg, out), overwrite=overwrite)
-    _check_failures(cfg, _run_dir(cfg, out), "invert")
+    _check_failures(cfg, _run_dir(cfg, out), INVERT)
 
 
 @app.command()
 def guide(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
           fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """Action + prediction: guided reverse DDIM from the noise to the counterfactual (RUN/guide/)."""
+    from cfgen.contract import GUIDE
     from cfgen.stages.guide import run_guide
 
     cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
     run_guide(cfg, _run_dir(cfg, out), overwrite=overwrite)
-    _check_failures(cfg, _run_dir(cfg, out), "guide")
+    _check_failures(cfg, _run_dir(cfg, out), GUIDE)
 
 
 @app.command()
 def pack(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
          fail_fast: FailFastOpt = False):
     """Write the pair shards, manifest.parquet, stats.json and sizes.json (RUN/pairs/)."""
+    from cfgen.contract import PAIRS
     from cfgen.stages.pack import run_pack
 
     cfg = _stage_config(config, set, fail_fast, False)
     _echo_summary(run_pack(cfg, _run_dir(cfg, out), overwrite=overwrite))
-    _check_failures(cfg, _run_dir(cfg, out), "pairs")
+    _check_failures(cfg, _run_dir(cfg, out), PAIRS)
 
 
 @app.command()
 def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
         fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
-    """invert, guide and pack in order."""
+    """invert, guide and pack in order (the models are loaded once, for both invert and guide)."""
+    from cfgen.contract import PAIRS
+    from cfgen.models.loading import load_models
     from cfgen.stages.guide import run_guide
     from cfgen.stages.invert import run_invert
     from cfgen.stages.pack import run_pack
 
     cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
     run_dir = _run_dir(cfg, out)
-    run_invert(cfg, run_dir, overwrite=overwrite)
-    run_guide(cfg, run_dir, overwrite=overwrite)
+    models = load_models(cfg)
+    run_invert(cfg, run_dir, overwrite=overwrite, models=models)
+    run_guide(cfg, run_dir, overwrite=overwrite, models=models)
     _echo_summary(run_pack(cfg, run_dir, overwrite=overwrite))
-    _check_failures(cfg, run_dir, "pairs")
+    _check_failures(cfg, run_dir, PAIRS)
 
 
 @app.command()
@@ -195,9 +179,9 @@ def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: 
     try:
         values = [float(s) for s in scales.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"--scales: expected comma-separated numbers, got {scales!r}") from None
+        raise UserError(f"--scales: expected comma-separated numbers, got {scales!r}") from None
     if limit < 1:
-        raise ConfigError("--limit must be >= 1")
+        raise UserError("--limit must be >= 1")
     cfg = _load(config, set)
     typer.echo(format_table(run_sweep(cfg, _run_dir(cfg, out), values, limit, overwrite)))
 
@@ -279,10 +263,10 @@ def main() -> None:
         code = app(standalone_mode=False)  # returns the code of typer.Exit instead of exiting
         if isinstance(code, int) and code:
             sys.exit(code)
-    except _user_errors() as exc:
+    except (UserError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
         typer.echo(f"cfgen: error: {exc}", err=True)
         sys.exit(2)
-    except _run_failures() as exc:
+    except RunFailed as exc:
         typer.echo(f"cfgen: failed: {exc}", err=True)
         sys.exit(1)
     except OSError as exc:

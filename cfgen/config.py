@@ -17,12 +17,23 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import tomli_w
 
+from cfgen.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config problem the user can fix; the CLI prints it as one line, exit 2."""
+# Choice fields are typed with these Literals; `_coerce` checks a value against the type,
+# so the allowed values are written once, here. Dispatch sites end in an explicit error.
+GradientKind = Literal["noisy", "unet", "x0"]
+"""How guidance takes grad log p(y*): cfgen/diffusion.py's GRADIENTS."""
+Gradient = Literal["auto", GradientKind]
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+ModelKind = Literal["auto", "pixel", "latent"]
+Predictor = Literal["noise_aware", "hf_classifier", "clip_zero_shot"]
+TuneBackend = Literal["embedded", "transformers"]
+Learner = Literal["coop", "cocoop"]
+Objective = Literal["dicap", "cfvlm"]
 
 
 @dataclass
@@ -41,7 +52,7 @@ class PipelineConfig:
 class DataConfig:
     source: str = "digits"
     """'digits' (scikit-learn's handwritten digits), 'shapes' (synthetic, known causal model: cfgen/data/shapes.py),
-    'folder' (root/<class>/*.png) or 'manifest' (CSV/parquet of path,label)."""
+    'folder' (root/<class>/*.png) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES."""
     root: str = ""
     """Dataset root: the image folder, or the directory that manifest paths are relative to."""
     manifest: str = ""
@@ -81,14 +92,14 @@ class ModelConfig:
     """Directory of the noise-aware classifier p(y | x_t, t) (cfgen train classifier)."""
     device: str = "auto"
     """'auto' (cuda:<LOCAL_RANK> if available, else cpu), 'cpu' or 'cuda[:N]'."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """Autocast dtype of the networks: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.
     The DDIM update itself always runs in fp32."""
     compile: bool = False
     """torch.compile the UNet and the classifier (pays off on long GPU runs)."""
     trust_checkpoint: bool = False
     """Allow pickle weights (.bin/.pt), which can run code when loaded; CLI --trust-checkpoint."""
-    kind: str = "auto"
+    kind: ModelKind = "auto"
     """'pixel' (the UNet denoises images), 'latent' (invert and guide VAE latents) or 'auto': latent when
     model.vae is set or the UNet's pipeline directory has vae/ (README, Bring your own models)."""
     vae: str = ""
@@ -99,14 +110,14 @@ class ModelConfig:
     """Tokenizer directory of that text encoder; '' = tokenizer/ beside the UNet."""
     prompt: str = ""
     """Caption a conditional UNet is conditioned on, the same for every sample ('' = the empty prompt)."""
-    predictor: str = "noise_aware"
+    predictor: Predictor = "noise_aware"
     """'noise_aware' (model.classifier, p(y | x_t, t)), or a clean classifier on the x0-estimate in
     model.predictor_path: 'hf_classifier' (transformers image classifier) or 'clip_zero_shot' (CLIPModel)."""
     predictor_path: str = ""
     """Directory of the clean predictor (hf_classifier, clip_zero_shot), loaded with local_files_only."""
     clip_prompts: list[str] = field(default_factory=lambda: ["a photo of a {label_name}."])
     """clip_zero_shot: prompt templates; a class's text feature is the mean of its normalized template features."""
-    gradient: str = "auto"
+    gradient: Gradient = "auto"
     """How guidance takes grad log p(y*) (cfgen/diffusion.py): 'noisy' = at x_t from the noise-aware
     p(y*|x_t, t); on the x0-estimate instead: 'unet' = grad_x_t log p(y*|D(x0(x_t, eps))) through the UNet
     (and VAE decoder), 'x0' = FastDiME-style, eps held constant: grad_x0 log p(y*|D(x0)) / sqrt(a_t), no
@@ -201,17 +212,17 @@ class TrainConfig:
 class TuneConfig:
     pairs: str = ""
     """Pair shards to learn from: a path, glob or brace list (pairs-{000000..000003}.tar); '' = RUN_DIR/pairs/pairs-*.tar."""
-    backend: str = "embedded"
+    backend: TuneBackend = "embedded"
     """'embedded' (frozen MiniLM text tower + the image tower in `vlm`) or 'transformers' (a CLIPModel directory in `vlm`)."""
     vlm: str = "../models/digits/vlm"
     """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint."""
-    learner: str = "coop"
+    learner: Learner = "coop"
     """'coop' (one shared context) or 'cocoop' (the context shifted by a meta-net of the image feature)."""
     n_ctx: int = 4
     """Number of learned context vectors in front of the class name."""
     ctx_init: str = "a photo of a"
     """Phrase whose token embeddings start the context (n_ctx tokens long), also the zero-shot prompt; '' = N(0, 0.02)."""
-    objective: str = "dicap"
+    objective: Objective = "dicap"
     """'dicap' (L1 + lam*L2) or 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd); the baseline is L1 alone."""
     lam: float = 1.0
     """lambda of DiCap's L = L1 + lambda*L2 (L2: factual vs counterfactual image, true-class prompt as anchor)."""
@@ -276,6 +287,11 @@ _PATH_FIELDS = {
 def _coerce(value, typ, key: str):
     """Check/convert one TOML or CLI value to the dataclass field's type."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value in choices and isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected {_one_of(choices)}, got {value!r}")
     if origin is list:
         (item_t,) = typing.get_args(typ)
         if not isinstance(value, list):
@@ -298,6 +314,16 @@ def _coerce(value, typ, key: str):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _one_of(choices) -> str:
+    quoted = [repr(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def choices(cls, name: str) -> tuple:
+    """The allowed values of a Literal-typed config field (cls a section dataclass)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def _fill(obj, table: dict, prefix: str) -> None:
@@ -363,12 +389,13 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(cfg.data.source in ("digits", "shapes", "folder", "manifest"),
-         f"data.source: expected 'digits', 'shapes', 'folder' or 'manifest', got {cfg.data.source!r}")
+    from cfgen.data.sources import SOURCES  # the registry: a new source is a new entry there
+
+    need(cfg.data.source in SOURCES, f"data.source: expected {_one_of(sorted(SOURCES))}, got {cfg.data.source!r}")
+    need(not cfg.train.classifier.balance_groups or SOURCES[cfg.data.source].records_groups,
+         f"train.classifier.balance_groups needs a source that records groups; {cfg.data.source!r} does not")
     need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")
     need(0.0 <= cfg.data.shapes_spurious <= 1.0, f"data.shapes_spurious must be in [0, 1], got {cfg.data.shapes_spurious}")
-    need(not cfg.train.classifier.balance_groups or cfg.data.source == "shapes",
-         "train.classifier.balance_groups needs a source that records groups (shapes: the environment)")
     need(0.0 <= cfg.pack.min_p_cf <= 1.0, f"pack.min_p_cf must be in [0, 1], got {cfg.pack.min_p_cf}")
     need(cfg.pack.max_l1 >= 0.0, f"pack.max_l1 must be >= 0, got {cfg.pack.max_l1}")
     need(cfg.pack.max_recon_l1 >= 0.0, f"pack.max_recon_l1 must be >= 0, got {cfg.pack.max_recon_l1}")
@@ -378,8 +405,6 @@ def validate(cfg: Config) -> None:
     need(cfg.data.limit >= 0, "data.limit must be >= 0")
     need(cfg.data.repeat >= 1, "data.repeat must be >= 1")
     need(0.0 <= cfg.pipeline.max_failure_fraction <= 1.0, "pipeline.max_failure_fraction must be in [0, 1]")
-    need(cfg.model.dtype in ("auto", "fp32", "bf16", "fp16"),
-         f"model.dtype: expected 'auto', 'fp32', 'bf16' or 'fp16', got {cfg.model.dtype!r}")
     need(cfg.invert.steps > 0, "invert.steps must be > 0")
     need(0.0 < cfg.invert.t_inv <= 1.0, f"invert.t_inv must be in (0, 1], got {cfg.invert.t_inv}")
     need(cfg.invert.batch_size > 0, "invert.batch_size must be > 0")
@@ -398,9 +423,6 @@ def validate(cfg: Config) -> None:
     _validate_tune(cfg, need)
 
 
-GRADIENT_CHOICES = ("auto", "noisy", "unet", "x0")
-
-
 def guidance_gradient(m: "ModelConfig") -> str:
     """model.gradient with 'auto' resolved: 'noisy' for a noise-aware classifier, 'unet' for clean ones."""
     if m.gradient != "auto":
@@ -410,11 +432,6 @@ def guidance_gradient(m: "ModelConfig") -> str:
 
 def _validate_model(cfg: Config, need) -> None:
     m = cfg.model
-    need(m.kind in ("auto", "pixel", "latent"), f"model.kind: expected 'auto', 'pixel' or 'latent', got {m.kind!r}")
-    need(m.predictor in ("noise_aware", "hf_classifier", "clip_zero_shot"),
-         f"model.predictor: expected 'noise_aware', 'hf_classifier' or 'clip_zero_shot', got {m.predictor!r}")
-    need(m.gradient in GRADIENT_CHOICES,
-         f"model.gradient: expected 'auto', 'noisy', 'unet' or 'x0', got {m.gradient!r}")
     need(m.predictor == "noise_aware" or bool(m.predictor_path),
          f"model.predictor={m.predictor!r} needs model.predictor_path (the model's directory)")
     need(m.gradient != "noisy" or m.predictor == "noise_aware",
@@ -427,10 +444,6 @@ def _validate_model(cfg: Config, need) -> None:
 
 def _validate_tune(cfg: Config, need) -> None:
     t = cfg.tune
-    need(t.backend in ("embedded", "transformers"),
-         f"tune.backend: expected 'embedded' or 'transformers', got {t.backend!r}")
-    need(t.learner in ("coop", "cocoop"), f"tune.learner: expected 'coop' or 'cocoop', got {t.learner!r}")
-    need(t.objective in ("dicap", "cfvlm"), f"tune.objective: expected 'dicap' or 'cfvlm', got {t.objective!r}")
     need(t.n_ctx >= 1, "tune.n_ctx must be >= 1")
     need(t.shots >= 1, "tune.shots must be >= 1")
     need(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "tune.seeds: give one or more distinct seeds")

@@ -23,6 +23,9 @@ models (D = identity for pixel models):
 A network trained to predict v or x0 instead of eps is turned into e first
 (`eps_from_output`), so everything above sees a noise estimate.
 
+Training draws x_t from the forward process (`q_sample`):
+    x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * n,   n ~ N(0, I)
+
 No clipping or thresholding anywhere: the round trip must be exact up to the
 ODE discretisation. Walking one grid up and then down avoids the off-by-one
 between the loops (diffusers PR #3436).
@@ -30,10 +33,13 @@ between the loops (diffusers PR #3436).
 
 from __future__ import annotations
 
+import typing
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from cfgen.config import GradientKind
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """eps(x_t, t) -> predicted noise; t is a (B,) long tensor."""
@@ -41,7 +47,7 @@ LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """classifier(x_t, t) -> logits (B, num_classes)."""
 X0LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 """clean predictor(x0) -> logits (B, num_classes), x0 an x0-estimate in model space."""
-GRADIENTS = ("noisy", "unet", "x0")
+GRADIENTS: tuple[str, ...] = typing.get_args(GradientKind)
 """How guided_reverse takes g: from a noise-aware classifier(x_t, t), or from a clean predictor(x0)
 through the UNet ('unet') or with e held constant ('x0')."""
 
@@ -65,6 +71,11 @@ def x0_estimate(x_t: torch.Tensor, eps: torch.Tensor, a_t: float) -> torch.Tenso
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
     """Move x from noise level a_from to a_to along the deterministic DDIM path."""
     return a_to ** 0.5 * x0_estimate(x_t, eps, a_from) + (1.0 - a_to) ** 0.5 * eps
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """The forward process: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; a_t broadcastable, e.g. (B, 1, 1, 1)."""
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
 
 
 def eps_from_output(out: torch.Tensor, x_t: torch.Tensor, a_t, prediction_type: str) -> torch.Tensor:

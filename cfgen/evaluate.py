@@ -15,25 +15,38 @@ Reads RUN/pairs/*.tar with webdataset (as any consumer would) and reports:
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from cfgen.config import ConfigError
+from cfgen.contract import PAIRS
+from cfgen.data.images import decode_png
+from cfgen.errors import InputError
 
 
-def load_pairs(pairs_dir: Path) -> dict[str, np.ndarray]:
+def fit_judge(images: np.ndarray, labels):
+    """The independent judge: an RBF SVM on flattened [0, 1] pixels (scikit-learn), fitted here."""
+    from sklearn.svm import SVC
+
+    return SVC(kernel="rbf", gamma="scale", C=10.0).fit(flat(images), labels)
+
+
+def flat(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float (N, H*W*C) in [0, 1]: what the judge reads."""
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+
+def load_pairs(run_dir: Path) -> dict[str, np.ndarray]:
+    """Every pair of a run, read with webdataset as any consumer would."""
     import webdataset as wds
 
-    urls = sorted(str(p) for p in pairs_dir.glob("pairs-*.tar"))
+    urls = sorted(str(p) for p in PAIRS.dir(run_dir).glob(f"{PAIRS.prefix}-*.tar"))
     if not urls:
-        raise ConfigError(f"no pair shards in {pairs_dir}; run `cfgen pack` first")
+        raise InputError(f"no pair shards in {PAIRS.dir(run_dir)}; run `cfgen pack` first")
     factual, cf, labels, cf_labels = [], [], [], []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        factual.append(np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.uint8))
-        cf.append(np.asarray(Image.open(io.BytesIO(sample["cf.png"])), dtype=np.uint8))
+        factual.append(decode_png(sample["png"]))
+        cf.append(decode_png(sample["cf.png"]))
         labels.append(int(sample["cls"]))
         cf_labels.append(int(sample["cf.cls"]))
     return {"factual": np.stack(factual), "cf": np.stack(cf),
@@ -42,17 +55,14 @@ def load_pairs(pairs_dir: Path) -> dict[str, np.ndarray]:
 
 def evaluate_pairs(run_dir: Path) -> dict:
     from sklearn.model_selection import cross_val_score
-    from sklearn.svm import SVC
 
-    data = load_pairs(Path(run_dir) / "pairs")
+    data = load_pairs(Path(run_dir))
     n = len(data["label"])
-    f = data["factual"].reshape(n, -1).astype(np.float64) / 255.0
-    c = data["cf"].reshape(n, -1).astype(np.float64) / 255.0
-    judge = SVC(kernel="rbf", gamma="scale", C=10.0)
+    f, c = flat(data["factual"]), flat(data["cf"])
+    judge = fit_judge(data["factual"], data["label"])
     # stratified k-fold needs k members of every class present
     folds = min(5, int(np.unique(data["label"], return_counts=True)[1].min()))
     cv_acc = float(cross_val_score(judge, f, data["label"], cv=folds).mean()) if folds >= 2 else float("nan")
-    judge.fit(f, data["label"])
     oracle_flip = float((judge.predict(c) == data["cf_label"]).mean())
     l1 = np.abs(f - c).mean(axis=1)
     nearest = np.empty(n)

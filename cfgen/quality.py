@@ -2,8 +2,9 @@
 
 For every pair (any source):
     changed_fraction   share of pixels that changed visibly (some channel by > CHANGE_THRESHOLD)
-When the causal model is known (source 'shapes'), against the TRUE counterfactual
-`truth = render(factors, y*)` and the renderings of every class from the same factors:
+When the source knows its causal model (data/base.py CausalModel, e.g. 'shapes'), against
+the TRUE counterfactual `truth = renders[y*]` and the renderings of every class from the
+same exogenous factors:
     oracle_label       the class whose rendering is nearest to the counterfactual inside the
                        causal region: validity by an oracle that never saw the guiding predictor
     truth_l1           L1 counterfactual -> true counterfactual
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cfgen.data.base import CausalModel
 from cfgen.metrics import l1
 
 CHANGE_THRESHOLD = 0.1
@@ -90,17 +92,12 @@ def gate_failures(row: dict, min_p_cf: float, max_l1: float, max_recon_l1: float
     return out
 
 
-def pair_quality(cfg, origin: str, cf_label: int, factual: np.ndarray, cf: np.ndarray,
+def pair_quality(causal: CausalModel | None, origin: str, cf_label: int, factual: np.ndarray, cf: np.ndarray,
                  recon: np.ndarray) -> dict:
-    """All quality columns of one guided pair for the manifest (truth columns for 'shapes' only)."""
+    """All quality columns of one guided pair for the manifest (the truth columns need a causal model)."""
     out = {"changed_fraction": changed_fraction(factual, cf)}
-    if cfg.data.source == "shapes":
-        from cfgen.data import shapes
-
-        f = shapes.factors(shapes.index_of(origin), cfg.data.shapes_spurious)
-        size, channels = cfg.data.image_size, cfg.data.channels
-        out.update(truth_metrics(factual, cf, recon, shapes.all_renders(f, size, channels),
-                                 shapes.causal_region(f, size), cf_label))
+    if causal is not None:
+        out.update(truth_metrics(factual, cf, recon, causal.renders(origin), causal.region(origin), cf_label))
     return out
 
 

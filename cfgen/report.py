@@ -32,9 +32,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cfgen.config import Config, ConfigError, load_config
+from cfgen.config import Config, load_config
+from cfgen.contract import GUIDE, PAIRS
 from cfgen.data.images import decode_image
-from cfgen.shards import read_samples, tar_path
+from cfgen.data.sources import open_source
+from cfgen.errors import InputError
+from cfgen.shards import read_samples
 
 ZOOM = 6            # card pixels per image pixel (nearest neighbour)
 SHEET_SIZE = 8      # pairs in the best / worst sheets
@@ -70,12 +73,12 @@ def card(panels: list[np.ndarray]) -> Image.Image:
 
 
 def _load(run_dir: Path) -> tuple[Config, list[dict], dict]:
-    pairs = run_dir / "pairs"
+    pairs = PAIRS.dir(run_dir)
     for need in ("manifest.parquet", "stats.json", "config.toml"):
         if not (pairs / need).is_file():
-            raise ConfigError(f"report: {pairs / need} not found; run `cfgen run` (or pack) first")
-    if not (run_dir / "guide").is_dir():
-        raise ConfigError(f"report: {run_dir / 'guide'} not found; the report reads the guide shards")
+            raise InputError(f"report: {pairs / need} not found; run `cfgen run` (or pack) first")
+    if not GUIDE.dir(run_dir).is_dir():
+        raise InputError(f"report: {GUIDE.dir(run_dir)} not found; the report reads the guide shards")
     cfg = load_config(pairs / "config.toml")
     rows = pq.read_table(pairs / "manifest.parquet").to_pylist()
     stats = json.loads((pairs / "stats.json").read_text())
@@ -83,26 +86,23 @@ def _load(run_dir: Path) -> tuple[Config, list[dict], dict]:
 
 
 def _images(cfg: Config, run_dir: Path, wanted: list[dict]) -> dict[str, dict]:
-    """factual / cf / recon (and truth for shapes) arrays for the wanted rows, read from RUN/guide."""
-    from cfgen.stages.guide import PREFIX, guide_dir
-
+    """factual / cf / recon (and the true counterfactual, where the causal model is known) arrays for the
+    wanted rows, read from RUN/guide."""
     by_shard = defaultdict(set)
     for r in wanted:
         by_shard[r["shard"]].add(r["id"])
     size, ch = cfg.data.image_size, cfg.data.channels
     out = {}
     for shard, ids in by_shard.items():
-        for s in read_samples(tar_path(guide_dir(run_dir), PREFIX, shard)):
+        for s in read_samples(GUIDE.tar(run_dir, shard)):
             if s["__key__"] in ids:
                 out[s["__key__"]] = {k: decode_image(s[m], size, ch)
                                      for k, m in (("factual", "png"), ("cf", "cf.png"), ("recon", "recon.png"))}
-    if cfg.data.source == "shapes":
-        from cfgen.data import shapes
-
+    causal = open_source(cfg).causal
+    if causal is not None:
         for r in wanted:
             if r["id"] in out:
-                f = shapes.factors(shapes.index_of(r["origin"]), cfg.data.shapes_spurious)
-                out[r["id"]]["truth"] = shapes.render(f, r["cf_label"], size, ch)
+                out[r["id"]]["truth"] = causal.true_counterfactual(r["origin"], r["cf_label"])
     return out
 
 

@@ -1,13 +1,8 @@
-"""Shard I/O: one TarWriter per shard, atomic commit, done markers, readers.
+"""Shard I/O: one TarWriter per shard, atomic commit, readers.
 
-A stage's output directory holds, per shard index i:
-
-    <prefix>-<i:06d>.tar          the samples (written to .tmp, then renamed)
-    <prefix>-<i:06d>.parquet      one row per input sample, failures included
-    <prefix>-<i:06d>_stats.json   written LAST: its presence means "shard done"
-
-so a killed run never exposes a half-written shard, and a restarted run skips
-shards whose marker exists (img2dataset's convention). Tar headers are fixed
+Every file is written to `<name>.tmp` and renamed into place, so a killed run
+never exposes a half-written shard; the names and the done markers are the
+layout of cfgen/contract.py (img2dataset's convention). Tar headers are fixed
 (mtime, uid/gid, user/group names, mode), so the same inputs give
 byte-identical shards. We do not use webdataset's ShardWriter: it creates an
 empty first shard and numbers shards in write order (DESIGN §6).
@@ -26,43 +21,10 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
+
+from cfgen.errors import ShardError
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: any fixed value makes tars reproducible
-
-
-class ShardError(RuntimeError):
-    """An input shard that cannot be read (missing, truncated, corrupt)."""
-
-
-def shard_stem(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}"
-
-
-def tar_path(directory: Path, prefix: str, index: int) -> Path:
-    return directory / f"{shard_stem(prefix, index)}.tar"
-
-
-def rows_path(directory: Path, prefix: str, index: int) -> Path:
-    return directory / f"{shard_stem(prefix, index)}.parquet"
-
-
-def marker_path(directory: Path, prefix: str, index: int) -> Path:
-    return directory / f"{shard_stem(prefix, index)}_stats.json"
-
-
-def is_done(directory: Path, prefix: str, index: int) -> bool:
-    return marker_path(directory, prefix, index).is_file()
-
-
-def finished_indices(directory: Path, prefix: str) -> list[int]:
-    """Indices of shards whose done marker exists, sorted."""
-    out = []
-    for p in directory.glob(f"{prefix}-*_stats.json"):
-        num = p.name[len(prefix) + 1: -len("_stats.json")]
-        if num.isdigit():
-            out.append(int(num))
-    return sorted(out)
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
@@ -72,12 +34,14 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
 
 
 @contextmanager
-def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
+def atomic_tar(path: Path) -> Iterator["webdataset.TarWriter"]:  # noqa: F821
     """Yield a TarWriter on `path.tmp`; rename to `path` only if the block succeeds.
 
     Write samples as {"__key__": key, "png": bytes, ...}: members are written
     in sorted order, contiguously per sample.
     """
+    import webdataset as wds  # here, not at the top: webdataset imports torch, and readers (verify) must not
+
     tmp = path.with_name(path.name + ".tmp")
     fh = open(tmp, "wb")
     writer = wds.TarWriter(fh, user="cfgen", group="cfgen", mode=0o644, encoder=False, mtime=TAR_MTIME)

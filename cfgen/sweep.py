@@ -18,20 +18,20 @@ pixels changed outside the causal region. Writes RUN/sweep/sweep.json (which
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cfgen.config import Config, ConfigError
-from cfgen.data.images import decode_image
-from cfgen.data.sources import list_samples, load_class_names
-from cfgen.diffusion import timestep_grid
+from cfgen.config import Config
+from cfgen.contract import INVERT
+from cfgen.data.sources import list_samples, load_class_names, open_source
+from cfgen.errors import ConfigError, InputError
+from cfgen.evaluate import fit_judge, flat
 from cfgen.metrics import l1
 from cfgen.quality import changed_fraction, pair_quality
-from cfgen.shards import atomic_write_json, finished_indices, npy_load, read_samples, tar_path
+from cfgen.shards import atomic_write_json
 
 ESCALATION = "escalation"
 
@@ -41,41 +41,34 @@ def sweep_dir(run_dir: Path) -> Path:
 
 
 def _load_inverted(cfg: Config, directory: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    from cfgen.stages.invert import PREFIX
+    from cfgen.stages.invert import read_inverted
 
-    metas, images, noises = [], [], []
-    for i in finished_indices(directory / "invert", PREFIX):
-        for s in read_samples(tar_path(directory / "invert", PREFIX, i)):
-            metas.append(json.loads(s["json"]))
-            images.append(decode_image(s["png"], cfg.data.image_size, cfg.data.channels))
-            noises.append(npy_load(s["noise.npy"]).astype(np.float32))
-    if not metas:
-        raise ConfigError(f"nothing was inverted in {directory / 'invert'}")
-    return metas, np.stack(images), np.stack(noises)
+    samples = read_inverted(directory)
+    if not samples:
+        raise InputError(f"nothing was inverted in {INVERT.dir(directory)}")
+    arrays = [s.arrays(cfg) for s in samples]
+    return [s.meta for s in samples], np.stack([a for a, _ in arrays]), np.stack([n for _, n in arrays])
 
 
 def _judge(cfg: Config):
-    """An RBF SVM on the clean train-split images: the independent judge where no renderer exists."""
-    from sklearn.svm import SVC
-
+    """An RBF SVM on the clean train-split images: the independent judge where no causal model is known."""
     cfg = copy.deepcopy(cfg)
     cfg.data.limit = 0  # the whole train split, not the swept samples
     refs = [r for r in list_samples(cfg, split="train" if cfg.data.split else "") if not r.error]
-    x = np.stack([r.load() for r in refs]).reshape(len(refs), -1) / 255.0
-    return SVC(kernel="rbf", gamma="scale", C=10.0).fit(x, [r.label for r in refs])
+    return fit_judge(np.stack([r.load() for r in refs]), [r.label for r in refs])
 
 
-def _row(cfg: Config, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, seconds) -> dict:
+def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, seconds) -> dict:
     n = len(metas)
     if judge is None:  # the causal model is known: quality columns against the truth
-        q = [pair_quality(cfg, m["origin"], int(targets[j]), factual[j], cf[j], recon[j]) for j, m in enumerate(metas)]
+        q = [pair_quality(causal, m["origin"], int(targets[j]), factual[j], cf[j], recon[j]) for j, m in enumerate(metas)]
         oracle = np.array([d["oracle_flipped"] for d in q])
         truth = {"mean_truth_l1": float(np.mean([d["truth_l1"] for d in q])),
                  "truth_closer_rate": float(np.mean([d["truth_closer"] for d in q])),
                  "within_recon_bound_rate": float(np.mean([d["within_recon_bound"] for d in q])),
                  "mean_outside_change": float(np.nanmean([d["outside_change"] for d in q]))}
     else:
-        oracle = judge.predict(cf.reshape(n, -1) / 255.0) == targets
+        oracle = judge.predict(flat(cf)) == targets
         truth = {"mean_truth_l1": None, "truth_closer_rate": None, "within_recon_bound_rate": None,
                  "mean_outside_change": None}
     return {"scale": scale, "samples": n, "flip_rate": float(np.mean(flipped)), "mean_p_cf": float(np.mean(p_cf)),
@@ -87,6 +80,7 @@ def _row(cfg: Config, scale, metas, factual, cf, recon, targets, p_cf, flipped, 
 
 def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300, overwrite: bool = False) -> dict:
     from cfgen.models.loading import load_models
+    from cfgen.stages.common import config_grid
     from cfgen.stages.guide import counterfactuals, guide_batch
     from cfgen.stages.invert import run_invert
 
@@ -95,12 +89,13 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     out = sweep_dir(run_dir)
     cfg = copy.deepcopy(cfg)
     cfg.data.limit = limit
-    run_invert(cfg, out, overwrite=overwrite)
+    models = load_models(cfg)
+    run_invert(cfg, out, overwrite=overwrite, models=models)
     metas, factual, noise = _load_inverted(cfg, out)
     classes = load_class_names(cfg)
-    models = load_models(cfg)
-    grid = timestep_grid(models.num_train_timesteps, cfg.invert.steps, cfg.invert.t_inv)
-    judge = None if cfg.data.source == "shapes" else _judge(cfg)
+    grid = config_grid(cfg, models.num_train_timesteps)
+    causal = open_source(cfg).causal
+    judge = None if causal is not None else _judge(cfg)
     labels, seeds = [m["label"] for m in metas], [m["seed"] for m in metas]
     bs = cfg.guide.batch_size
 
@@ -116,7 +111,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     t0 = time.perf_counter()
     ladder = [cfg.guide.scale, *cfg.guide.escalation]
     cf, used, p_cf, flipped, targets, recon = guided(ladder)  # also gives y* and the s = 0 reconstruction
-    esc = _row(cfg, ESCALATION, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0)
+    esc = _row(causal, ESCALATION, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0)
     esc["ladder"] = ladder
     esc["scales_kept"] = {f"{k:g}": int(v) for k, v in zip(*np.unique(used, return_counts=True))}
     rows = []
@@ -128,7 +123,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
             y = torch.from_numpy(targets[i:i + bs]).to(models.device)
             parts.append(counterfactuals(models, u, y, grid, [s], cfg.guide.confidence))
         cf, _, p_cf, flipped = (np.concatenate(a) for a in zip(*parts))
-        rows.append(_row(cfg, s, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0))
+        rows.append(_row(causal, s, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0))
     rows.append(esc)
     result = {"pipeline": cfg.pipeline.name, "samples": len(metas), "t_inv": cfg.invert.t_inv,
               "steps": cfg.invert.steps, "confidence": cfg.guide.confidence,

@@ -18,17 +18,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cfgen.config import ConfigError
-from cfgen.shards import ShardError, read_samples
-from cfgen.stages.pack import CONTRACT_FIELDS, CONTRACT_MEMBERS, pairs_dir
+from cfgen.contract import PAIR_FIELDS, PAIRS
+from cfgen.errors import InputError, ShardError
+from cfgen.shards import read_samples
 
 
 def _check_sample(sample: dict) -> list[str]:
     problems = []
     members = sorted(k for k in sample if k != "__key__")
-    if members != sorted(CONTRACT_MEMBERS):
-        missing = sorted(set(CONTRACT_MEMBERS) - set(members))
-        extra = sorted(set(members) - set(CONTRACT_MEMBERS))
+    if members != sorted(PAIRS.members):
+        missing = sorted(set(PAIRS.members) - set(members))
+        extra = sorted(set(members) - set(PAIRS.members))
         problems.append(f"members: missing {missing}, unexpected {extra}")
     for name in ("png", "cf.png"):
         if name in sample:
@@ -46,10 +46,10 @@ def _check_sample(sample: dict) -> list[str]:
         except (ValueError, UnicodeDecodeError):
             problems.append("json: not valid JSON")
     if isinstance(meta, dict):
-        if list(meta) != list(CONTRACT_FIELDS):
+        if list(meta) != list(PAIR_FIELDS):
             problems.append(f"json: keys {sorted(meta)} differ from the contract")
         else:
-            bad = [k for k, t in CONTRACT_FIELDS.items() if type(meta[k]) is not t]
+            bad = [k for k, t in PAIR_FIELDS.items() if type(meta[k]) is not t]
             if bad:
                 problems.append(f"json: wrong types for {bad}")
             elif meta["id"] != sample["__key__"]:
@@ -68,10 +68,10 @@ def _check_sample(sample: dict) -> list[str]:
 
 def verify_run(run_dir: Path) -> tuple[int, list[str]]:
     """(samples checked, problems as 'shard: key: problem' lines)."""
-    out = pairs_dir(Path(run_dir))
-    tars = sorted(out.glob("pairs-*.tar"))
+    out = PAIRS.dir(run_dir)
+    tars = sorted(out.glob(f"{PAIRS.prefix}-*.tar"))
     if not tars:
-        raise ConfigError(f"no pair shards in {out}")
+        raise InputError(f"no pair shards in {out}")
     problems: list[str] = []
     sizes_file, manifest_file = out / "sizes.json", out / "manifest.parquet"
     sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else None

@@ -91,3 +91,33 @@ def test_bench_prints_its_figures_and_a_consistent_json_last_line():
     assert r["unet_mfu"] is None  # no bf16 peak on a CPU
     text = "\n".join(lines[:-1])
     assert "end to end" in text and "compute alone" in text and "speed-up vs reference" in text
+
+
+def test_invert_loads_no_predictor(tmp_path):
+    """Inversion never reads the predictor: a missing classifier does not stop it."""
+    out = cfgen("invert", "--config", DIGITS, "--out", str(tmp_path / "run"), "--set", "data.limit=4",
+                "--set", "model.classifier=/nonexistent/classifier")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "run" / "invert" / "invert-000000_stats.json").is_file()
+
+
+def test_run_loads_each_model_once(tmp_path, monkeypatch):
+    """`cfgen run` loads the UNet and the predictor once and hands them to invert and guide."""
+    import cfgen.models.loading as loading
+    from cfgen.cli import app
+
+    calls = {"unet": 0, "predictor": 0}
+    real_unet, real_predictor = loading.load_unet, loading.load_predictor
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(loading, "load_unet", count("unet", real_unet))
+    monkeypatch.setattr(loading, "load_predictor", count("predictor", real_predictor))
+    app(["run", "--config", DIGITS, "--out", str(tmp_path / "run"), "--set", "data.limit=4",
+         "--set", "invert.steps=5", "--set", "guide.escalation=[]"], standalone_mode=False)
+    assert calls == {"unet": 1, "predictor": 1}
+    assert (tmp_path / "run" / "pairs" / "manifest.parquet").is_file()

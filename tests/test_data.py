@@ -13,7 +13,8 @@ from PIL import Image
 
 from cfgen.config import load_config
 from cfgen.data.images import ImageDecodeError, decode_image, encode_png
-from cfgen.data.sources import list_samples, load_class_names, safe_key
+from cfgen.data.base import safe_key
+from cfgen.data.sources import list_samples, load_class_names
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_TOML = REPO / "pipelines" / "digits.toml"
@@ -410,7 +411,7 @@ def folder_dataset(tmp_path):
 
 
 def _folder_cfg(root, classes, *extra):
-    return load_config(None, [f"data.source=folder", f"data.root={root}", f"data.classes={classes}",
+    return load_config(None, ["data.source=folder", f"data.root={root}", f"data.classes={classes}",
                               "data.image_size=8", "data.channels=1", *extra])
 
 

@@ -28,7 +28,8 @@ from PIL import Image
 from cfgen.config import ConfigError, load_config
 from cfgen.diffusion import (clean_log_prob_grad, eps_from_output, guided_reverse, invert, log_prob_grad,
                              timestep_grid, x0_estimate)
-from cfgen.models.loading import ModelLoadError, load_models, model_kind
+from cfgen.errors import ModelLoadError
+from cfgen.models.loading import load_models, model_kind
 from cfgen.models.predictors import ImagePreprocess, label_columns
 from cfgen.shards import read_samples
 
@@ -52,9 +53,9 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "
 
 def _tokenizer():
     """A CLIP BPE tokenizer whose merges spell each of WORDS as one token."""
-    from cfgen.tune.bench import tiny_clip_tokenizer
+    from cfgen.random_models import bpe_tokenizer
 
-    return tiny_clip_tokenizer(WORDS, model_max_length=16)
+    return bpe_tokenizer(WORDS, model_max_length=16)
 
 
 def _tame(unet):

@@ -12,8 +12,8 @@ import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cfgen.stages.pack import CONTRACT_FIELDS, CONTRACT_MEMBERS
 from conftest import run_pipeline
+from contract_spec import PAIR_FIELDS, PAIR_MEMBERS
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -54,7 +54,7 @@ def test_every_sample_has_exactly_the_contract_members(digits_run):
         for key in keys:
             assert "." not in key
             members = sorted(n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == key)
-            assert members == sorted(CONTRACT_MEMBERS)
+            assert members == sorted(PAIR_MEMBERS)
 
 
 def test_json_schema_captions_and_classes(digits_run):
@@ -64,8 +64,8 @@ def test_json_schema_captions_and_classes(digits_run):
     for tar_file in _tars(run_dir):
         for s in read_samples(tar_file):
             meta = json.loads(s["json"])
-            assert list(meta) == list(CONTRACT_FIELDS)
-            assert all(type(meta[k]) is t for k, t in CONTRACT_FIELDS.items())
+            assert list(meta) == list(PAIR_FIELDS)
+            assert all(type(meta[k]) is t for k, t in PAIR_FIELDS.items())
             assert meta["id"] == s["__key__"]
             assert int(s["cls"]) == meta["label"] and int(s["cf.cls"]) == meta["cf_label"]
             assert meta["cf_label"] != meta["label"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import errno
 import io
-import json
 import random
 import subprocess
 import sys
@@ -271,7 +270,7 @@ def test_npy_that_needs_pickle_is_refused(tmp_path):
 def test_nan_from_a_network_fails_that_sample_only(tmp_path, monkeypatch, network):
     """NaN for the first sample of each full batch of 7: in invert (UNet) or in guide (predictor)."""
     from cfgen.config import load_config
-    from cfgen.models.loading import Models
+    from cfgen.models.runtime import Models
     from cfgen.stages.guide import run_guide
     from cfgen.stages.invert import run_invert
     from cfgen.stages.pack import run_pack
@@ -329,8 +328,8 @@ def test_pickle_checkpoint_needs_the_trust_flag(tmp_path):
     clf = NoiseAwareClassifier.from_pretrained(ROOT / "models" / "digits" / "classifier")
     clf.save_pretrained(tmp_path / "clf", safe_serialization=False)
     assert (tmp_path / "clf" / "diffusion_pytorch_model.bin").is_file()
-    args = ["invert", "--config", str(DIGITS), "--out", str(tmp_path / "run"), "--set", "data.limit=4",
-            "--set", f"model.classifier={tmp_path / 'clf'}"]
+    args = ["run", "--config", str(DIGITS), "--out", str(tmp_path / "run"), "--set", "data.limit=4",
+            "--set", "invert.steps=5", "--set", "guide.escalation=[]", "--set", f"model.classifier={tmp_path / 'clf'}"]
     refused = _cfgen(*args)
     assert refused.returncode == 2 and "is a pickle checkpoint" in refused.stderr
     assert "--trust-checkpoint" in refused.stderr

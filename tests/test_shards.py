@@ -11,22 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cfgen.shards import (
-    ShardError,
-    atomic_tar,
-    atomic_write_json,
-    atomic_write_rows,
-    finished_indices,
-    is_done,
-    marker_path,
-    npy_bytes,
-    npy_load,
-    read_rows,
-    read_samples,
-    rows_path,
-    shard_stem,
-    tar_path,
-)
+from cfgen.contract import Stage
+from cfgen.errors import ShardError
+from cfgen.shards import atomic_tar, atomic_write_json, atomic_write_rows, npy_bytes, npy_load, read_rows, read_samples
+
+CF = Stage("test", "cf-dir", "cf", ("png",))
 
 
 def _samples():
@@ -47,11 +36,12 @@ def _write(path, samples):
 def test_paths():
     from pathlib import Path
 
-    d = Path("/x")
-    assert shard_stem("cf", 7) == "cf-000007"
-    assert tar_path(d, "cf", 7) == Path("/x/cf-000007.tar")
-    assert rows_path(d, "cf", 7) == Path("/x/cf-000007.parquet")
-    assert marker_path(d, "cf", 12) == Path("/x/cf-000012_stats.json")
+    run = Path("/x")
+    assert CF.stem(7) == "cf-000007"
+    assert CF.dir(run) == Path("/x/cf-dir")
+    assert CF.tar(run, 7) == Path("/x/cf-dir/cf-000007.tar")
+    assert CF.rows(run, 7) == Path("/x/cf-dir/cf-000007.parquet")
+    assert CF.marker(run, 12) == Path("/x/cf-dir/cf-000012_stats.json")
 
 
 def test_atomic_tar_success_leaves_only_final(tmp_path):
@@ -254,21 +244,22 @@ def test_npy_load_refuses_object_array():
 
 
 def test_finished_indices(tmp_path):
+    (tmp_path / "cf-dir").mkdir()
     for name in ["cf-000000_stats.json", "cf-000003_stats.json", "cf-000012_stats.json",
                  "cf-000001.tar", "cf-000002.parquet",   # no marker: not done
                  "other-000004_stats.json",               # another prefix
                  "cf-abc_stats.json", "cf-x-000005_stats.json"]:
-        (tmp_path / name).write_text("{}")
-    assert finished_indices(tmp_path, "cf") == [0, 3, 12]
-    assert finished_indices(tmp_path, "other") == [4]
-    assert finished_indices(tmp_path, "none") == []
-    assert is_done(tmp_path, "cf", 3)
-    assert not is_done(tmp_path, "cf", 1)
+        (tmp_path / "cf-dir" / name).write_text("{}")
+    assert CF.finished(tmp_path) == [0, 3, 12]
+    assert Stage("o", "cf-dir", "other", ()).finished(tmp_path) == [4]
+    assert Stage("n", "cf-dir", "none", ()).finished(tmp_path) == []
+    assert Stage("n", "missing-dir", "cf", ()).finished(tmp_path) == []
 
 
 def test_atomic_write_json_marker(tmp_path):
-    atomic_write_json(marker_path(tmp_path, "inv", 2), {"b": 1, "a": [1, 2]})
-    assert finished_indices(tmp_path, "inv") == [2]
+    inv = Stage("inv", ".", "inv", ())
+    atomic_write_json(inv.marker(tmp_path, 2), {"b": 1, "a": [1, 2]})
+    assert inv.finished(tmp_path) == [2]
     text = (tmp_path / "inv-000002_stats.json").read_text()
     assert json.loads(text) == {"a": [1, 2], "b": 1}
     assert text.index('"a"') < text.index('"b"')  # sorted keys
@@ -278,7 +269,7 @@ def test_atomic_write_json_marker(tmp_path):
 def test_atomic_write_rows_round_trip(tmp_path):
     schema = pa.schema([("id", pa.string()), ("label", pa.int64()), ("error", pa.string())])
     rows = [{"id": "a", "label": 1, "error": None}, {"id": "b", "label": -1, "error": "empty label"}]
-    path = rows_path(tmp_path, "cf", 0)
+    path = tmp_path / "cf-000000.parquet"
     atomic_write_rows(path, rows, schema)
     assert read_rows(path) == rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cf-000000.parquet"]

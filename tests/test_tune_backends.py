@@ -27,9 +27,9 @@ WORDS = ["a", "photo", "of", "seven", "cat", "hot", "dog"]
 
 def _clip_tokenizer():
     """A CLIP BPE tokenizer whose merges spell each of WORDS as one token."""
-    from cfgen.tune.bench import tiny_clip_tokenizer
+    from cfgen.random_models import bpe_tokenizer
 
-    return tiny_clip_tokenizer(WORDS)
+    return bpe_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cfgen.shards import atomic_tar
-from cfgen.stages.pack import contract_json
+from contract_spec import pair_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "pipelines" / "digits.toml")
@@ -53,7 +53,7 @@ def write_pair_shards(out: Path) -> Path:
             samples.append({"__key__": meta["id"], "png": _png(images[i]),
                             "txt": f"a photo of the digit {NAMES[c]}.".encode(), "cls": str(c).encode(),
                             "cf.png": _png(images[cf]), "cf.txt": f"a photo of the digit {NAMES[ycf]}.".encode(),
-                            "cf.cls": str(ycf).encode(), "json": contract_json(meta)})
+                            "cf.cls": str(ycf).encode(), "json": pair_json(meta)})
     out.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(0).permutation(len(samples))
     for shard, rows in enumerate(np.array_split(order, 2)):
@@ -176,10 +176,11 @@ def test_tune_user_error_is_one_line_and_exit_2(tmp_path):
     (["tune.eval_split=test", "data.split="], "tune.eval_split='test' needs data.split"),
 ])
 def test_tune_config_errors_name_the_key(pair_shards, tmp_path, overrides, message):
-    from cfgen.config import ConfigError, load_config
+    from cfgen.config import load_config
+    from cfgen.errors import UserError
     from cfgen.tune.train import run_tune
 
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         cfg = load_config(DIGITS, ["tune.eval_split="] + overrides)
         run_tune(cfg, tmp_path / "run", str(pair_shards / "pairs-*.tar"), log=lambda _: None)
     assert message in str(err.value)

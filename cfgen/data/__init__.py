@@ -1,6 +1,6 @@
-"""Input datasets: where samples come from (sources) and how their bytes become pixels (images)."""
+"""Input datasets: the sources (base.py, sources.py and one module per source) and image decoding (images.py)."""
 
-from cfgen.data.images import ImageDecodeError, decode_image
-from cfgen.data.sources import SampleRef, list_samples, load_class_names
+from cfgen.data.base import CausalModel, SampleRef, Source
+from cfgen.data.sources import SOURCES, list_samples, load_class_names, open_source
 
-__all__ = ["ImageDecodeError", "SampleRef", "decode_image", "list_samples", "load_class_names"]
+__all__ = ["SOURCES", "CausalModel", "SampleRef", "Source", "list_samples", "load_class_names", "open_source"]

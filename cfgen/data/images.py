@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cfgen.errors import ImageDecodeError
 
-class ImageDecodeError(ValueError):
-    """An input that cannot become an image; the message is the recorded reason."""
+__all__ = ["ImageDecodeError", "decode_image", "decode_png", "encode_png"]
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -81,6 +81,13 @@ def decode_image(source: str | Path | bytes, size: int, channels: int,
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.ascontiguousarray(arr)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """A stored image (a pair or shard member) as uint8 (H, W, C) at its own size: grey stays one channel."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("L") if im.mode in ("L", "I", "I;16", "P", "1") else im.convert("RGB"))
+    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def encode_png(arr: np.ndarray) -> bytes:

@@ -22,6 +22,8 @@ do(Y = y*) is `render(factors, y*)` -- every factor kept, the shape swapped.
 
 Which split an index belongs to is `split_of(index)` (every fifth sample is
 test); manifests/shapes/split.csv is that rule written out (`write_split`).
+`ShapesSource` is the data source; its `causal` model answers, for any sample,
+the renderings under every class and the causal region (quality.py, report.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from cfgen.data.base import CausalModel, SampleRef, Source
+from cfgen.errors import ConfigError
 
 CLASSES = ("circle", "square", "triangle")
 DATASET_SEED = 20240605
@@ -190,3 +195,47 @@ def write_split(path, count: int) -> None:
     lines = ["id,split"] + [f"{sample_id(i)},{split_of(i)}" for i in range(count)]
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+class ShapesCausal(CausalModel):
+    """The renderer as the causal model: a sample's factors re-derived from its origin ('shapes:<i>')."""
+
+    def __init__(self, spurious: float, size: int, channels: int):
+        self.spurious, self.size, self.channels = spurious, size, channels
+
+    def _factors(self, origin_: str) -> Factors:
+        return factors(index_of(origin_), self.spurious)
+
+    def renders(self, origin_: str) -> np.ndarray:
+        return all_renders(self._factors(origin_), self.size, self.channels)
+
+    def region(self, origin_: str) -> np.ndarray:
+        return causal_region(self._factors(origin_), self.size)
+
+    def true_counterfactual(self, origin_: str, label: int) -> np.ndarray:
+        return render(self._factors(origin_), label, self.size, self.channels)
+
+
+class ShapesSource(Source):
+    name = "shapes"
+    records_groups = True  # the environment
+
+    def class_names(self) -> list[str]:
+        return list(CLASSES)
+
+    def samples(self, classes: list[str]) -> list[SampleRef]:
+        d = self.cfg.data
+        if len(classes) != len(CLASSES):
+            raise ConfigError(f"data.classes: the shapes source has {len(CLASSES)} classes "
+                              f"({', '.join(CLASSES)}), the class list has {len(classes)}")
+        refs = []
+        for i in range(d.shapes_count):
+            f = factors(i, d.shapes_spurious)
+            refs.append(SampleRef(id=sample_id(i), label=f.label, origin=origin(i), group=ENVIRONMENTS[f.env],
+                                  load=(lambda f=f: render(f, f.label, d.image_size, d.channels))))
+        return refs
+
+    @property
+    def causal(self) -> ShapesCausal:
+        d = self.cfg.data
+        return ShapesCausal(d.shapes_spurious, d.image_size, d.channels)

@@ -30,6 +30,7 @@ _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "biline
 IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 """transformers' default mean/std (ViT), used when a checkpoint has no preprocessor_config.json."""
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+"""OpenAI CLIP's pixel mean and std, for checkpoints without a preprocessor_config.json."""
 
 
 def _side(value) -> tuple[int, int]:
@@ -139,7 +140,7 @@ class HFImageClassifier(nn.Module):
         return logits if self.columns is None else logits.index_select(1, self.columns)
 
 
-def _pooled(out) -> torch.Tensor:
+def pooled(out) -> torch.Tensor:
     """get_*_features returns a tensor (transformers < 5) or an output with pooler_output (>= 5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
@@ -155,7 +156,7 @@ class ClipZeroShot(nn.Module):
             parts = []
             for k in range(0, len(texts), text_batch):
                 batch = tokenizer(texts[k:k + text_batch], padding=True, truncation=True, return_tensors="pt")
-                parts.append(F.normalize(_pooled(clip.get_text_features(**batch)).float(), dim=-1))
+                parts.append(F.normalize(pooled(clip.get_text_features(**batch)).float(), dim=-1))
             per_class = torch.cat(parts).view(len(class_names), len(templates), -1).mean(1)
         self.register_buffer("text_features", F.normalize(per_class, dim=-1), persistent=False)
         # only the image side is kept: the text tower's work is done

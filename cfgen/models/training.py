@@ -16,56 +16,23 @@ levels of the pipeline's own scheduler (model.scheduler) whenever it exists.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from cfgen.config import Config, ConfigError
-from cfgen.data.sources import list_samples, load_class_names
+from cfgen.config import Config
+from cfgen.data.sources import load_class_names
+from cfgen.device import pick_device
+from cfgen.diffusion import q_sample
+from cfgen.errors import ModelLoadError
 from cfgen.models.classifier import NoiseAwareClassifier
-from cfgen.models.loading import ModelLoadError, load_codec, load_scheduler, pick_device
-from cfgen.tensors import to_model_space
-
-
-def _load_arrays(cfg: Config, split: str | None = None,
-                 groups: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All decodable samples as model-space tensors; undecodable ones are skipped and counted.
-
-    `groups`, when given, is filled with each kept sample's `SampleRef.group`.
-    """
-    images, labels, ids, skipped = [], [], [], 0
-    for ref in tqdm(list_samples(cfg, split=split), desc="load", leave=False):
-        if ref.error:
-            skipped += 1
-            continue
-        try:
-            images.append(ref.load())
-        except ValueError:
-            skipped += 1
-            continue
-        labels.append(ref.label)
-        ids.append(ref.id)
-        if groups is not None:
-            groups.append(ref.group)
-    if not images:
-        raise ConfigError("no usable training images in the configured dataset")
-    if skipped:
-        print(f"skipped {skipped} unusable samples")
-    x = to_model_space(torch.from_numpy(np.stack(images)))
-    return x, torch.tensor(labels, dtype=torch.long), ids
-
-
-def _cosine_lr(step: int, total: int, warmup: int = 100) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+from cfgen.models.loading import load_codec, load_scheduler
+from cfgen.trainkit import cosine_lr, load_arrays, optimizer_step, split_train_test
 
 
 def build_unet(cfg: Config) -> UNet2DModel:
@@ -90,14 +57,14 @@ def train_diffusion(cfg: Config, out: Path | None = None) -> Path:
     """Train the UNet; save unet/ and scheduler/ (diffusers layout). Returns the directory."""
     torch.manual_seed(cfg.pipeline.seed)
     device = pick_device(cfg.model.device)
-    x, _, _ = _load_arrays(cfg, split="")
+    x, _, _ = load_arrays(cfg, split="")
     unet = build_unet(cfg).to(device)
     scheduler = build_scheduler(cfg)
     ema = EMAModel(unet.parameters(), decay=0.999)
     a = scheduler.alphas_cumprod.to(device, torch.float32)
     tc = cfg.train.diffusion
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, tc.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, tc.steps))
     gen = torch.Generator().manual_seed(cfg.pipeline.seed)
     bar = tqdm(range(tc.steps), desc="train diffusion")
     for _ in bar:
@@ -105,14 +72,8 @@ def train_diffusion(cfg: Config, out: Path | None = None) -> Path:
         x0 = x[idx].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, tc.num_train_timesteps, (tc.batch_size,), generator=gen).to(device)
-        at = a[t].view(-1, 1, 1, 1)
-        xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = F.mse_loss(unet(q_sample(x0, noise, a[t].view(-1, 1, 1, 1)), t).sample, noise)
+        optimizer_step(loss, opt, sched, clip=unet.parameters())
         ema.step(unet.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(unet.parameters())
@@ -137,30 +98,12 @@ def _encode_latents(codec, x: torch.Tensor, device: torch.device, batch_size: in
                       for i in range(0, x.shape[0], batch_size)])
 
 
-def _split_train_test(cfg: Config, y: torch.Tensor, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean masks: the manifest split if there is one, else a seeded stratified split."""
-    if cfg.data.split:
-        from cfgen.data.sources import split_ids
-
-        splits = split_ids(cfg)
-        test = torch.tensor([splits.get(i) == "test" for i in ids])
-    else:
-        from sklearn.model_selection import train_test_split
-
-        _, te = train_test_split(np.arange(len(ids)), test_size=cfg.train.classifier.test_fraction,
-                                 stratify=y.numpy(), random_state=cfg.pipeline.seed)
-        test = torch.zeros(len(ids), dtype=torch.bool)
-        test[te] = True
-    return ~test, test
-
-
 @torch.no_grad()
 def classifier_accuracy(model: NoiseAwareClassifier, x: torch.Tensor, y: torch.Tensor,
                         alphas_cumprod: torch.Tensor, t: int, seed: int = 0) -> float:
     """Accuracy on x_t at one timestep, with fixed noise so the figure is reproducible."""
     gen = torch.Generator().manual_seed(seed + t)
-    a = alphas_cumprod[t].float()
-    xt = a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=gen)
+    xt = q_sample(x, torch.randn(x.shape, generator=gen), alphas_cumprod[t].float())
     logits = model(xt, torch.full((x.shape[0],), t, dtype=torch.long))
     return float((logits.argmax(1) == y).float().mean())
 
@@ -178,11 +121,11 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     torch.manual_seed(cfg.pipeline.seed)
     device = pick_device(cfg.model.device)
     groups: list[str] = []
-    x, y, ids = _load_arrays(cfg, split="", groups=groups)
+    x, y, ids = load_arrays(cfg, split="", groups=groups)
     codec = load_codec(cfg, device)  # latent models: learn p(y | z_t, t) on the VAE latents
     if codec is not None:
         x = _encode_latents(codec, x, device)
-    train, test = _split_train_test(cfg, y, ids)
+    train, test = split_train_test(cfg, y, ids)
     classes = load_class_names(cfg)
     tc = cfg.train.classifier
     scheduler = _classifier_scheduler(cfg)
@@ -190,7 +133,7 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     model = NoiseAwareClassifier(in_channels=x.shape[1], num_classes=len(classes),
                                  sample_size=x.shape[-1], channels=tuple(tc.channels)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, tc.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, tc.steps))
     xtr, ytr = x[train], y[train]
     weights = (group_balanced_weights([g for g, keep in zip(groups, train.tolist()) if keep], ytr.tolist())
                if tc.balance_groups else None)
@@ -204,13 +147,9 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
         # p_cf / 'closest' are read at t = 0, so clean accuracy matters most.
         t = torch.randint(0, scheduler.config.num_train_timesteps, (tc.batch_size,), generator=gen)
         t[: tc.batch_size // 2] = t[: tc.batch_size // 2] // 10
-        at = a[t].view(-1, 1, 1, 1)
-        xt = at.sqrt() * x0 + (1 - at).sqrt() * torch.randn(x0.shape, generator=gen)
+        xt = q_sample(x0, torch.randn(x0.shape, generator=gen), a[t].view(-1, 1, 1, 1))
         loss = F.cross_entropy(model(xt.to(device), t.to(device)), target.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval().cpu()
     steps = scheduler.config.num_train_timesteps

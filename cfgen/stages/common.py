@@ -1,9 +1,9 @@
-"""What every stage shares: the row schema of the manifest and the shard loop.
+"""What every stage shares: the shard loop, and reading a previous stage's shards.
 
 A stage is a function `process(index) -> rows` that writes one output tar
-(through `shards.atomic_tar`) and returns one row per input sample. The loop
-here skips finished shards, commits the per-shard parquet and then the done
-marker, and shows progress.
+(through `shards.atomic_tar`) and returns one manifest row per input sample. The
+loop here skips finished shards, commits the per-shard parquet and then the done
+marker (contract.Stage.marker), and shows progress.
 """
 
 from __future__ import annotations
@@ -14,43 +14,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from cfgen import distributed
-from cfgen.config import Config, ConfigError, write_resolved
+from cfgen.config import Config, write_resolved
+from cfgen.contract import ROW_SCHEMA, Stage
 from cfgen.diffusion import timestep_grid
-from cfgen.shards import (ShardError, atomic_write_json, atomic_write_rows, finished_indices, is_done,
-                          marker_path, read_rows, read_samples, rows_path, shard_stem, tar_path)
-
-# One row per input sample, in every stage's parquet and in manifest.parquet.
-ROW_SCHEMA = pa.schema([
-    ("id", pa.string()),            # the sample key (dot-free)
-    ("shard", pa.int32()),          # shard index
-    ("origin", pa.string()),        # source path or digits:<i>
-    ("status", pa.string()),        # ok | failed | rejected
-    ("error", pa.string()),         # why, when not ok
-    ("label", pa.int32()),
-    ("label_name", pa.string()),
-    ("cf_label", pa.int32()),
-    ("cf_label_name", pa.string()),
-    ("target_strategy", pa.string()),
-    ("guidance_scale", pa.float64()),
-    ("seed", pa.int64()),
-    ("p_cf", pa.float64()),
-    ("flipped", pa.bool_()),
-    ("l1", pa.float64()),
-    ("l2", pa.float64()),
-    ("recon_l1", pa.float64()),
-    # quality (cfgen/quality.py), filled by pack; the truth columns only where the causal model is known
-    ("changed_fraction", pa.float64()),     # share of pixels changed visibly
-    ("oracle_label", pa.int32()),           # the renderer oracle's class of the counterfactual
-    ("oracle_flipped", pa.bool_()),         # oracle_label == cf_label
-    ("truth_l1", pa.float64()),             # L1 counterfactual -> true counterfactual
-    ("truth_closer", pa.bool_()),           # closer to the true counterfactual than to the factual
-    ("within_recon_bound", pa.bool_()),     # truth_l1 <= recon_l1 (DiCap Cor. 3.4)
-    ("outside_change", pa.float64()),       # share of pixels outside the causal region changed
-])
+from cfgen.errors import ConfigError, FailFast, InputError, ShardError
+from cfgen.shards import atomic_write_json, atomic_write_rows, read_rows, read_samples
 
 
 def config_grid(cfg: Config, num_train_timesteps: int) -> list[int]:
@@ -61,13 +32,12 @@ def config_grid(cfg: Config, num_train_timesteps: int) -> list[int]:
         raise ConfigError(f"invert.steps: {exc}") from None
 
 
-def make_row(**values) -> dict:
-    row = {name: None for name in ROW_SCHEMA.names}
-    unknown = set(values) - set(row)
-    if unknown:
-        raise KeyError(f"not manifest columns: {sorted(unknown)}")
-    row.update(values)
-    return row
+def finished_inputs(stage: Stage, run_dir: Path) -> list[int]:
+    """The finished shards of the stage a later stage reads; none is an error naming the command to run."""
+    indices = stage.finished(run_dir)
+    if not indices:
+        raise InputError(f"no finished {stage.name} shards in {stage.dir(run_dir)}; run `cfgen {stage.name}` first")
+    return indices
 
 
 def samples_until_error(path: Path, broken: list[str]):
@@ -89,13 +59,14 @@ def mark_unread(rows: list[dict], seen: set[str], broken: list[str]) -> None:
             row.update(status="failed", error=why)
 
 
-class FailFast(RuntimeError):
-    """--fail-fast: a sample failed; its shard was not committed."""
+def stage_rows(stage: Stage, run_dir: Path) -> list[dict]:
+    """Every manifest row of a stage's finished shards, in shard order."""
+    return [r for i in stage.finished(run_dir) for r in read_rows(stage.rows(run_dir, i))]
 
 
-def failure_summary(directory: Path, prefix: str) -> dict:
+def failure_summary(stage: Stage, run_dir: Path) -> dict:
     """Inputs, failures and failure reasons over a stage's finished shards."""
-    rows = [r for i in finished_indices(directory, prefix) for r in read_rows(rows_path(directory, prefix, i))]
+    rows = stage_rows(stage, run_dir)
     failed = [r for r in rows if r["status"] == "failed"]
     return {"count": len(rows), "failed": len(failed),
             "errors": dict(Counter(error_reason(r["error"]) for r in failed))}
@@ -106,35 +77,36 @@ def error_reason(error: str | None) -> str:
     return (error or "").split(":")[0].strip() or "unknown"
 
 
-def run_shards(stage: str, cfg: Config, out_dir: Path, prefix: str, indices: list[int],
+def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
                process: Callable[[int], list[dict]], overwrite: bool = False) -> list[int]:
     """Run `process` on this rank's unfinished shards; returns the indices it processed."""
+    out_dir = stage.dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         write_resolved(cfg, out_dir)
     mine = distributed.my_shards(indices)
     if overwrite:
         for i in mine:
-            for p in (marker_path(out_dir, prefix, i), rows_path(out_dir, prefix, i), tar_path(out_dir, prefix, i)):
+            for p in (stage.marker(run_dir, i), stage.rows(run_dir, i), stage.tar(run_dir, i)):
                 p.unlink(missing_ok=True)
-    todo = [i for i in mine if not is_done(out_dir, prefix, i)]
+    todo = [i for i in mine if not stage.marker(run_dir, i).is_file()]
     for i in todo:  # leftovers of a killed run: never read, removed before the shard is redone
-        for p in out_dir.glob(f"{shard_stem(prefix, i)}*.tmp"):
+        for p in out_dir.glob(f"{stage.stem(i)}*.tmp"):
             p.unlink(missing_ok=True)
     skipped = len(mine) - len(todo)
     if skipped:
-        tqdm.write(f"{stage}: {skipped} shard(s) already done, skipping", file=sys.stderr)
-    desc = stage if distributed.world_size() == 1 else f"{stage} [rank {distributed.rank()}]"
+        tqdm.write(f"{stage.name}: {skipped} shard(s) already done, skipping", file=sys.stderr)
+    desc = stage.name if distributed.world_size() == 1 else f"{stage.name} [rank {distributed.rank()}]"
     for i in tqdm(todo, desc=desc, unit="shard", position=distributed.rank(), disable=not todo):
         start = time.perf_counter()
         rows = process(i)
         if cfg.pipeline.fail_fast:
             bad = next((r for r in rows if r["status"] == "failed"), None)
             if bad is not None:
-                raise FailFast(f"{stage} shard {i}: sample {bad['id']} ({bad['origin']}): {bad['error']}")
-        atomic_write_rows(rows_path(out_dir, prefix, i), rows, ROW_SCHEMA)
+                raise FailFast(f"{stage.name} shard {i}: sample {bad['id']} ({bad['origin']}): {bad['error']}")
+        atomic_write_rows(stage.rows(run_dir, i), rows, ROW_SCHEMA)
         counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "rejected")}
         # The marker is written last: its presence means the tar and parquet are complete.
-        atomic_write_json(marker_path(out_dir, prefix, i), {
+        atomic_write_json(stage.marker(run_dir, i), {
             "shard": i, "count": len(rows), **counts, "seconds": time.perf_counter() - start})
     return todo

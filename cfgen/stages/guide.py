@@ -23,25 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfgen.config import Config, ConfigError
+from cfgen.config import Config
+from cfgen.contract import GUIDE, GUIDE_FIELDS, INVERT
 from cfgen.data.images import decode_image, encode_png
 from cfgen.data.sources import load_class_names
 from cfgen.diffusion import guided_reverse
+from cfgen.errors import ConfigError, InputError
 from cfgen.metrics import l1, l2
-from cfgen.models.loading import Models, load_models
-from cfgen.shards import atomic_tar, finished_indices, npy_load, read_rows, rows_path, tar_path
+from cfgen.models.loading import load_models
+from cfgen.models.runtime import Models
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
-from cfgen.stages.common import config_grid, mark_unread, run_shards, samples_until_error
-from cfgen.stages.invert import PREFIX as INVERT_PREFIX
-from cfgen.stages.invert import invert_dir
+from cfgen.shards import atomic_tar, npy_load, read_rows
+from cfgen.stages.common import config_grid, finished_inputs, mark_unread, run_shards, samples_until_error
 from cfgen.targets import choose_targets, resolve_fixed_target
 from cfgen.tensors import to_model_space, to_uint8
-
-PREFIX = "guide"
-
-
-def guide_dir(run_dir: Path) -> Path:
-    return run_dir / "guide"
 
 
 @torch.no_grad()
@@ -124,13 +119,9 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
         fixed = resolve_fixed_target(cfg.guide.target, classes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    src = invert_dir(run_dir)
-    indices = finished_indices(src, INVERT_PREFIX)
-    if not indices:
-        raise ConfigError(f"no finished invert shards in {src}; run `cfgen invert` first")
+    indices = finished_inputs(INVERT, run_dir)
     models = models or load_models(cfg)
     grid = config_grid(cfg, models.num_train_timesteps)
-    out_dir = guide_dir(run_dir)
 
     def parse(samples: list[dict]) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """Decode a batch of invert samples (on the prefetch thread); bad ones become failed rows."""
@@ -148,7 +139,7 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
                 row.update(status="failed", error="input sample has no readable json member")
                 continue
             if made_with[0] != grid:
-                raise ConfigError(f"invert shards in {src} were made with steps={made_with[1]}, "
+                raise InputError(f"invert shards in {INVERT.dir(run_dir)} were made with steps={made_with[1]}, "
                                   f"t_inv={made_with[2]}; the config says steps={cfg.invert.steps}, "
                                   f"t_inv={cfg.invert.t_inv}: re-run `cfgen invert --overwrite`")
             if fixed is not None and fixed == row["label"]:
@@ -178,9 +169,7 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
                        p_cf=float(res.p_cf[j]), flipped=bool(res.flipped[j]),
                        l1=l1(factual[j], res.cf[j]), l2=l2(factual[j], res.cf[j]),
                        recon_l1=l1(factual[j], res.recon[j]))
-            meta = {k: row[k] for k in ("id", "label", "label_name", "cf_label", "cf_label_name",
-                                        "target_strategy", "guidance_scale", "seed", "p_cf",
-                                        "flipped", "l1", "l2", "recon_l1")}
+            meta = {k: row[k] for k in GUIDE_FIELDS}
             meta.update(t_inv=cfg.invert.t_inv, steps=cfg.invert.steps)
             tar.write({"__key__": row["id"], "png": encode_png(factual[j]), "cf.png": encode_png(res.cf[j]),
                        "recon.png": encode_png(res.recon[j]), "json": json.dumps(meta, sort_keys=True).encode()})
@@ -189,13 +178,13 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
     seen: set[str] = set()
 
     def process(index: int) -> list[dict]:
-        rows = read_rows(rows_path(src, INVERT_PREFIX, index))
+        rows = read_rows(INVERT.rows(run_dir, index))
         by_id.clear()
         by_id.update((r["id"], r) for r in rows)
         broken: list[str] = []
         seen.clear()
-        samples = samples_until_error(tar_path(src, INVERT_PREFIX, index), broken)
-        with atomic_tar(tar_path(out_dir, PREFIX, index)) as tar, BackgroundWriter() as writer:
+        samples = samples_until_error(INVERT.tar(run_dir, index), broken)
+        with atomic_tar(GUIDE.tar(run_dir, index)) as tar, BackgroundWriter() as writer:
             for good in prefetched(chunks(samples, cfg.guide.batch_size), parse):
                 if not good:
                     continue
@@ -207,5 +196,5 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
         mark_unread(rows, seen, broken)
         return rows
 
-    run_shards("guide", cfg, out_dir, PREFIX, indices, process, overwrite)
-    return out_dir
+    run_shards(GUIDE, cfg, run_dir, indices, process, overwrite)
+    return GUIDE.dir(run_dir)

@@ -15,35 +15,33 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cfgen.config import Config
-from cfgen.data.images import ImageDecodeError, encode_png
+from cfgen.contract import INVERT, INVERT_FIELDS, make_row
+from cfgen.data.images import ImageDecodeError, decode_image, encode_png
 from cfgen.data.sources import list_samples, load_class_names
 from cfgen.diffusion import invert
 from cfgen.models.loading import load_models
+from cfgen.models.runtime import Models
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
-from cfgen.shards import atomic_tar, npy_bytes, tar_path
-from cfgen.stages.common import config_grid, make_row, run_shards
+from cfgen.shards import atomic_tar, npy_bytes, npy_load, read_samples
+from cfgen.stages.common import config_grid, run_shards
 from cfgen.targets import sample_seed
 from cfgen.tensors import to_model_space
 
-PREFIX = "invert"
 
-
-def invert_dir(run_dir: Path) -> Path:
-    return run_dir / "invert"
-
-
-def run_invert(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
+def run_invert(cfg: Config, run_dir: Path, overwrite: bool = False, models: Models | None = None) -> Path:
+    """`models`: already loaded ones (`cfgen run` loads them once for every stage); else loaded here,
+    without the predictor, which inversion never reads."""
     refs = list_samples(cfg)
     classes = load_class_names(cfg)
-    models = load_models(cfg)
+    models = models or load_models(cfg, predictor=False)
     grid = config_grid(cfg, models.num_train_timesteps)
-    out_dir = invert_dir(run_dir)
     size = cfg.data.shard_size
     n_shards = max(1, math.ceil(len(refs) / size))
 
@@ -67,14 +65,14 @@ def run_invert(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
 
     def write(tar, done: list[tuple[dict, np.ndarray, np.ndarray]]) -> None:
         for row, pixels, noise in done:
-            meta = {k: row[k] for k in ("id", "label", "label_name", "origin", "seed")}
+            meta = {k: row[k] for k in INVERT_FIELDS}
             meta.update(steps=cfg.invert.steps, t_inv=cfg.invert.t_inv, grid=grid)
             tar.write({"__key__": row["id"], "png": encode_png(pixels), "noise.npy": npy_bytes(noise),
                        "json": json.dumps(meta, sort_keys=True).encode()})
 
     def process(index: int) -> list[dict]:
         rows = []
-        with atomic_tar(tar_path(out_dir, PREFIX, index)) as tar, BackgroundWriter() as writer:
+        with atomic_tar(INVERT.tar(run_dir, index)) as tar, BackgroundWriter() as writer:
             shard_refs = refs[index * size:(index + 1) * size]
             for decoded in prefetched(chunks(shard_refs, cfg.invert.batch_size), lambda b: decode(b, index)):
                 rows.extend(row for row, _ in decoded)
@@ -92,5 +90,25 @@ def run_invert(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path:
                 writer.submit(write, tar, done)
         return rows
 
-    run_shards("invert", cfg, out_dir, PREFIX, list(range(n_shards)), process, overwrite)
-    return out_dir
+    run_shards(INVERT, cfg, run_dir, list(range(n_shards)), process, overwrite)
+    return INVERT.dir(run_dir)
+
+
+@dataclass
+class Inverted:
+    """One sample of a finished invert shard, as stored (for cfgen sweep and cfgen bench)."""
+
+    meta: dict     # K.json: id, label, label_name, origin, seed, steps, t_inv, grid
+    png: bytes     # the factual image
+    noise: bytes   # u, a .npy
+
+    def arrays(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+        """(factual uint8 (H, W, C), u float32 (C, H, W))."""
+        return (decode_image(self.png, cfg.data.image_size, cfg.data.channels),
+                npy_load(self.noise).astype(np.float32))
+
+
+def read_inverted(run_dir: Path) -> list[Inverted]:
+    """Every sample of the run's finished invert shards, in shard order."""
+    return [Inverted(json.loads(s["json"]), s["png"], s["noise.npy"])
+            for i in INVERT.finished(run_dir) for s in read_samples(INVERT.tar(run_dir, i))]

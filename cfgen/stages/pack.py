@@ -5,15 +5,15 @@
 RUN/pairs/pairs-<i>.tar (one per guide shard), each sample K with exactly:
     K.png  K.txt  K.cls            the factual image, its caption, its class index
     K.cf.png  K.cf.txt  K.cf.cls   the counterfactual, its caption, its class index
-    K.json                         CONTRACT_FIELDS below, the same schema everywhere
+    K.json                         contract.PAIR_FIELDS, the same schema everywhere
 and beside them manifest.parquet (one row per input sample, failures
 included), stats.json and sizes.json ({"pairs-000000.tar": n, ...}, which
 open_clip reads). Pairs that fail a gate (pack.require_flip, min_p_cf, max_l1,
 max_recon_l1) are rows with status 'rejected', every failed gate in `error`, and
 are not written; stats.json counts them by first reason (`errors`) and by gate
 (`rejected_by_gate`). The quality columns of cfgen/quality.py are filled here
-for every guided pair; for source 'shapes' stats.json adds oracle_flip_rate,
-truth_closer_rate, within_recon_bound_rate, mean_truth_l1, mean_outside_change.
+for every guided pair; where the source knows its causal model (shapes) stats.json adds
+oracle_flip_rate, truth_closer_rate, within_recon_bound_rate, mean_truth_l1, mean_outside_change.
 """
 
 from __future__ import annotations
@@ -27,55 +27,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfgen import distributed
-from cfgen.config import Config, ConfigError
+from cfgen.config import Config
+from cfgen.contract import GUIDE, INVERT, PAIRS, ROW_SCHEMA, pair_json
 from cfgen.data.images import decode_image
+from cfgen.data.sources import open_source
 from cfgen.metrics import mean
 from cfgen.quality import gate_failures, pair_quality, rate
-from cfgen.shards import (atomic_tar, atomic_write_json, finished_indices, marker_path,
-                          read_rows, rows_path, tar_path)
-from cfgen.stages.common import ROW_SCHEMA, error_reason, mark_unread, run_shards, samples_until_error
-from cfgen.stages.guide import PREFIX as GUIDE_PREFIX
-from cfgen.stages.guide import guide_dir
-from cfgen.stages.invert import PREFIX as INVERT_PREFIX
-from cfgen.stages.invert import invert_dir
-
-PREFIX = "pairs"
-
-# K.json fields, in this order and with these types, in every sample (HF datasets
-# infers its columns from the first samples and fails on a mismatch).
-CONTRACT_FIELDS = {
-    "id": str, "label": int, "label_name": str, "cf_label": int, "cf_label_name": str,
-    "target_strategy": str, "guidance_scale": float, "t_inv": float, "steps": int, "seed": int,
-    "p_cf": float, "flipped": bool, "l1": float, "l2": float, "recon_l1": float,
-}
-CONTRACT_MEMBERS = ("png", "txt", "cls", "cf.png", "cf.txt", "cf.cls", "json")
-
-
-def pairs_dir(run_dir: Path) -> Path:
-    return run_dir / "pairs"
-
-
-def contract_json(meta: dict) -> bytes:
-    """The K.json of a pair: exactly CONTRACT_FIELDS, cast to their types."""
-    return json.dumps({k: typ(meta[k]) for k, typ in CONTRACT_FIELDS.items()}).encode()
+from cfgen.shards import atomic_tar, atomic_write_json, read_rows
+from cfgen.stages.common import error_reason, finished_inputs, mark_unread, run_shards, samples_until_error, stage_rows
 
 
 def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None:
     """Write this rank's pair shards; after a barrier rank 0 merges and returns the stats."""
-    src = guide_dir(run_dir)
-    indices = finished_indices(src, GUIDE_PREFIX)
-    if not indices:
-        raise ConfigError(f"no finished guide shards in {src}; run `cfgen guide` first")
-    out_dir = pairs_dir(run_dir)
+    indices = finished_inputs(GUIDE, run_dir)
     caption = cfg.pack.caption
+    causal = open_source(cfg).causal
 
     def process(index: int) -> list[dict]:
-        rows = read_rows(rows_path(src, GUIDE_PREFIX, index))
+        rows = read_rows(GUIDE.rows(run_dir, index))
         by_id = {r["id"]: r for r in rows}
-        with atomic_tar(tar_path(out_dir, PREFIX, index)) as tar:
+        with atomic_tar(PAIRS.tar(run_dir, index)) as tar:
             broken: list[str] = []
             seen: set[str] = set()
-            for sample in samples_until_error(tar_path(src, GUIDE_PREFIX, index), broken):
+            for sample in samples_until_error(GUIDE.tar(run_dir, index), broken):
                 row = by_id.get(sample["__key__"])
                 if row is None or row["status"] != "ok":
                     continue
@@ -87,7 +61,7 @@ def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None
                 except (KeyError, ValueError) as exc:
                     row.update(status="failed", error=f"unreadable guide sample: {type(exc).__name__}: {exc}")
                     continue
-                row.update(pair_quality(cfg, row["origin"], meta["cf_label"], factual, cf, recon))
+                row.update(pair_quality(causal, row["origin"], meta["cf_label"], factual, cf, recon))
                 failed = gate_failures(meta, cfg.pack.min_p_cf, cfg.pack.max_l1, cfg.pack.max_recon_l1,
                                        cfg.pack.require_flip)
                 if failed:
@@ -99,34 +73,31 @@ def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None
                     "cls": str(meta["label"]).encode(),
                     "cf.png": sample["cf.png"], "cf.txt": caption.format(label_name=meta["cf_label_name"]).encode(),
                     "cf.cls": str(meta["cf_label"]).encode(),
-                    "json": contract_json(meta),
+                    "json": pair_json(meta),
                 })
         mark_unread(rows, seen, broken)
         return rows
 
-    run_shards("pack", cfg, out_dir, PREFIX, indices, process, overwrite)
+    run_shards(PAIRS, cfg, run_dir, indices, process, overwrite)
     distributed.barrier()
     return merge(run_dir) if distributed.is_main() else None
 
 
-def _stage_seconds(directory: Path, prefix: str) -> float:
-    total = 0.0
-    for i in finished_indices(directory, prefix):
-        total += json.loads(marker_path(directory, prefix, i).read_text())["seconds"]
-    return total
+def _stage_seconds(stage, run_dir: Path) -> float:
+    return sum(json.loads(stage.marker(run_dir, i).read_text())["seconds"] for i in stage.finished(run_dir))
 
 
 def merge(run_dir: Path) -> dict:
     """manifest.parquet, sizes.json and stats.json from the finished pair shards."""
-    out_dir = pairs_dir(run_dir)
-    indices = finished_indices(out_dir, PREFIX)
-    rows = [r for i in indices for r in read_rows(rows_path(out_dir, PREFIX, i))]
+    out_dir = PAIRS.dir(run_dir)
+    indices = PAIRS.finished(run_dir)
+    rows = stage_rows(PAIRS, run_dir)
     manifest = out_dir / "manifest.parquet"
     tmp = manifest.with_name(manifest.name + ".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), tmp)
     tmp.replace(manifest)
     ok = [r for r in rows if r["status"] == "ok"]
-    sizes = {tar_path(out_dir, PREFIX, i).name: sum(r["status"] == "ok" and r["shard"] == i for r in rows)
+    sizes = {PAIRS.tar(run_dir, i).name: sum(r["status"] == "ok" and r["shard"] == i for r in rows)
              for i in indices}
     atomic_write_json(out_dir / "sizes.json", sizes)
     stats = {
@@ -147,14 +118,13 @@ def merge(run_dir: Path) -> dict:
         "per_cf_class": dict(sorted(Counter(r["cf_label_name"] for r in ok).items())),
         "per_scale": {str(k): v for k, v in sorted(Counter(r["guidance_scale"] for r in ok).items())},
         "shards": len(indices),
-        "seconds": {"invert": _stage_seconds(invert_dir(run_dir), INVERT_PREFIX),
-                    "guide": _stage_seconds(guide_dir(run_dir), GUIDE_PREFIX),
-                    "pack": _stage_seconds(out_dir, PREFIX)},
+        "seconds": {"invert": _stage_seconds(INVERT, run_dir), "guide": _stage_seconds(GUIDE, run_dir),
+                    "pack": _stage_seconds(PAIRS, run_dir)},
         "pairs_dir": str(out_dir),
         # of the merging process: bounded by one shard's working set, not by the dataset size
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if any(r["truth_l1"] is not None for r in ok):  # the causal model is known (shapes)
+    if any(r["truth_l1"] is not None for r in ok):  # the source knows its causal model
         stats.update({
             "oracle_flip_rate": rate(r["oracle_flipped"] for r in ok),
             "truth_closer_rate": rate(r["truth_closer"] for r in ok),

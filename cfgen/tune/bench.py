@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from cfgen.config import Config
-from cfgen.models.loading import pick_device
-from cfgen.tune.backends import load_vlm
+from cfgen.data.images import decode_png
+from cfgen.device import pick_device
 from cfgen.shards import read_samples
-from cfgen.tune.features import decode_png, encode_images
+from cfgen.tune.backends import load_vlm
+from cfgen.tune.features import encode_images
 from cfgen.tune.losses import normalize
 from cfgen.tune.prompts import PromptLearner
 from cfgen.tune.protocol import sample_shots
@@ -121,50 +122,3 @@ def format_bench(r: dict) -> str:
         f"steps {r['reencode_steps_s'] * 1000:.1f})",
         f"  ratio                             {r['ratio']:9.1f}x",
     ])
-
-
-def save_timing_clip(path: Path, words: tuple[str, ...] = ("a", "photo", "of", "the", "digit")) -> Path:
-    """A transformers CLIPModel with openai/clip-vit-base-patch32's shapes (CLIPConfig's defaults:
-    ViT-B/32 at 224 px, 12-layer 512-wide text transformer) and RANDOM weights, plus a CLIP BPE
-    tokenizer over single characters with merges that make each of `words` one token.
-
-    For timing the cache on a realistically sized image encoder where no checkpoint can be
-    downloaded: compute depends on the shapes only. Its accuracies mean nothing.
-
-        python -m cfgen.tune.bench /tmp/clip-b32
-        cfgen tune --config pipelines/digits.toml --bench --set tune.backend=transformers --set tune.vlm=/tmp/clip-b32
-    """
-    from transformers import CLIPConfig, CLIPModel
-
-    tokenizer = tiny_clip_tokenizer(words, "abcdefghijklmnopqrstuvwxyz0123456789.,'-")
-    vocab = tokenizer.get_vocab()
-    config = CLIPConfig(text_config={"vocab_size": len(vocab), "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1})
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(save_timing_clip(Path(sys.argv[1])))
-
-
-def tiny_clip_tokenizer(words, alphabet: str = "abcdefghijklmnopqrstuvwxyz.", **kwargs):
-    """An offline CLIP BPE tokenizer whose merges spell each of `words` as one token."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
-    for ch in alphabet:
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            if (parts[0], parts[1]) not in merges:
-                merges.append((parts[0], parts[1]))
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
-    return CLIPTokenizer(vocab=vocab, merges=merges, **kwargs)

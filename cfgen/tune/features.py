@@ -16,7 +16,6 @@ is removed. Epochs then cost only the text side (see bench.py).
 from __future__ import annotations
 
 import glob
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cfgen.config import ConfigError
-from cfgen.shards import ShardError, read_samples
+from cfgen.contract import PAIRS
+from cfgen.data.images import decode_png
+from cfgen.errors import InputError, ShardError
+from cfgen.shards import read_samples
 from cfgen.tune.backends import VLM
-
-MEMBERS = ("png", "cf.png", "cls", "cf.cls", "json")
 
 
 def expand_urls(spec: str | list[str]) -> list[Path]:
@@ -45,10 +43,10 @@ def expand_urls(spec: str | list[str]) -> list[Path]:
             matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
             out += [Path(m) for m in matches]
     if not out:
-        raise ConfigError(f"no pair shards match {spec!r}")
+        raise InputError(f"no pair shards match {spec!r}")
     missing = [str(p) for p in out if not p.is_file()]
     if missing:
-        raise ConfigError(f"pair shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise InputError(f"pair shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return list(dict.fromkeys(out))
 
 
@@ -64,17 +62,11 @@ class ShardImages:
     names: dict[int, str]
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L") if im.mode in ("L", "I", "I;16", "P", "1") else im.convert("RGB"))
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
 def read_shard_images(path: Path) -> ShardImages:
-    """Decode a pair shard (the contract of cfgen/stages/pack.py)."""
+    """Decode a pair shard (contract.PAIRS)."""
     ids, images, cf_images, labels, cf_labels, names = [], [], [], [], [], {}
     for sample in read_samples(path):
-        missing = [m for m in MEMBERS if m not in sample]
+        missing = [m for m in PAIRS.members if m not in sample]
         if missing:
             raise ShardError(f"{path.name}: sample {sample['__key__']} lacks {', '.join(missing)}; not a pair shard")
         meta = json.loads(sample["json"])
@@ -172,7 +164,7 @@ def load_pair_features(shards: list[Path], vlm: VLM, cache_dir: Path | None, bat
             names.setdefault(k, v)
     ids = [i for p in parts for i in p["ids"]]
     if len(set(ids)) != len(ids):
-        raise ConfigError("the pair shards repeat sample ids; pass each shard once")
+        raise InputError("the pair shards repeat sample ids; pass each shard once")
     return PairFeatures(ids=ids, feat=torch.cat([p["feat"] for p in parts]),
                         cf_feat=torch.cat([p["cf_feat"] for p in parts]),
                         label=torch.cat([p["label"] for p in parts]).long(),

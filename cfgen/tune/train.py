@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from cfgen.config import Config, ConfigError, TuneConfig, write_resolved
+from cfgen.config import Config, TuneConfig, write_resolved
 from cfgen.data.sources import split_ids
-from cfgen.models.loading import pick_device
+from cfgen.device import pick_device
+from cfgen.errors import ConfigError, InputError
 from cfgen.shards import atomic_write_json
 from cfgen.tune.backends import VLM, load_vlm
 from cfgen.tune.features import PairFeatures, expand_urls, load_pair_features
@@ -75,7 +76,7 @@ class Task:
 def make_task(pairs: PairFeatures) -> Task:
     ids = sorted(set(pairs.label.tolist()) | set(pairs.cf_label.tolist()))
     if len(ids) < 2:
-        raise ConfigError(f"tune needs at least 2 classes in the pair shards, found {len(ids)}")
+        raise InputError(f"tune needs at least 2 classes in the pair shards, found {len(ids)}")
     base, novel = split_classes(ids)
     position = {c: i for i, c in enumerate(ids)}
     return Task(ids, [pairs.names[c] for c in ids], torch.tensor([position[c] for c in base]),
@@ -112,6 +113,8 @@ def objective_loss(learner: PromptLearner, t: TuneConfig, objective: str, lam: f
 
     if objective == "dicap":
         return dicap_loss(cos, y, s_pos, cf_cos(y) if need_cf else None, scale, lam)
+    if objective != "cfvlm":
+        raise ConfigError(f"tune.objective: unknown objective {objective!r}")
     valid = ycf >= 0
     s_cf_cf = cf_cos(ycf.clamp(min=0))
     return cfvlm_loss(cos, y, f, text_true, s_cf_cf, cf_cos(y), valid, scale, t.alpha, t.beta, t.gamma,

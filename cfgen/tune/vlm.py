@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from cfgen.config import Config
 from cfgen.data.sources import load_class_names
-from cfgen.models.loading import pick_device
+from cfgen.device import pick_device
 from cfgen.tune.backends import MiniLMText
+from cfgen.trainkit import cosine_lr, load_arrays, optimizer_step, split_train_test
 from cfgen.tune.image_tower import ImageTower
 
 ZERO_SHOT_TEMPLATE = "a photo of a {label_name}."
@@ -76,13 +77,11 @@ def train_vlm(cfg: Config, out: Path | None = None) -> dict:
 
 
 def _train_vlm(cfg: Config, out: Path | None, device: torch.device) -> dict:
-    from cfgen.models.training import _cosine_lr, _load_arrays, _split_train_test
-
     start = time.perf_counter()
     torch.manual_seed(cfg.pipeline.seed)
     tc = cfg.train.vlm
-    x, y, ids = _load_arrays(cfg, split="")
-    train, test = _split_train_test(cfg, y, ids)
+    x, y, ids = load_arrays(cfg, split="")
+    train, test = split_train_test(cfg, y, ids)
     names = load_class_names(cfg)
     text = MiniLMText().to(device)
     with torch.no_grad():
@@ -90,7 +89,7 @@ def _train_vlm(cfg: Config, out: Path | None, device: torch.device) -> dict:
     tower = ImageTower(in_channels=cfg.data.channels, sample_size=cfg.data.image_size, embed_dim=text.dim,
                        channels=tuple(tc.channels)).to(device)
     opt = torch.optim.AdamW(tower.parameters(), lr=tc.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, tc.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, tc.steps))
     xtr, ytr = x[train], y[train]
     gen = torch.Generator().manual_seed(cfg.pipeline.seed)
     bar = tqdm(range(tc.steps), desc="train vlm")
@@ -99,10 +98,7 @@ def _train_vlm(cfg: Config, out: Path | None, device: torch.device) -> dict:
         xb = _shift(xtr[idx], gen).to(device)
         scale = tower.logit_scale.exp().clamp(max=100.0)
         loss = lit_loss(F.normalize(tower(xb), dim=-1), captions, ytr[idx].to(device), scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     tower.eval().cpu()
     text.cpu()

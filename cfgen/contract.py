@@ -1,0 +1,125 @@
+"""The public output contract and the run-directory layout: the one place they are written down.
+
+A run directory holds one folder per stage; each stage writes numbered shards:
+
+    RUN/invert/invert-<i:06d>.tar    K.png  K.noise.npy  K.json          (abduction)
+    RUN/guide/guide-<i:06d>.tar      K.png  K.cf.png  K.recon.png  K.json (action + prediction)
+    RUN/pairs/pairs-<i:06d>.tar      PAIR_MEMBERS, K.json = PAIR_FIELDS  (the public contract)
+
+and beside each tar `<stem>.parquet` (one ROW_SCHEMA row per input sample, failures
+included) and `<stem>_stats.json` (written last: the shard is done). The pairs folder also
+gets `manifest.parquet`, `stats.json` and `sizes.json` from the merge (stages/pack.py).
+Readers of the pairs (verify, tune, evaluate, any consumer) and the stages that write them
+take the names, members and fields from here. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+CONTRACT_VERSION = 1
+"""Bumped whenever a member, a K.json field or the manifest schema changes."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where a stage's shards live and what each of their samples holds."""
+
+    name: str                   # the command that writes it
+    folder: str                 # under the run directory
+    prefix: str                 # shard files are <prefix>-<i:06d>.*
+    members: tuple[str, ...]    # every sample has exactly these (the key K before the first dot)
+
+    def dir(self, run_dir: Path) -> Path:
+        return Path(run_dir) / self.folder
+
+    def stem(self, index: int) -> str:
+        return f"{self.prefix}-{index:06d}"
+
+    def tar(self, run_dir: Path, index: int) -> Path:
+        return self.dir(run_dir) / f"{self.stem(index)}.tar"
+
+    def rows(self, run_dir: Path, index: int) -> Path:
+        return self.dir(run_dir) / f"{self.stem(index)}.parquet"
+
+    def marker(self, run_dir: Path, index: int) -> Path:
+        """`<stem>_stats.json`, written last: its presence means the tar and the parquet are complete."""
+        return self.dir(run_dir) / f"{self.stem(index)}_stats.json"
+
+    def finished(self, run_dir: Path) -> list[int]:
+        """Indices of the shards whose done marker exists, sorted."""
+        out = []
+        for p in self.dir(run_dir).glob(f"{self.prefix}-*_stats.json"):
+            num = p.name[len(self.prefix) + 1: -len("_stats.json")]
+            if num.isdigit():
+                out.append(int(num))
+        return sorted(out)
+
+
+INVERT = Stage("invert", "invert", "invert", ("json", "noise.npy", "png"))
+GUIDE = Stage("guide", "guide", "guide", ("cf.png", "json", "png", "recon.png"))
+PAIRS = Stage("pack", "pairs", "pairs", ("png", "txt", "cls", "cf.png", "cf.txt", "cf.cls", "json"))
+
+# K.json of a pair: these keys, in this order, with these types, in every sample (HF datasets
+# infers its columns from the first samples and fails on a mismatch).
+PAIR_FIELDS: dict[str, type] = {
+    "id": str, "label": int, "label_name": str, "cf_label": int, "cf_label_name": str,
+    "target_strategy": str, "guidance_scale": float, "t_inv": float, "steps": int, "seed": int,
+    "p_cf": float, "flipped": bool, "l1": float, "l2": float, "recon_l1": float,
+}
+
+INVERT_FIELDS = ("id", "label", "label_name", "origin", "seed")
+"""The manifest columns an invert sample's K.json carries (plus steps, t_inv and the DDIM grid)."""
+GUIDE_FIELDS = ("id", "label", "label_name", "cf_label", "cf_label_name", "target_strategy", "guidance_scale",
+                "seed", "p_cf", "flipped", "l1", "l2", "recon_l1")
+"""The manifest columns a guide sample's K.json carries (plus steps and t_inv)."""
+
+
+def pair_json(meta: dict) -> bytes:
+    """The K.json of a pair: exactly PAIR_FIELDS, cast to their types, in their order."""
+    return json.dumps({k: typ(meta[k]) for k, typ in PAIR_FIELDS.items()}).encode()
+
+
+# One row per input sample, in every stage's parquet and in manifest.parquet.
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()),            # the sample key (dot-free)
+    ("shard", pa.int32()),          # shard index
+    ("origin", pa.string()),        # source path or digits:<i>
+    ("status", pa.string()),        # ok | failed | rejected
+    ("error", pa.string()),         # why, when not ok
+    ("label", pa.int32()),
+    ("label_name", pa.string()),
+    ("cf_label", pa.int32()),
+    ("cf_label_name", pa.string()),
+    ("target_strategy", pa.string()),
+    ("guidance_scale", pa.float64()),
+    ("seed", pa.int64()),
+    ("p_cf", pa.float64()),
+    ("flipped", pa.bool_()),
+    ("l1", pa.float64()),
+    ("l2", pa.float64()),
+    ("recon_l1", pa.float64()),
+    # quality (cfgen/quality.py), filled by pack; the truth columns only where the causal model is known
+    ("changed_fraction", pa.float64()),     # share of pixels changed visibly
+    ("oracle_label", pa.int32()),           # the renderer oracle's class of the counterfactual
+    ("oracle_flipped", pa.bool_()),         # oracle_label == cf_label
+    ("truth_l1", pa.float64()),             # L1 counterfactual -> true counterfactual
+    ("truth_closer", pa.bool_()),           # closer to the true counterfactual than to the factual
+    ("within_recon_bound", pa.bool_()),     # truth_l1 <= recon_l1 (DiCap Cor. 3.4)
+    ("outside_change", pa.float64()),       # share of pixels outside the causal region changed
+])
+STATUSES = ("ok", "failed", "rejected")
+
+
+def make_row(**values) -> dict:
+    """A manifest row: every ROW_SCHEMA column, None unless given; unknown columns are a bug."""
+    row = {name: None for name in ROW_SCHEMA.names}
+    unknown = set(values) - set(row)
+    if unknown:
+        raise KeyError(f"not manifest columns: {sorted(unknown)}")
+    row.update(values)
+    return row
