@@ -28,13 +28,27 @@ from cfgen.errors import ConfigError, RunFailed, UserError
 
 app = typer.Typer(help="Generate factual/counterfactual image pairs as WebDataset shards.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cfgen import __version__
+
+        typer.echo(f"cfgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                        help="Print the version and exit.")] = False):
+    """Generate factual/counterfactual image pairs as WebDataset shards."""
 train_app = typer.Typer(help="Train the embedded models on the configured dataset.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline TOML file (pipelines/*.toml).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory [default: runs/<pipeline name>].")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo shards that are already finished.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start the stage(s) afresh: delete what an earlier run left in their folders.")]
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -124,12 +138,15 @@ def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: Ov
     from cfgen.stages.invert import run_invert
     from cfgen.stages.pack import run_pack
 
+    from cfgen.runstate import run_lock
+
     cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
     run_dir = _run_dir(cfg, out)
-    models = load_models(cfg)
-    run_invert(cfg, run_dir, overwrite=overwrite, models=models)
-    run_guide(cfg, run_dir, overwrite=overwrite, models=models)
-    _echo_summary(run_pack(cfg, run_dir, overwrite=overwrite))
+    with run_lock(run_dir, cfg):  # held across the three stages: no other process slips in between
+        models = load_models(cfg)
+        run_invert(cfg, run_dir, overwrite=overwrite, models=models)
+        run_guide(cfg, run_dir, overwrite=overwrite, models=models)
+        _echo_summary(run_pack(cfg, run_dir, overwrite=overwrite))
     _check_failures(cfg, run_dir, PAIRS)
 
 
@@ -258,34 +275,76 @@ def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
     typer.echo(format_table(run_tune(cfg, run_dir, pairs, log=log), cfg.tune.seeds))
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """click's exceptions: typer >= 0.26 vendors click (typer._click), older typers use click itself."""
+    import importlib
+
+    found = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(name).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM. Not a KeyboardInterrupt, which click swallows into an exit code: this one unwinds
+    through every `finally` (temporaries removed, the lock released) up to main, which says how to resume."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def _usage_message(exc) -> str:
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return f"cfgen: error: {exc.format_message()}{hint}"
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: keep it so
+        signal.signal(signal.SIGINT, _on_signal)
     try:
-        code = app(standalone_mode=False)  # returns the code of typer.Exit instead of exiting
+        code = app(standalone_mode=False, prog_name="cfgen")  # returns typer.Exit's code instead of exiting
         if isinstance(code, int) and code:
             sys.exit(code)
-    except (UserError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
+    except UserError as exc:
         typer.echo(f"cfgen: error: {exc}", err=True)
         sys.exit(2)
     except RunFailed as exc:
         typer.echo(f"cfgen: failed: {exc}", err=True)
         sys.exit(1)
     except OSError as exc:
-        if exc.errno not in _DISK_ERRNOS:
-            raise
-        # Finished shards were committed atomically and stay valid; re-run to resume.
-        typer.echo(f"cfgen: failed: {os.strerror(exc.errno)} while writing {exc.filename or 'output'}; "
-                   "finished shards are kept, re-run the same command to resume", err=True)
-        sys.exit(1)
-    except typer.Abort:
-        typer.echo("cfgen: aborted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        if exc.errno in _DISK_ERRNOS:
+            # Finished shards were committed atomically and stay valid; re-run to resume.
+            typer.echo(f"cfgen: failed: {os.strerror(exc.errno)} while writing {exc.filename or 'output'}; "
+                       "finished shards are kept, re-run the same command to resume", err=True)
+            sys.exit(1)
+        if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)):
+            typer.echo(f"cfgen: error: {exc}", err=True)  # a path the user gave
+            sys.exit(2)
         raise
+    except Interrupted as exc:
+        typer.echo(f"cfgen: interrupted ({signal.Signals(exc.signum).name}); finished shards are kept: "
+                   "re-run the same command to resume", err=True)
+        sys.exit(128 + exc.signum)
+    except _usage_errors() as exc:  # usage errors arrive here in standalone_mode=False
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `cfgen` or `cfgen train`: the help, not an error
+            text = exc.ctx.get_help()  # typer's rich help prints itself and returns ''
+            if text:
+                typer.echo(text)
+            sys.exit(2)
+        typer.echo(_usage_message(exc), err=True)
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import string
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -396,6 +398,7 @@ def validate(cfg: Config) -> None:
          f"train.classifier.balance_groups needs a source that records groups; {cfg.data.source!r} does not")
     need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")
     need(0.0 <= cfg.data.shapes_spurious <= 1.0, f"data.shapes_spurious must be in [0, 1], got {cfg.data.shapes_spurious}")
+    check_template(cfg.pack.caption, "pack.caption")
     need(0.0 <= cfg.pack.min_p_cf <= 1.0, f"pack.min_p_cf must be in [0, 1], got {cfg.pack.min_p_cf}")
     need(cfg.pack.max_l1 >= 0.0, f"pack.max_l1 must be >= 0, got {cfg.pack.max_l1}")
     need(cfg.pack.max_recon_l1 >= 0.0, f"pack.max_recon_l1 must be >= 0, got {cfg.pack.max_recon_l1}")
@@ -423,6 +426,22 @@ def validate(cfg: Config) -> None:
     _validate_tune(cfg, need)
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_template(template: str, key: str) -> None:
+    """A caption template may hold `{label_name}` (and `{{`/`}}` for braces) and nothing else: no other
+    field, attribute or index access, conversion or format spec; checked before any work starts."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {template!r} is not a valid template: {exc}") from None
+    for _, field_name, spec, conversion in parts:
+        if field_name is not None and (field_name != "label_name" or spec or conversion):
+            shown = "{" + field_name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ConfigError(f"{key}: {template!r} uses {shown}; the only field allowed is {{label_name}}")
+
+
 def guidance_gradient(m: "ModelConfig") -> str:
     """model.gradient with 'auto' resolved: 'noisy' for a noise-aware classifier, 'unet' for clean ones."""
     if m.gradient != "auto":
@@ -440,6 +459,10 @@ def _validate_model(cfg: Config, need) -> None:
     need(not (m.kind == "pixel" and m.vae), "model.vae is set but model.kind='pixel'")
     need(len(m.clip_prompts) >= 1 and all("{label_name}" in p for p in m.clip_prompts),
          "model.clip_prompts: give one or more templates, each containing {label_name}")
+    for i, template in enumerate(m.clip_prompts):
+        check_template(template, f"model.clip_prompts[{i}]")
+    need(_DEVICE.fullmatch(m.device) is not None,
+         f"model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {m.device!r}")
 
 
 def _validate_tune(cfg: Config, need) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-CONTRACT_VERSION = 1
-"""Bumped whenever a member, a K.json field or the manifest schema changes."""
+CONTRACT_VERSION = 2
+"""Bumped whenever a member, a K.json field or the manifest schema changes (2: manifest column sha256)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ ROW_SCHEMA = pa.schema([
     ("truth_closer", pa.bool_()),           # closer to the true counterfactual than to the factual
     ("within_recon_bound", pa.bool_()),     # truth_l1 <= recon_l1 (DiCap Cor. 3.4)
     ("outside_change", pa.float64()),       # share of pixels outside the causal region changed
+    ("sha256", pa.string()),                # shards.sample_digest of the sample as written to this stage's tar
 ])
 STATUSES = ("ok", "failed", "rejected")
 

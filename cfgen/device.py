@@ -10,15 +10,25 @@ import os
 
 import torch
 
+from cfgen.errors import ConfigError
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
+    """model.device as a torch.device; a GPU that is not there is a one-line config error, before any work."""
     if name == "auto":
         if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"model.device={name!r} but no CUDA GPU is available here (use 'auto' or 'cpu')")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"model.device={name!r} but this machine has {count} GPU(s)")
+    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

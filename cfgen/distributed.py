@@ -38,10 +38,25 @@ def my_shards(indices: list[int]) -> list[int]:
 
 
 def barrier() -> None:
-    """Wait for every process (no-op when running alone)."""
+    """Wait for every process (no-op when running alone).
+
+    torch.distributed's own barrier, not accelerate's `wait_for_everyone`: on a machine without a
+    GPU, `accelerate launch --multi_gpu` leaves PartialState at DistributedType.NO (one process, as
+    it sees it) although the gloo group is up, and `wait_for_everyone` then returns at once --
+    rank 0 merged before the other ranks had written their shards.
+    """
     if world_size() == 1:
         return
-    from accelerate import PartialState
+    import torch
+    import torch.distributed as dist
 
-    # gloo on CPU, nccl on GPU: accelerate picks the backend from the launch environment.
-    PartialState(timeout=BARRIER_TIMEOUT).wait_for_everyone()
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(timeout=BARRIER_TIMEOUT)  # joins the group the launcher set up (gloo / nccl)
+    if not dist.is_initialized():  # launched by something accelerate does not recognise (plain torchrun)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=BARRIER_TIMEOUT)
+    if dist.get_backend() == "nccl":  # nccl's barrier runs on a device: this rank's own, not GPU 0
+        dist.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))])
+    else:
+        dist.barrier()

@@ -10,6 +10,7 @@ empty first shard and numbers shards in write order (DESIGN §6).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -77,8 +78,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         _fsync_replace(tmp, path)
 
 
+def _json_safe(obj):
+    """NaN and infinities become null: JSON has no such numbers, and a reader must be able to parse the file."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Valid JSON (allow_nan=False: NaN is written as null), keys sorted, written atomically."""
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_write_rows(path: Path, rows: list[dict], schema: pa.Schema) -> None:
@@ -126,6 +140,26 @@ def read_samples(path: Path) -> Iterator[dict]:
         raise ShardError(f"corrupt or truncated shard {path.name}: {exc}") from None
     if current is not None:
         yield current
+
+
+def sample_digest(sample: dict) -> str:
+    """sha256 of a sample's members (name and bytes, in name order; the key is left out): recorded in
+    the manifest when the sample is written, compared when it is read back (stages, cfgen verify)."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in sample if k != "__key__"):
+        data = sample[name]
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:

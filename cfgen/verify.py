@@ -5,14 +5,18 @@
 Checks: every tar reads to the end; every sample has exactly the contract
 members; both PNGs decode; K.json parses, has exactly the contract keys with
 their types, and agrees with K.cls / K.cf.cls; keys are dot-free and unique;
-per-shard counts match sizes.json; the set of samples matches the manifest's
-'ok' rows.
+per-shard counts match sizes.json; every sample has an 'ok' manifest row and
+every 'ok' row a sample; each sample's members match the checksum its row
+recorded when it was written (a label changed consistently in K.json and K.cls
+is caught here); K.json agrees with the row; the captions are what the run's
+pack.caption makes of the class names.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tomllib
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,7 +24,7 @@ from PIL import Image
 
 from cfgen.contract import PAIR_FIELDS, PAIRS
 from cfgen.errors import InputError, ShardError
-from cfgen.shards import read_samples
+from cfgen.shards import read_samples, sample_digest
 
 
 def _check_sample(sample: dict) -> list[str]:
@@ -66,6 +70,37 @@ def _check_sample(sample: dict) -> list[str]:
     return problems
 
 
+def _against_row(sample: dict, meta: dict | None, row: dict | None, caption: str | None) -> list[str]:
+    """A pair against its manifest row: checksum, K.json values, captions from the run's template."""
+    if row is None:
+        return ["no ok row in manifest.parquet"]
+    problems = []
+    if row.get("sha256") and sample_digest(sample) != row["sha256"]:
+        problems.append("members differ from the checksum in manifest.parquet (changed after writing)")
+    if isinstance(meta, dict):
+        changed = [k for k in MANIFEST_FIELDS if k in meta and k in row and meta[k] != row[k]]
+        if changed:
+            problems.append(f"json differs from manifest.parquet in {changed}")
+        if caption is not None:
+            for member, field in (("txt", "label_name"), ("cf.txt", "cf_label_name")):
+                if member in sample and field in meta and sample[member] != caption.format(label_name=meta[field]).encode():
+                    problems.append(f"{member}: not the caption pack.caption makes of {field}")
+    return problems
+
+
+MANIFEST_FIELDS = ("label", "label_name", "cf_label", "cf_label_name", "target_strategy", "guidance_scale", "seed",
+                   "p_cf", "flipped", "l1", "l2", "recon_l1")
+"""K.json fields that the manifest row of the pair also holds, and must agree with."""
+
+
+def _caption_template(out: Path) -> str | None:
+    path = out / "config.toml"
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))["pack"]["caption"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def verify_run(run_dir: Path) -> tuple[int, list[str]]:
     """(samples checked, problems as 'shard: key: problem' lines)."""
     out = PAIRS.dir(run_dir)
@@ -77,6 +112,11 @@ def verify_run(run_dir: Path) -> tuple[int, list[str]]:
     sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else None
     if sizes is None:
         problems.append("sizes.json: missing")
+    rows = ({r["id"]: r for r in pq.read_table(manifest_file).to_pylist() if r["status"] == "ok"}
+            if manifest_file.is_file() else None)
+    if rows is None:
+        problems.append("manifest.parquet: missing")
+    caption = _caption_template(out)
     seen: set[str] = set()
     checked = 0
     for tar in tars:
@@ -88,18 +128,23 @@ def verify_run(run_dir: Path) -> tuple[int, list[str]]:
                 if "." in key or key in seen:
                     problems.append(f"{tar.name}: {key}: key has a dot or is duplicated")
                 seen.add(key)
-                problems += [f"{tar.name}: {key}: {p}" for p in _check_sample(sample)]
+                found = _check_sample(sample)
+                if rows is not None:
+                    found += _against_row(sample, _meta(sample), rows.get(key), caption)
+                problems += [f"{tar.name}: {key}: {p}" for p in found]
         except ShardError as exc:
             problems.append(f"{tar.name}: unreadable: {exc}")
         checked += count
         if sizes is not None and sizes.get(tar.name) != count:
             problems.append(f"{tar.name}: {count} samples, sizes.json says {sizes.get(tar.name)}")
-    if manifest_file.is_file():
-        ok = {r["id"] for r in pq.read_table(manifest_file, columns=["id", "status"]).to_pylist()
-              if r["status"] == "ok"}
-        if ok != seen:
-            problems.append(f"manifest.parquet: {len(ok - seen)} ok rows not in the shards, "
-                            f"{len(seen - ok)} samples without an ok row")
-    else:
-        problems.append("manifest.parquet: missing")
+    if rows is not None and set(rows) - seen:
+        problems.append(f"manifest.parquet: {len(set(rows) - seen)} ok rows not in the shards")
     return checked, problems
+
+
+def _meta(sample: dict) -> dict | None:
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None

@@ -419,9 +419,12 @@ def test_folder_source(folder_dataset):
     root, classes = folder_dataset
     refs = list_samples(_folder_cfg(root, classes))
     by_origin = {Path(r.origin).relative_to(root).as_posix(): r for r in refs}
-    assert sorted(by_origin) == ["cat/c1.png", "cat/c2.png", "dog/d1.png", "dog/sub/d2.jpg", "zebra/z1.png"]
-    # Deterministic order: class dirs sorted, files sorted inside each.
-    assert [Path(r.origin).name for r in refs] == ["c1.png", "c2.png", "d1.png", "d2.jpg", "z1.png"]
+    assert sorted(by_origin) == ["cat/c1.png", "cat/c2.png", "cat/readme.txt", "dog/d1.png", "dog/sub/d2.jpg",
+                                 "zebra/z1.png"]
+    # Deterministic order: class dirs sorted, files sorted inside each; files that are no image last.
+    assert [Path(r.origin).name for r in refs] == ["c1.png", "c2.png", "d1.png", "d2.jpg", "z1.png", "readme.txt"]
+    readme = by_origin["cat/readme.txt"]
+    assert readme.label == -1 and readme.error == "not an image file (extension '.txt')"
     assert by_origin["cat/c1.png"].label == 1
     assert by_origin["dog/d1.png"].label == 0
     assert by_origin["dog/sub/d2.jpg"].label == 0
@@ -447,15 +450,15 @@ def test_folder_source_classes_from_dirs(folder_dataset):
     cfg = load_config(None, ["data.source=folder", f"data.root={root}"])
     assert load_class_names(cfg) == ["cat", "dog", "zebra"]
     refs = list_samples(cfg)
-    assert [r.label for r in refs] == [0, 0, 1, 1, 2]
-    assert all(r.error is None for r in refs)
+    assert [r.label for r in refs] == [0, 0, 1, 1, 2, -1]  # the last: cat/readme.txt, not an image
+    assert [r.error is None for r in refs] == [True] * 5 + [False]
 
 
 def test_folder_source_missing_root(tmp_path):
     from cfgen.config import ConfigError
 
     classes = tmp_path / "c.txt"
-    classes.write_text("a\n")
+    classes.write_text("a\nb\n")
     with pytest.raises(ConfigError, match="data.root"):
         list_samples(_folder_cfg(tmp_path / "nope", classes))
 
@@ -544,7 +547,7 @@ def test_manifest_source(manifest_dataset):
 def test_manifest_duplicate_ids_never_collide(tmp_path):
     # The disambiguated key of a duplicate must not collide with an id used verbatim elsewhere.
     classes = tmp_path / "classes.txt"
-    classes.write_text("cat\n")
+    classes.write_text("cat\ndog\n")
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label,id\nx.png,cat,a\nx.png,cat,a-r2\nx.png,cat,a\nx.png,cat,a\n")
     refs = list_samples(_manifest_cfg(tmp_path, classes, manifest))
@@ -569,7 +572,7 @@ def test_manifest_missing_columns(tmp_path):
     from cfgen.config import ConfigError
 
     classes = tmp_path / "classes.txt"
-    classes.write_text("cat\n")
+    classes.write_text("cat\ndog\n")
     manifest = tmp_path / "m.csv"
     manifest.write_text("file,class\nx.png,cat\n")
     with pytest.raises(ConfigError, match="'path' and 'label'"):

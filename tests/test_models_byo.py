@@ -614,3 +614,16 @@ def test_recipe_without_weights_exits_2_with_one_line(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == f"cfgen: error: model directory not found: {tmp_path / 'weights' / 'ddpm-cifar10-32'}"
+
+
+def test_clip_prompt_longer_than_the_text_encoder_is_one_line(zoo, tmp_path):
+    """The tiny CLIP holds 16 positions; a prompt template past that is a config error before any work."""
+    from cfgen.errors import ConfigError
+
+    long = "a photo of a " * 8 + "{label_name}."
+    cfg = _config(zoo, tmp_path, {"unet": zoo / "sd", "scheduler": zoo / "sd", "predictor": "clip_zero_shot",
+                                  "predictor_path": zoo / "clip", "clip_prompts": [long]})
+    with pytest.raises(ConfigError) as err:
+        load_models(cfg)
+    assert str(err.value).startswith("model.clip_prompts: 'a photo of a a photo of a ")
+    assert str(err.value).endswith(f"tokens; the text encoder in {zoo / 'clip'} holds 16")

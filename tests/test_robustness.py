@@ -18,6 +18,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -212,8 +213,11 @@ def _rewrite_tar(path: Path, edit) -> None:
                 tar.addfile(info, io.BytesIO(out))
 
 
-def _invert_then(tmp_path: Path, damage) -> tuple[dict, list[dict]]:
-    """Run the small digits pipeline's invert, damage invert shard 0, then guide + pack."""
+def _invert_then(tmp_path: Path, damage, checksums: bool = True) -> tuple[dict, list[dict]]:
+    """Run the small digits pipeline's invert, damage invert shard 0, then guide + pack.
+
+    checksums=False blanks the shard's per-sample sha256 column first (as a shard written without
+    them): the damage then reaches the decoders instead of being caught by the checksum."""
     from cfgen.config import load_config
     from cfgen.stages.guide import run_guide
     from cfgen.stages.invert import run_invert
@@ -222,6 +226,11 @@ def _invert_then(tmp_path: Path, damage) -> tuple[dict, list[dict]]:
 
     cfg = load_config(DIGITS, SMALL + ["data.limit=20", "data.shard_size=10"])
     run_invert(cfg, tmp_path)
+    if not checksums:
+        rows_path = tmp_path / "invert" / "invert-000000.parquet"
+        rows = pq.read_table(rows_path)
+        blank = pa.nulls(rows.num_rows, rows.schema.field("sha256").type)
+        pq.write_table(rows.set_column(rows.schema.get_field_index("sha256"), "sha256", blank), rows_path)
     damage(tmp_path / "invert" / "invert-000000.tar")
     run_guide(cfg, tmp_path)
     stats = run_pack(cfg, tmp_path)
@@ -257,7 +266,14 @@ def test_npy_that_needs_pickle_is_refused(tmp_path):
         np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
         return buf.getvalue()
 
-    stats, table = _invert_then(tmp_path, lambda p: _rewrite_tar(p, pickled))
+    # the checksum its row recorded catches the swap first ...
+    stats, table = _invert_then(tmp_path / "a", lambda p: _rewrite_tar(p, pickled))
+    row = next(r for r in table if r["id"] == "digits-00004")
+    assert (row["status"], row["error"]) == ("failed", "damaged input sample: its checksum differs from "
+                                                       "invert-000000.parquet")
+    assert stats["pairs"] == 19
+    # ... and without one, the loader still refuses to unpickle
+    stats, table = _invert_then(tmp_path / "b", lambda p: _rewrite_tar(p, pickled), checksums=False)
     row = next(r for r in table if r["id"] == "digits-00004")
     assert row["status"] == "failed"
     assert row["error"].startswith("unreadable input sample: Object arrays cannot be loaded when allow_pickle=False")
@@ -442,7 +458,11 @@ def test_verify_accepts_a_good_run_and_names_problems(digits_run, tmp_path):
     assert "pairs-000000.tar: digits-00001: cf.png: does not decode (OSError)" in lines  # truncated PNG data
     assert "pairs-000000.tar: digits-00002: members: missing ['cf.cls'], unexpected []" in lines
     assert any(line.startswith("pairs-000000.tar: digits-00003: json: keys") for line in lines)
-    assert lines[-1] == "verified 40 samples: 3 problem(s)"
+    # and each of the three no longer matches the checksum its manifest row recorded
+    for key in ("digits-00001", "digits-00002", "digits-00003"):
+        assert any(line.startswith(f"pairs-000000.tar: {key}: ") and "differ from the checksum in manifest.parquet"
+                   in line for line in lines), key
+    assert lines[-1] == "verified 40 samples: 6 problem(s)"
 
 
 # ----------------------------------------------------------------------------- fuzz

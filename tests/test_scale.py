@@ -33,6 +33,35 @@ def _sets(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
+BARRIER_SCRIPT = """
+import pathlib, sys, time
+from cfgen import distributed
+out = pathlib.Path(sys.argv[1])
+distributed.barrier()                      # the first one also joins the group
+if distributed.rank() == 1:
+    time.sleep(2)
+    (out / "rank1").write_text("written")
+distributed.barrier()                      # rank 0 must not pass before rank 1 wrote
+if distributed.rank() == 0:
+    (out / "rank0").write_text("saw rank 1" if (out / "rank1").exists() else "passed early")
+"""
+
+
+def test_the_barrier_waits_for_every_rank(tmp_path):
+    """accelerate's wait_for_everyone returns at once on a GPU-less `--multi_gpu` launch (PartialState says
+    one process); cfgen's barrier must hold rank 0 back until rank 1 arrives, or the merge misses shards."""
+    script = tmp_path / "barrier.py"
+    script.write_text(BARRIER_SCRIPT)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(script), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "rank0").read_text() == "saw rank 1"
+
+
 def test_two_processes_give_byte_identical_shards(tmp_path):
     # Same per-process thread count in both runs: float reductions may round differently with
     # the number of CPU threads, which is a property of the hardware setup, not of the sharding.

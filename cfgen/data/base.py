@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
@@ -42,6 +43,9 @@ class SampleRef:
     """Set when the sample is known to be unusable before any decoding."""
     group: str = ""
     """A known nuisance attribute (shapes: the environment), for group-balanced classifier training."""
+    stamp: str = ""
+    """What changes when the input changes without changing its name (files: size and mtime), for the
+    run fingerprint (runstate.py); '' for generated samples, which depend on their index alone."""
 
 
 class CausalModel:
@@ -83,6 +87,10 @@ class Source:
 
     @property
     def causal(self) -> CausalModel | None:
+        return None
+
+    def input_root(self) -> Path | None:
+        """The folder the inputs are read from, if any (a run directory must not be inside it)."""
         return None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from pathlib import Path
 
@@ -29,6 +30,21 @@ def _image_loader(path: Path, cfg):
     return lambda: decode_image(path, cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels)
 
 
+def printable(name: str) -> str:
+    """A file name as text every writer takes: bytes that are not UTF-8 (kept by Python as surrogates)
+    become backslash escapes, so a manifest can record them and the row can be traced back."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def stamp(path: Path) -> str:
+    """Size and mtime of a file: what tells a changed input from the same one (runstate.py)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _root(cfg) -> Path:
     root = cfg.path(cfg.data.root)
     if not root.is_dir():
@@ -37,23 +53,52 @@ def _root(cfg) -> Path:
 
 
 class FolderSource(Source):
+    """root/<class>/<file>: every regular file under the root gets a row; images are decoded later,
+    everything else (other extensions, files outside a class folder, links leaving the root,
+    linked folders, which are not followed) is a failed row that says why."""
+
     name = "folder"
 
     def class_names(self) -> list[str]:
-        return sorted(p.name for p in _root(self.cfg).iterdir() if p.is_dir())
+        return sorted(printable(p.name) for p in _root(self.cfg).iterdir() if p.is_dir() and not p.is_symlink())
+
+    def input_root(self) -> Path:
+        return _root(self.cfg)
 
     def samples(self, classes: list[str]) -> list[SampleRef]:
         root = _root(self.cfg)
+        real_root = root.resolve()
         index = {name: i for i, name in enumerate(classes)}
-        refs = []
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            for path in files:
-                rel = path.relative_to(root).with_suffix("").as_posix()
-                label = index.get(class_dir.name, -1)
-                refs.append(SampleRef(
-                    id=safe_key(rel), label=label, origin=str(path), load=_image_loader(path, self.cfg),
-                    error=None if label >= 0 else f"label not in class list: {class_dir.name!r}"))
+        in_classes, outside = [], []  # (path, label, error)
+        for top, dirs, files in os.walk(root):  # followlinks=False: a linked folder is reported, not entered
+            here = Path(top)
+            linked = [d for d in dirs if (here / d).is_symlink()]
+            dirs[:] = [d for d in dirs if d not in linked]
+            outside += [(here / d, -1, "symbolic link to a folder (not followed)") for d in linked]
+            if here == root:
+                outside += [(root / f, -1, "file directly under data.root, not in a class folder") for f in files]
+                continue
+            class_name = printable(here.relative_to(root).parts[0])
+            label = index.get(class_name, -1)
+            for f in files:
+                path = here / f
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    outside.append((path, -1, f"not an image file (extension {printable(path.suffix) or 'none'!r})"))
+                elif not path.resolve().is_relative_to(real_root):
+                    outside.append((path, -1, "path escapes the dataset root (symbolic link)"))
+                else:
+                    in_classes.append((path, label, None if label >= 0 else f"label not in class list: {class_name!r}"))
+        refs, seen = [], set()
+        # images in class-folder then path order (their ids drop the extension); everything else after them
+        listed = [(p, y, e, True) for p, y, e in sorted(in_classes)] + [(p, y, e, False) for p, y, e in sorted(outside)]
+        for path, label, error, image in listed:
+            rel = path.relative_to(root)
+            key = safe_key(rel.with_suffix("").as_posix() if image else rel.as_posix())
+            if key in seen:  # a.png beside a.jpg: the second keeps its extension in the id
+                key = safe_key(rel.as_posix())
+            seen.add(key)
+            refs.append(SampleRef(id=key, label=label, origin=printable(str(path)),
+                                  load=_image_loader(path, self.cfg), error=error, stamp=stamp(path)))
         return refs
 
 
@@ -107,5 +152,6 @@ class ManifestSource(Source):
             full = (root / raw_path).resolve()
             if error is None and not full.is_relative_to(root.resolve()):
                 error = f"path escapes the dataset root: {raw_path}"
-            refs.append(SampleRef(id=key, label=label, origin=raw_path, load=_image_loader(full, cfg), error=error))
+            refs.append(SampleRef(id=key, label=label, origin=raw_path, load=_image_loader(full, cfg), error=error,
+                                  stamp=stamp(full)))
         return refs

@@ -43,6 +43,9 @@ def load_class_names(cfg: Config) -> list[str]:
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(set(names)) != len(names) or not names:
         raise ConfigError(f"data.classes: {path} must list unique, non-empty class names")
+    if len(names) < 2:
+        raise ConfigError(f"data.classes: {path} lists {len(names)} class; a counterfactual changes the class, "
+                          "so at least two are needed")
     return names
 
 

@@ -30,19 +30,34 @@ from cfgen.models.runtime import Models
 from cfgen.models.weights import check_weights, component_dir, pipeline_root, read_json, resolve_dir
 
 
+def _from_pretrained(cls, path: Path, **kwargs):
+    """cls.from_pretrained by local path; whatever goes wrong (garbage or wrong-shape weights, a config
+    this class cannot take) is one line naming the directory, not a traceback. Never runs a model's own code."""
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - third-party loaders raise anything; the user's fix is the file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot load a {cls.__name__} from {path}: {first}") from None
+
+
 def load_unet(path: Path, trust_checkpoint: bool = False) -> UNet2DModel | UNet2DConditionModel:
     """A UNet2DModel, or a UNet2DConditionModel (text-conditioned, e.g. Stable Diffusion) by its config's class."""
     path = resolve_dir(path, "unet", "config.json")
     safe = check_weights(path, trust_checkpoint)
     conditional = read_json(path).get("_class_name") == "UNet2DConditionModel"
     cls = UNet2DConditionModel if conditional else UNet2DModel
-    return cls.from_pretrained(path, local_files_only=True, use_safetensors=safe)
+    return _from_pretrained(cls, path, use_safetensors=safe)
 
 
 def load_scheduler(path: Path) -> DDIMScheduler:
     path = resolve_dir(path, "scheduler", "scheduler_config.json")
     # Any DDPM/DDIM/PNDM-family config works: only its betas/alphas (and prediction_type) are used.
-    config = dict(DDIMScheduler.load_config(path, local_files_only=True))
+    try:
+        config = dict(DDIMScheduler.load_config(path, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read the scheduler config in {path}: {str(exc).splitlines()[0]}") from None
     if "timesteps" in config and "num_train_timesteps" not in config:  # the original google/ddpm-* configs
         config["num_train_timesteps"] = config.pop("timesteps")
     known = set(inspect.signature(DDIMScheduler.__init__).parameters)
@@ -52,7 +67,7 @@ def load_scheduler(path: Path) -> DDIMScheduler:
 def load_classifier(path: Path, trust_checkpoint: bool = False) -> NoiseAwareClassifier:
     path = resolve_dir(path, "classifier", "config.json")
     safe = check_weights(path, trust_checkpoint)
-    return NoiseAwareClassifier.from_pretrained(path, local_files_only=True, use_safetensors=safe)
+    return _from_pretrained(NoiseAwareClassifier, path, use_safetensors=safe)
 
 
 def model_kind(cfg: Config) -> str:
@@ -68,7 +83,7 @@ def load_vae(path: Path, trust_checkpoint: bool = False) -> AutoencoderKL:
     cls = read_json(path).get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise ModelLoadError(f"{path}: the VAE must be a diffusers AutoencoderKL, found {cls}")
-    return AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=safe)
+    return _from_pretrained(AutoencoderKL, path, use_safetensors=safe)
 
 
 def load_codec(cfg: Config, device: torch.device) -> LatentCodec | None:
@@ -89,10 +104,7 @@ def _transformers_model(path: Path, trust_checkpoint: bool, class_name: str, by_
     if by_architecture:
         arch = getattr(transformers, (read_json(path).get("architectures") or [""])[0], None)
         cls = arch if isinstance(arch, type) and hasattr(arch, "from_pretrained") else cls
-    try:
-        return cls.from_pretrained(path, local_files_only=True, use_safetensors=safe)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load a {cls.__name__} from {path}: {str(exc).splitlines()[0]}") from None
+    return _from_pretrained(cls, path, use_safetensors=safe, trust_remote_code=False)
 
 
 def load_tokenizer(path: Path):
@@ -100,10 +112,7 @@ def load_tokenizer(path: Path):
 
     if not path.is_dir():
         raise ModelLoadError(f"tokenizer directory not found: {path}")
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    return _from_pretrained(AutoTokenizer, path, trust_remote_code=False)
 
 
 def load_condition(cfg: Config, unet: torch.nn.Module, device: torch.device) -> torch.Tensor | None:
@@ -126,7 +135,11 @@ def load_predictor(cfg: Config, classes: list[str]) -> tuple[torch.nn.Module, bo
     """(predictor, clean): the noise-aware classifier (clean = False) or a clean one on pixel images."""
     m = cfg.model
     if m.predictor == "noise_aware":
-        return load_classifier(cfg.path(m.classifier), m.trust_checkpoint), False
+        classifier = load_classifier(cfg.path(m.classifier), m.trust_checkpoint)
+        if classifier.config.num_classes != len(classes):
+            raise ModelLoadError(f"model.classifier {cfg.path(m.classifier)} has {classifier.config.num_classes} "
+                                 f"outputs but the class list has {len(classes)} classes")
+        return classifier, False
     path = cfg.path(m.predictor_path)
     if not path.exists():
         raise ModelLoadError(f"model directory not found: {path}")
@@ -148,7 +161,14 @@ def load_predictor(cfg: Config, classes: list[str]) -> tuple[torch.nn.Module, bo
             raise ModelLoadError(f"model.predictor_path {path}: clip_zero_shot needs a CLIPModel, found "
                                  f"{type(model).__name__}")
         pre = ImagePreprocess.from_processor(processor, model.config.vision_config.image_size, CLIP_STATS, 3)
-        return ClipZeroShot(model, load_tokenizer(path), pre, classes, m.clip_prompts), True
+        tokenizer = load_tokenizer(path)
+        limit = model.config.text_config.max_position_embeddings
+        prompts = [t.format(label_name=c) for t in m.clip_prompts for c in classes]
+        longest = max(prompts, key=lambda p: len(tokenizer(p)["input_ids"]))
+        if len(tokenizer(longest)["input_ids"]) > limit:
+            raise ConfigError(f"model.clip_prompts: {longest!r} is {len(tokenizer(longest)['input_ids'])} tokens; "
+                              f"the text encoder in {path} holds {limit}")
+        return ClipZeroShot(model, tokenizer, pre, classes, m.clip_prompts), True
     raise ConfigError(f"model.predictor: unknown predictor {m.predictor!r}")
 
 
@@ -192,8 +212,7 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     cond = load_condition(cfg, unet, device)
     classifier, clean = None, cfg.model.predictor != "noise_aware"
     if predictor:
-        classes = load_class_names(cfg) if clean else []
-        classifier, clean = load_predictor(cfg, classes)
+        classifier, clean = load_predictor(cfg, load_class_names(cfg))
         classifier = classifier.to(device, memory_format=fmt).eval().requires_grad_(False)
     image_channels = unet.config.in_channels if vae is None else vae.image_channels
     if vae is not None and unet.config.in_channels != vae.latent_channels:
@@ -204,6 +223,11 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     if vae is not None and cfg.data.image_size % vae.downscale:
         raise ModelLoadError(f"data.image_size={cfg.data.image_size} is not a multiple of the VAE's "
                              f"downscale factor {vae.downscale}")
+    side = cfg.data.image_size // (1 if vae is None else vae.downscale)
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)  # every down block but the last halves the side
+    if side % factor:
+        raise ModelLoadError(f"data.image_size={cfg.data.image_size} does not fit the UNet: the side it denoises "
+                             f"({side}) must be a multiple of {factor} (it was trained at {unet.config.sample_size})")
     if cfg.model.gradient_checkpointing:  # after .eval(): transformers layers are flagged as training
         for net in (unet, vae, classifier):
             if net is not None:

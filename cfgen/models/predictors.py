@@ -43,6 +43,11 @@ def _side(value) -> tuple[int, int]:
     return side, side
 
 
+def _per_channel(values, channels: int) -> list[float]:
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    return values if len(values) == channels else [sum(values) / len(values)] * channels
+
+
 class ImagePreprocess(nn.Module):
     """A transformers image processor as differentiable tensor ops, for square inputs in [-1, 1].
 
@@ -53,6 +58,9 @@ class ImagePreprocess(nn.Module):
                  mode: str = "bilinear", channels: int = 3):
         super().__init__()
         self.resize, self.crop, self.mode, self.channels = resize, crop, mode, channels
+        # RGB statistics (the processor default) for a one-channel model: their average, or the
+        # normalisation would broadcast a grey image to three channels
+        mean, std = (_per_channel(v, channels) for v in (mean, std))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 

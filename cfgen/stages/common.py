@@ -8,6 +8,7 @@ marker (contract.Stage.marker), and shows progress.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import Counter
@@ -17,11 +18,11 @@ from typing import Callable
 from tqdm import tqdm
 
 from cfgen import distributed
-from cfgen.config import Config, write_resolved
+from cfgen.config import Config
 from cfgen.contract import ROW_SCHEMA, Stage
 from cfgen.diffusion import timestep_grid
 from cfgen.errors import ConfigError, FailFast, InputError, ShardError
-from cfgen.shards import atomic_write_json, atomic_write_rows, read_rows, read_samples
+from cfgen.shards import atomic_write_json, atomic_write_rows, file_digest, read_rows, read_samples
 
 
 def config_grid(cfg: Config, num_train_timesteps: int) -> list[int]:
@@ -56,7 +57,7 @@ def mark_unread(rows: list[dict], seen: set[str], broken: list[str]) -> None:
     why = f"lost in a corrupt input shard: {broken[0]}" if broken else "missing from the input shard"
     for row in rows:
         if row["status"] == "ok" and row["id"] not in seen:
-            row.update(status="failed", error=why)
+            row.update(status="failed", error=why, sha256=None)
 
 
 def stage_rows(stage: Stage, run_dir: Path) -> list[dict]:
@@ -77,18 +78,35 @@ def error_reason(error: str | None) -> str:
     return (error or "").split(":")[0].strip() or "unknown"
 
 
+def damage(stage: Stage, run_dir: Path, index: int) -> str | None:
+    """Why a finished shard cannot be trusted (its tar or parquet missing, or the tar's bytes not those
+    its marker recorded), or None."""
+    tar, rows = stage.tar(run_dir, index), stage.rows(run_dir, index)
+    if not tar.is_file() or not rows.is_file():
+        return f"{(tar if not tar.is_file() else rows).name} is missing"
+    try:
+        recorded = json.loads(stage.marker(run_dir, index).read_text()).get("sha256")
+    except ValueError:
+        return f"{stage.marker(run_dir, index).name} is unreadable"
+    if recorded != file_digest(tar):
+        return f"{tar.name} differs from the checksum its marker recorded"
+    return None
+
+
 def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
-               process: Callable[[int], list[dict]], overwrite: bool = False) -> list[int]:
-    """Run `process` on this rank's unfinished shards; returns the indices it processed."""
+               process: Callable[[int], list[dict]]) -> list[int]:
+    """Run `process` on this rank's unfinished shards; returns the indices it processed.
+
+    The caller has claimed the stage folder (runstate.claim: same fingerprint, or --overwrite emptied
+    it). A finished shard whose files were damaged since is said so and redone.
+    """
     out_dir = stage.dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        write_resolved(cfg, out_dir)
     mine = distributed.my_shards(indices)
-    if overwrite:
-        for i in mine:
-            for p in (stage.marker(run_dir, i), stage.rows(run_dir, i), stage.tar(run_dir, i)):
-                p.unlink(missing_ok=True)
+    for i in mine:
+        if stage.marker(run_dir, i).is_file() and (why := damage(stage, run_dir, i)):
+            tqdm.write(f"{stage.name}: shard {i} is damaged ({why}); redoing it", file=sys.stderr)
+            stage.marker(run_dir, i).unlink()
     todo = [i for i in mine if not stage.marker(run_dir, i).is_file()]
     for i in todo:  # leftovers of a killed run: never read, removed before the shard is redone
         for p in out_dir.glob(f"{stage.stem(i)}*.tmp"):
@@ -108,5 +126,6 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
         counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "rejected")}
         # The marker is written last: its presence means the tar and parquet are complete.
         atomic_write_json(stage.marker(run_dir, i), {
-            "shard": i, "count": len(rows), **counts, "seconds": time.perf_counter() - start})
+            "shard": i, "count": len(rows), **counts, "seconds": time.perf_counter() - start,
+            "sha256": file_digest(stage.tar(run_dir, i))})
     return todo

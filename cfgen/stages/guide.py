@@ -33,7 +33,8 @@ from cfgen.metrics import l1, l2
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
-from cfgen.shards import atomic_tar, npy_load, read_rows
+from cfgen.runstate import claim, require_upstream, run_lock
+from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
 from cfgen.stages.common import config_grid, finished_inputs, mark_unread, run_shards, samples_until_error
 from cfgen.targets import choose_targets, resolve_fixed_target
 from cfgen.tensors import to_model_space, to_uint8
@@ -113,13 +114,21 @@ def guide_batch(models: Models, cfg: Config, classes: list[str], grid: list[int]
 
 
 def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Models | None = None) -> Path:
-    """`models`: already loaded (and warmed up) ones, as `cfgen bench` passes; else loaded here."""
+    """Guide every inverted sample into RUN/guide/ (resuming a killed run). `models`: already loaded (and
+    warmed up) ones, as `cfgen run` and `cfgen bench` pass; else loaded here."""
+    with run_lock(run_dir, cfg):
+        return _guide(cfg, run_dir, overwrite, models)
+
+
+def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -> Path:
     classes = load_class_names(cfg)
     try:
         fixed = resolve_fixed_target(cfg.guide.target, classes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     indices = finished_inputs(INVERT, run_dir)
+    require_upstream(INVERT, cfg, run_dir)
+    claim(GUIDE, cfg, run_dir, overwrite)
     models = models or load_models(cfg)
     grid = config_grid(cfg, models.num_train_timesteps)
 
@@ -131,7 +140,16 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
             if row is None:  # a sample the invert stage has no row for: not ours to guess about
                 continue
             seen.add(row["id"])
+            written_as, row["sha256"] = row["sha256"], None  # from here on: this stage's own sample
             row.update(target_strategy=cfg.guide.target)
+            missing = [m for m in ("png", "noise.npy") if m not in sample]
+            if missing:
+                row.update(status="failed", error=f"input sample is missing members: {', '.join(missing)}")
+                continue
+            if written_as is not None and sample_digest(sample) != written_as:
+                row.update(status="failed", error=f"damaged input sample: its checksum differs from "
+                                                  f"{INVERT.rows(run_dir, row['shard']).name}")
+                continue
             try:
                 meta = json.loads(sample["json"])
                 made_with = (meta["grid"], meta["steps"], meta["t_inv"])
@@ -144,10 +162,6 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
                                   f"t_inv={cfg.invert.t_inv}: re-run `cfgen invert --overwrite`")
             if fixed is not None and fixed == row["label"]:
                 row.update(status="failed", error="factual label is already the fixed target")
-                continue
-            missing = [m for m in ("png", "noise.npy") if m not in sample]
-            if missing:
-                row.update(status="failed", error=f"input sample is missing members: {', '.join(missing)}")
                 continue
             try:
                 pixels = decode_image(sample["png"], cfg.data.image_size, cfg.data.channels)
@@ -171,8 +185,10 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
                        recon_l1=l1(factual[j], res.recon[j]))
             meta = {k: row[k] for k in GUIDE_FIELDS}
             meta.update(t_inv=cfg.invert.t_inv, steps=cfg.invert.steps)
-            tar.write({"__key__": row["id"], "png": encode_png(factual[j]), "cf.png": encode_png(res.cf[j]),
-                       "recon.png": encode_png(res.recon[j]), "json": json.dumps(meta, sort_keys=True).encode()})
+            sample = {"__key__": row["id"], "png": encode_png(factual[j]), "cf.png": encode_png(res.cf[j]),
+                      "recon.png": encode_png(res.recon[j]), "json": json.dumps(meta, sort_keys=True).encode()}
+            row["sha256"] = sample_digest(sample)
+            tar.write(sample)
 
     by_id: dict[str, dict] = {}
     seen: set[str] = set()
@@ -196,5 +212,5 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
         mark_unread(rows, seen, broken)
         return rows
 
-    run_shards(GUIDE, cfg, run_dir, indices, process, overwrite)
+    run_shards(GUIDE, cfg, run_dir, indices, process)
     return GUIDE.dir(run_dir)

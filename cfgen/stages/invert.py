@@ -28,18 +28,29 @@ from cfgen.data.sources import list_samples, load_class_names
 from cfgen.diffusion import invert
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
+from cfgen.errors import InputError
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
-from cfgen.shards import atomic_tar, npy_bytes, npy_load, read_samples
+from cfgen.runstate import claim, run_lock
+from cfgen.shards import atomic_tar, npy_bytes, npy_load, read_samples, sample_digest
 from cfgen.stages.common import config_grid, run_shards
 from cfgen.targets import sample_seed
 from cfgen.tensors import to_model_space
 
 
 def run_invert(cfg: Config, run_dir: Path, overwrite: bool = False, models: Models | None = None) -> Path:
-    """`models`: already loaded ones (`cfgen run` loads them once for every stage); else loaded here,
-    without the predictor, which inversion never reads."""
+    """Invert every input into RUN/invert/ (resuming a killed run). `models`: already loaded ones (`cfgen
+    run` loads them once for every stage); else loaded here, without the predictor, which inversion never reads."""
+    with run_lock(run_dir, cfg):
+        return _invert(cfg, run_dir, overwrite, models)
+
+
+def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -> Path:
     refs = list_samples(cfg)
+    if not refs:
+        raise InputError(f"no input samples: data.source={cfg.data.source!r} lists none"
+                         + (f" in split {cfg.data.use_split!r}" if cfg.data.use_split else ""))
     classes = load_class_names(cfg)
+    claim(INVERT, cfg, run_dir, overwrite, refs)
     models = models or load_models(cfg, predictor=False)
     grid = config_grid(cfg, models.num_train_timesteps)
     size = cfg.data.shard_size
@@ -67,8 +78,10 @@ def run_invert(cfg: Config, run_dir: Path, overwrite: bool = False, models: Mode
         for row, pixels, noise in done:
             meta = {k: row[k] for k in INVERT_FIELDS}
             meta.update(steps=cfg.invert.steps, t_inv=cfg.invert.t_inv, grid=grid)
-            tar.write({"__key__": row["id"], "png": encode_png(pixels), "noise.npy": npy_bytes(noise),
-                       "json": json.dumps(meta, sort_keys=True).encode()})
+            sample = {"__key__": row["id"], "png": encode_png(pixels), "noise.npy": npy_bytes(noise),
+                      "json": json.dumps(meta, sort_keys=True).encode()}
+            row["sha256"] = sample_digest(sample)
+            tar.write(sample)
 
     def process(index: int) -> list[dict]:
         rows = []
@@ -90,7 +103,7 @@ def run_invert(cfg: Config, run_dir: Path, overwrite: bool = False, models: Mode
                 writer.submit(write, tar, done)
         return rows
 
-    run_shards(INVERT, cfg, run_dir, list(range(n_shards)), process, overwrite)
+    run_shards(INVERT, cfg, run_dir, list(range(n_shards)), process)
     return INVERT.dir(run_dir)
 
 

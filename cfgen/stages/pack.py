@@ -33,13 +33,21 @@ from cfgen.data.images import decode_image
 from cfgen.data.sources import open_source
 from cfgen.metrics import mean
 from cfgen.quality import gate_failures, pair_quality, rate
-from cfgen.shards import atomic_tar, atomic_write_json, read_rows
+from cfgen.runstate import claim, require_upstream, run_lock
+from cfgen.shards import atomic_tar, atomic_write_json, read_rows, sample_digest
 from cfgen.stages.common import error_reason, finished_inputs, mark_unread, run_shards, samples_until_error, stage_rows
 
 
 def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None:
     """Write this rank's pair shards; after a barrier rank 0 merges and returns the stats."""
+    with run_lock(run_dir, cfg):
+        return _pack(cfg, run_dir, overwrite)
+
+
+def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
     indices = finished_inputs(GUIDE, run_dir)
+    require_upstream(GUIDE, cfg, run_dir)
+    claim(PAIRS, cfg, run_dir, overwrite)
     caption = cfg.pack.caption
     causal = open_source(cfg).causal
 
@@ -54,6 +62,11 @@ def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None
                 if row is None or row["status"] != "ok":
                     continue
                 seen.add(row["id"])
+                written_as, row["sha256"] = row["sha256"], None  # from here on: the pair's own sample
+                if written_as is not None and sample_digest(sample) != written_as:
+                    row.update(status="failed", error=f"damaged input sample: its checksum differs from "
+                                                      f"{GUIDE.rows(run_dir, index).name}")
+                    continue
                 size, ch = cfg.data.image_size, cfg.data.channels
                 try:
                     meta = json.loads(sample["json"])
@@ -67,18 +80,20 @@ def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None
                 if failed:
                     row.update(status="rejected", error="; ".join(failed))
                     continue
-                tar.write({
+                pair = {
                     "__key__": meta["id"],
                     "png": sample["png"], "txt": caption.format(label_name=meta["label_name"]).encode(),
                     "cls": str(meta["label"]).encode(),
                     "cf.png": sample["cf.png"], "cf.txt": caption.format(label_name=meta["cf_label_name"]).encode(),
                     "cf.cls": str(meta["cf_label"]).encode(),
                     "json": pair_json(meta),
-                })
+                }
+                row["sha256"] = sample_digest(pair)
+                tar.write(pair)
         mark_unread(rows, seen, broken)
         return rows
 
-    run_shards(PAIRS, cfg, run_dir, indices, process, overwrite)
+    run_shards(PAIRS, cfg, run_dir, indices, process)
     distributed.barrier()
     return merge(run_dir) if distributed.is_main() else None
 

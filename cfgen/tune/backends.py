@@ -161,10 +161,10 @@ class MiniLMText(nn.Module):
 
         path = path or minilm_dir()
         with quiet_transformers():  # the pooler weights it does not use are reported as unused
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             # eager attention: the same math as sdpa, and faster on CPU for prompts of ~10 tokens
             self.bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
-                                                  attn_implementation="eager")
+                                                  attn_implementation="eager", trust_remote_code=False)
         self.bert.eval().requires_grad_(False)
         self.dim = self.bert.config.hidden_size
 
@@ -265,8 +265,8 @@ class ClipVLM(VLM):
             raise ModelLoadError(f"tune.vlm: no CLIP checkpoint (config.json) in {model_dir}")
         try:
             with quiet_transformers():
-                self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
-                self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+                self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+                self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"tune.vlm: cannot load a CLIPModel and tokenizer from {model_dir}: {exc}") from None
         self.model.eval().requires_grad_(False)

@@ -1,0 +1,247 @@
+"""What a run directory remembers of how it was made, and who may write to it.
+
+Each stage folder holds `fingerprint.json`, written before its first shard: the config
+keys that determine the stage's output (its own and its upstream stages'), the class
+list, a digest of the input sample list (ids, labels, origins, and each file's size and
+mtime), a digest of every model directory it reads, and the contract version. A re-run
+whose fingerprint differs is refused before any work, in one line naming what changed
+(exit 2), and leaves the directory as it was; `--overwrite` starts the stage afresh.
+A later stage also checks that its input stage was made with the settings it would use.
+
+    with run_lock(run_dir):                           # one writer per run directory
+        claim(INVERT, cfg, run_dir, overwrite)        # refuse a run made differently, else record ours
+        require_upstream(INVERT, cfg, run_dir)        # (guide) the invert shards match this config
+
+Not in the fingerprint, because they do not change the output: batch sizes, the device,
+the failure policy, --trust-checkpoint, gradient checkpointing. Model files are digested
+by content (files over 256 MiB: size plus their first and last 16 MiB).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from cfgen import distributed
+from cfgen.config import Config
+from cfgen.contract import CONTRACT_VERSION, GUIDE, INVERT, PAIRS, Stage
+from cfgen.errors import InputError, UserError
+
+FINGERPRINT = "fingerprint.json"
+
+# Config keys per stage that determine its output; each stage also depends on the ones before it.
+# Path-valued keys are left out: what they point at is digested instead (inputs, classes, models).
+STAGE_KEYS = {
+    "invert": [("pipeline", "seed"), ("data", "source"), ("data", "use_split"), ("data", "image_size"),
+               ("data", "channels"), ("data", "shard_size"), ("data", "limit"), ("data", "repeat"),
+               ("data", "max_image_pixels"), ("data", "shapes_count"), ("data", "shapes_spurious"),
+               ("model", "kind"), ("model", "prompt"), ("model", "dtype"), ("invert", "steps"), ("invert", "t_inv")],
+    "guide": [("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
+              ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence")],
+    "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
+             ("pack", "max_recon_l1")],
+}
+ORDER = (INVERT, GUIDE, PAIRS)
+BIG_FILE = 256 << 20
+EDGE = 16 << 20
+
+
+class RunStateError(UserError):
+    """The run directory was made with other settings, or another process is writing it."""
+
+
+def _file_digest(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{size}\0".encode())
+    with path.open("rb") as fh:
+        if size <= BIG_FILE:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        else:  # a multi-GB checkpoint: its size and both ends, not a minute of hashing per stage
+            h.update(fh.read(EDGE))
+            fh.seek(size - EDGE)
+            h.update(fh.read(EDGE))
+
+
+def dir_digest(path: Path) -> str:
+    """sha256 over the relative names and contents of the files under `path` ('absent' if there is none)."""
+    if not path.exists():
+        return "absent"
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        h.update(f"{p.relative_to(path) if p != path else p.name}\0".encode())
+        _file_digest(p, h)
+    return h.hexdigest()
+
+
+def _model_dirs(stage: Stage, cfg: Config) -> dict[str, Path]:
+    from cfgen.models.weights import component_dir
+
+    m = cfg.model
+    out = {"model.unet": cfg.path(m.unet), "model.scheduler": cfg.path(m.scheduler),
+           "model.vae": component_dir(cfg, m.vae, "vae"),
+           "model.text_encoder": component_dir(cfg, m.text_encoder, "text_encoder"),
+           "model.tokenizer": component_dir(cfg, m.tokenizer, "tokenizer")}
+    if ORDER.index(stage) >= 1:
+        if m.predictor == "noise_aware":
+            out["model.classifier"] = cfg.path(m.classifier)
+        else:
+            out["model.predictor_path"] = cfg.path(m.predictor_path)
+    return out
+
+
+def _inputs_digest(cfg: Config, refs: list | None) -> dict:
+    from cfgen.data.sources import list_samples
+
+    h = hashlib.sha256()
+    refs = list_samples(cfg) if refs is None else refs
+    for r in refs:
+        h.update(f"{r.id}\t{r.label}\t{r.origin}\t{r.error}\t{r.stamp}\n".encode("utf-8", "backslashreplace"))
+    return {"count": len(refs), "digest": h.hexdigest()}
+
+
+def fingerprint(stage: Stage, cfg: Config, refs: list | None = None) -> dict:
+    """What determines `stage`'s output under `cfg` (see the module docstring); `refs`: list_samples(cfg)
+    when the caller has it already."""
+    from cfgen.data.sources import load_class_names
+
+    keys = [k for s in ORDER[: ORDER.index(stage) + 1] for k in STAGE_KEYS[s.name]]
+    config = {f"{section}.{key}": getattr(getattr(cfg, section), key) for section, key in keys}
+    return {"contract": CONTRACT_VERSION, "stage": stage.name, "config": config,
+            "classes": load_class_names(cfg), "inputs": _inputs_digest(cfg, refs),
+            "models": {k: dir_digest(p) for k, p in _model_dirs(stage, cfg).items()}}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What changed from `old` to `new`, one short phrase each."""
+    out = []
+    if old.get("contract") != new["contract"]:
+        out.append(f"output contract version {old.get('contract')} -> {new['contract']}")
+    for key, value in new["config"].items():
+        before = old.get("config", {}).get(key, "<unset>")
+        if before != value:
+            out.append(f"{key} {before!r} -> {value!r}")
+    if old.get("classes") != new["classes"]:
+        out.append("the class list")
+    before = old.get("inputs", {})
+    if before.get("digest") != new["inputs"]["digest"]:
+        out.append(f"the input samples ({before.get('count')} -> {new['inputs']['count']}, or changed files)")
+    for key, digest in new["models"].items():
+        if old.get("models", {}).get(key) != digest:
+            out.append(f"the files of {key}")
+    return out
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+
+
+def claim(stage: Stage, cfg: Config, run_dir: Path, overwrite: bool = False, refs: list | None = None) -> None:
+    """Refuse `run_dir` if `stage` was made there with other settings; else record this config's fingerprint.
+
+    With `overwrite`, the stage's folder is emptied first (by rank 0, then a barrier), so shards of
+    an earlier shard layout cannot survive into the new manifest.
+    """
+    new = fingerprint(stage, cfg, refs)
+    folder = stage.dir(run_dir)
+    path = folder / FINGERPRINT
+    if overwrite:
+        if distributed.is_main() and folder.exists():
+            shutil.rmtree(folder)
+        distributed.barrier()
+    else:
+        old = _read(path)
+        if old is None and stage.finished(run_dir):
+            raise RunStateError(f"{stage.name}: {folder} holds finished shards but no {FINGERPRINT} (made by an "
+                                "older cfgen?); re-run with --overwrite to redo this stage, or use another --out")
+        if old is not None:
+            changed = differences(old, new)
+            if changed:
+                raise RunStateError(f"{stage.name}: {folder} was made with other settings: {'; '.join(changed)}. "
+                                    "Re-run with --overwrite to redo this stage, or use another --out")
+            return
+        # every rank has read the folder before rank 0 records into it (and any rank finishes a shard
+        # there): a rank that looked later would see finished shards of this very run and refuse them
+        distributed.barrier()
+    if distributed.is_main():  # a new record: the fingerprint, and the resolved config it was made with
+        from cfgen.config import write_resolved
+        from cfgen.shards import atomic_write_json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, folder)
+        atomic_write_json(path, new)
+
+
+def require_upstream(stage: Stage, cfg: Config, run_dir: Path) -> None:
+    """The input stage's shards were made with what this config says (else: which command to re-run)."""
+    old = _read(stage.dir(run_dir) / FINGERPRINT)
+    if old is None:
+        return  # nothing finished there: the caller reports the missing shards
+    changed = differences(old, fingerprint(stage, cfg))
+    if changed:
+        raise InputError(f"the {stage.name} shards in {stage.dir(run_dir)} were made with other settings: "
+                         f"{'; '.join(changed)}. Re-run `cfgen {stage.name}` with this config (--overwrite)")
+
+
+_held: dict[Path, tuple[int, object]] = {}
+
+
+def check_out_dir(cfg: Config, run_dir: Path) -> None:
+    """A run directory inside the input data would become part of it (a class folder, more images)."""
+    from cfgen.data.sources import open_source
+
+    root = open_source(cfg).input_root()
+    if root is not None and Path(run_dir).resolve().is_relative_to(root.resolve()):
+        raise UserError(f"the run directory {run_dir} is inside data.root {root}; choose an --out outside the dataset")
+
+
+@contextmanager
+def run_lock(run_dir: Path, cfg: Config | None = None):
+    """Hold `run_dir`'s lock for this rank (re-entrant within a process). A second process on the
+    same directory and rank exits 2 at once; a killed holder leaves nothing stuck (flock dies with it).
+    With `cfg`, a run directory inside the input data is refused first, before anything is created."""
+    if cfg is not None:
+        check_out_dir(cfg, run_dir)
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        count, fh = _held[run_dir]
+        _held[run_dir] = (count + 1, fh)
+        try:
+            yield
+        finally:
+            count, fh = _held[run_dir]
+            _held[run_dir] = (count - 1, fh)
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(run_dir / f".lock-rank{distributed.rank()}", "a+")
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RunStateError(f"another cfgen process is writing {run_dir}; wait for it to finish, "
+                            "or use another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _held[run_dir] = (1, fh)
+    try:
+        yield
+    finally:
+        _held.pop(run_dir, None)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
