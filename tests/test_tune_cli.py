@@ -221,7 +221,7 @@ def test_tune_digits_end_to_end_writes_the_table_metrics_prompts_and_reuses_the_
 def test_tune_shapes_every_cf_source_learner_and_objective(shapes_pairs, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     overrides = SHAPES_SMALL + ['tune.learners=["coop", "cocoop"]', 'tune.objectives=["dicap", "cfvlm"]',
-                                'tune.cf_sources=["generated", "true", "nearest"]']
+                                'tune.cf_sources=["generated", "true", "nearest"]', "tune.rows=[]"]
     code, stdout, stderr = cfgen_here(monkeypatch, capsys, "tune", "--config", SHAPES, "--out", str(run), "--pairs",
                                       str(shapes_pairs / "pairs-*.tar"), *sets(*overrides))
     assert code == 0, stderr
@@ -397,3 +397,21 @@ def test_the_replaced_single_learner_and_objective_keys_still_load():
 
     t = load_config(DIGITS, ["tune.learner=cocoop", "tune.objective=cfvlm"]).tune
     assert (t.learners, t.objectives) == (["cocoop"], ["cfvlm"])
+
+
+def test_rows_are_zero_shot_then_per_learner_its_baseline_and_the_chosen_combinations():
+    from cfgen.config import load_config
+    from cfgen.tune.train import plan_methods
+
+    t = load_config(SHAPES).tune  # the benchmark stand-in: the cf-source ablation on CoOp only
+    assert [(m.key, m.label, m.baseline) for m in plan_methods(t)] == [
+        ("zero_shot", "zero-shot", None), ("coop", "CoOp", None),
+        ("coop+dicap[generated]", "CoOp+DiCap[generated]", "coop"), ("coop+dicap[true]", "CoOp+DiCap[true]", "coop"),
+        ("coop+dicap[nearest]", "CoOp+DiCap[nearest]", "coop"),
+        ("coop+cfvlm[generated]", "CoOp+CF-VLM[generated]", "coop"), ("coop+cfvlm[true]", "CoOp+CF-VLM[true]", "coop"),
+        ("coop+cfvlm[nearest]", "CoOp+CF-VLM[nearest]", "coop"),
+        ("cocoop", "CoCoOp", None), ("cocoop+dicap[generated]", "CoCoOp+DiCap[generated]", "cocoop"),
+        ("cocoop+cfvlm[generated]", "CoCoOp+CF-VLM[generated]", "cocoop")]
+    every = load_config(SHAPES, ["tune.rows=[]", 'tune.learners=["cocoop"]', 'tune.objectives=["cfvlm"]']).tune
+    assert [m.key for m in plan_methods(every)] == ["zero_shot", "cocoop", "cocoop+cfvlm[generated]",
+                                                     "cocoop+cfvlm[true]", "cocoop+cfvlm[nearest]"]
