@@ -320,8 +320,8 @@ def test_true_source_without_a_causal_model_is_one_line_exit_2(pair_shards, tmp_
                                  "--pairs", str(pair_shards / "pairs-*.tar"), *sets('tune.cf_sources=["generated", "true"]'))
     assert code == 2, stderr
     assert stderr.strip().splitlines() == [
-        "cfgen: error: tune.cf_sources 'true' needs a data source with a causal model; 'digits' has none "
-        "(use 'generated' or 'nearest')"]
+        ("cfgen: error: tune.cf_sources 'true' needs a data source with a causal model; 'digits' has none "
+         "(use 'generated' or 'nearest')")]
 
 
 def test_feature_cache_matches_fresh_encoding_and_follows_the_shard(pair_shards, tmp_path, vlm):

@@ -49,7 +49,7 @@ def pair_origins(ids: list[str], refs: list[SampleRef], shards: list[Path]) -> d
             if manifest.is_file():
                 table = pq.read_table(manifest, columns=["id", "origin"]).to_pydict()
                 found = dict(zip(table["id"], table["origin"]))
-                out.update({i: found[i] for i in missing if i in found and found[i]})
+                out.update({i: found[i] for i in missing if found.get(i)})
         missing = [i for i in ids if i not in out]
     if missing:
         raise InputError(f"tune.cf_sources 'true': pair {missing[0]} is not a sample of the source and no "

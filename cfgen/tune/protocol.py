@@ -151,10 +151,10 @@ def format_table(metrics: dict) -> str:
     p = metrics["protocol"]
     seeds = ", ".join(map(str, p["seeds"]))
     where = f"the {p['eval_split']!r} split" if p["eval_split"] else "every sample that is not a shot"
-    lines = [f"base-to-novel accuracy on {where} ({p['eval_images']} images, {len(p['cells'])} (group, class) cells), "
-             f"{p['shots']} shots per base class; mean ± std over seeds {seeds}",
-             "Δ = method - its learner's baseline (lambda = 0; same seed, shots, init, batch order): "
-             "mean [95% paired t interval]"]
+    lines = [(f"base-to-novel accuracy on {where} ({p['eval_images']} images, {len(p['cells'])} (group, class) "
+              f"cells), {p['shots']} shots per base class; mean ± std over seeds {seeds}"),
+             ("Δ = method - its learner's baseline (lambda = 0; same seed, shots, init, batch order): "
+              "mean [95% paired t interval]")]
     head = (f"{'method':<26}{'base':>15}{'novel':>15}{'HM':>15}{'worst-group':>15}"
             f"  {'Δ worst-group':<25}{'Δ HM':<25}{'s/seed':>7}")
     lines.append(head)

@@ -404,9 +404,9 @@ def _run_tune(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str]
         pool, where = np.ones(len(labels), dtype=bool), ""
     shots = {seed: sample_shots(labels, pool, task.base_ids, t.shots, seed, name_of, where) for seed in t.seeds}
     cfs.prepare(cf_sources, np.concatenate(list(shots.values())))
-    log("; ".join([f"features: {len(data.ids)} pairs from {data.stats['shards']} shards "
-                   f"({data.stats['cache_hits']} cached, {data.stats['cache_misses']} encoded), {int(pool.sum())} "
-                   f"outside the evaluation split",
+    log("; ".join([(f"features: {len(data.ids)} pairs from {data.stats['shards']} shards "
+                    f"({data.stats['cache_hits']} cached, {data.stats['cache_misses']} encoded), {int(pool.sum())} "
+                    "outside the evaluation split"),
                    f"{len(ev.ids)} evaluation images ({'cached' if ev.stats['cached'] else 'encoded'})",
                    f"base classes {task.base_ids}, novel {task.novel_ids}"]
                   + [f"{k}: {v['images']} images ({'cached' if v['cached'] else 'encoded'})" for k, v in cfs.stats.items()]))
