@@ -260,7 +260,7 @@ def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
          pairs: Annotated[Optional[str], typer.Option(
              "--pairs", help="Pair shards: a path, glob or brace list (default: tune.pairs, else RUN_DIR/pairs/pairs-*.tar).")] = None,
          bench: Annotated[bool, typer.Option("--bench", help="Time an epoch with the feature cache vs re-encoding.")] = False):
-    """Learn prompts on the pairs: zero-shot vs baseline (lambda=0) vs DiCap, base-to-novel (RUN/tune/)."""
+    """Learn prompts on the pairs: zero-shot, baselines (lambda=0), DiCap / CF-VLM per cf source (RUN/tune/)."""
     cfg = load_config(config, set or [])
     run_dir = _run_dir(cfg, out)
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
@@ -272,7 +272,7 @@ def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
     from cfgen.tune.protocol import format_table
     from cfgen.tune.train import run_tune
 
-    typer.echo(format_table(run_tune(cfg, run_dir, pairs, log=log), cfg.tune.seeds))
+    typer.echo(format_table(run_tune(cfg, run_dir, pairs, log=log)))
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:

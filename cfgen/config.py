@@ -36,6 +36,8 @@ Predictor = Literal["noise_aware", "hf_classifier", "clip_zero_shot"]
 TuneBackend = Literal["embedded", "transformers"]
 Learner = Literal["coop", "cocoop"]
 Objective = Literal["dicap", "cfvlm"]
+CfSource = Literal["generated", "true", "nearest"]
+"""Which image plays x^cf in the counterfactual objectives (cfgen/tune/cfsources.py)."""
 
 
 @dataclass
@@ -73,6 +75,12 @@ class DataConfig:
     """Samples per shard: the unit of work, retry and resumption."""
     limit: int = 0
     """Process only the first N samples (0 = all); handy for smoke runs."""
+    only_classes: list[str] = field(default_factory=list)
+    """Process only the samples of these classes (names from the class list); [] = every class.
+    `make benchmark` makes pairs for the base classes alone: tune draws its shots from those only."""
+    class_limit: int = 0
+    """Process at most the first N samples of each class (0 = no limit), applied before `limit`:
+    a class-balanced pool of shots whatever the split's class frequencies."""
     repeat: int = 1
     """Process the sample list this many times over (ids get -r<k>); for scale and memory tests."""
     max_image_pixels: int = 89_478_485
@@ -218,14 +226,23 @@ class TuneConfig:
     """'embedded' (frozen MiniLM text tower + the image tower in `vlm`) or 'transformers' (a CLIPModel directory in `vlm`)."""
     vlm: str = "../models/digits/vlm"
     """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint."""
-    learner: Learner = "coop"
-    """'coop' (one shared context) or 'cocoop' (the context shifted by a meta-net of the image feature)."""
+    learners: list[Learner] = field(default_factory=lambda: ["coop"])
+    """Prompt learners, each a baseline row (lambda = 0) and a row per objective and cf source:
+    'coop' (one shared context), 'cocoop' (the context shifted by a meta-net of the image feature)."""
     n_ctx: int = 4
     """Number of learned context vectors in front of the class name."""
     ctx_init: str = "a photo of a"
     """Phrase whose token embeddings start the context (n_ctx tokens long), also the zero-shot prompt; '' = N(0, 0.02)."""
-    objective: Objective = "dicap"
-    """'dicap' (L1 + lam*L2) or 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd); the baseline is L1 alone."""
+    objectives: list[Objective] = field(default_factory=lambda: ["dicap"])
+    """Counterfactual objectives: 'dicap' (L1 + lam*L2), 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd);
+    every learner's baseline is L1 alone (lambda = 0), with the same shots, init and batch order."""
+    cf_sources: list[CfSource] = field(default_factory=lambda: ["generated"])
+    """What plays the counterfactual x^cf of a shot (x, y*): 'generated' (the pair's own cf image),
+    'true' (the source's causal model renders x under y*; shapes), 'nearest' (the real image of class
+    y* nearest to x in the frozen VLM's feature space, from the samples outside eval_split)."""
+    rows: list[str] = field(default_factory=list)
+    """Train only these rows, each 'learner+objective[cf source]' of the lists above (e.g.
+    'cocoop+dicap[generated]'); every listed learner still gets its baseline. [] = every combination."""
     lam: float = 1.0
     """lambda of DiCap's L = L1 + lambda*L2 (L2: factual vs counterfactual image, true-class prompt as anchor)."""
     alpha: float = 1.0
@@ -245,13 +262,17 @@ class TuneConfig:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """One training run per seed and method; figures are mean and std over them."""
     epochs: int = 50
-    """Passes over the K-shot training set."""
+    """Passes over the K-shot training set (fixed in advance, never chosen on the eval split)."""
+    cocoop_epochs: int = 0
+    """Epochs of the CoCoOp runs (its per-image prompts cost B x C text encodes a step); 0 = `epochs`."""
     batch_size: int = 32
     """Pairs per optimizer step."""
     lr: float = 0.002
     """SGD learning rate (momentum 0.9, cosine decay), as CoOp."""
     eval_split: str = ""
-    """Evaluate on the ids that data.split marks with this split, drawing shots from the others; '' = every pair not drawn as a shot."""
+    """Evaluate on the source's samples that data.split marks with this split (the whole split: data.limit,
+    use_split, only_classes and class_limit do not apply), shots from the pairs outside it;
+    '' = every source sample that is not a shot of the seed."""
     cache: bool = True
     """Cache the frozen image features under RUN_DIR/tune/cache/, keyed by shard file and model."""
     encode_batch_size: int = 256
@@ -328,11 +349,17 @@ def choices(cls, name: str) -> tuple:
     return typing.get_args(typing.get_type_hints(cls)[name])
 
 
+_ONE_ITEM_ALIASES = {"tune.learner": "learners", "tune.objective": "objectives"}
+"""Replaced single-value keys, read as a one-item list of their successor (the config.toml of older runs)."""
+
+
 def _fill(obj, table: dict, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj) if f.name != "base_dir"}
     for key, value in table.items():
         full = f"{prefix}{key}"
+        if full in _ONE_ITEM_ALIASES:
+            key, full, value = _ONE_ITEM_ALIASES[full], f"{prefix}{_ONE_ITEM_ALIASES[full]}", [value]
         if key not in names:
             raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
@@ -406,6 +433,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.shard_size > 0, "data.shard_size must be > 0")
     need(cfg.data.limit >= 0, "data.limit must be >= 0")
+    need(cfg.data.class_limit >= 0, "data.class_limit must be >= 0")
     need(cfg.data.repeat >= 1, "data.repeat must be >= 1")
     need(0.0 <= cfg.pipeline.max_failure_fraction <= 1.0, "pipeline.max_failure_fraction must be in [0, 1]")
     need(cfg.invert.steps > 0, "invert.steps must be > 0")
@@ -477,6 +505,18 @@ def _validate_tune(cfg: Config, need) -> None:
         need(math.isfinite(v) and v >= 0, f"tune.{key} must be a finite number >= 0, got {v}")
     need(t.lr > 0, "tune.lr must be > 0")
     need(not t.eval_split or bool(cfg.data.split), f"tune.eval_split={t.eval_split!r} needs data.split (a CSV of id,split)")
+    need(t.cocoop_epochs >= 0, "tune.cocoop_epochs must be >= 0")
+    for key in ("learners", "objectives", "cf_sources"):
+        v = getattr(t, key)
+        need(len(v) >= 1 and len(set(v)) == len(v), f"tune.{key}: give one or more distinct values, got {v}")
+    combos = [f"{lr}+{o}[{c}]" for lr in t.learners for o in t.objectives for c in t.cf_sources]
+    for row in t.rows:
+        need(row in combos, f"tune.rows: {row!r} is not one of tune.learners x tune.objectives x tune.cf_sources "
+                            f"({', '.join(combos)})")
+    need(len(set(t.rows)) == len(t.rows), "tune.rows: a row is listed twice")
+    need("nearest" not in t.cf_sources or bool(t.eval_split),
+         "tune.cf_sources 'nearest' needs tune.eval_split: the nearest real image is drawn from the samples "
+         "outside the evaluation split")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -5,7 +5,9 @@
 
 Reads RUN/pairs (manifest.parquet, stats.json, config.toml), RUN/guide (the
 images, rejected pairs and s = 0 reconstructions included) and, if present,
-RUN/sweep/sweep.json. Writes into RUN/report/:
+RUN/sweep/sweep.json and RUN/tune/metrics.json (`cfgen tune`: the prompt-learning
+table, base / novel / HM / worst-group and the paired differences to each
+learner's baseline). Writes into RUN/report/:
     report.html        headline figures, contact sheets, plots; relative links only, no
                        scripts, no network: it opens from file://
     cards/*.png        one strip per pair: factual | counterfactual | |difference|
@@ -267,6 +269,39 @@ def _sweep_table(sweep: dict) -> str:
             + "</table>")
 
 
+def _ci(d: dict | None) -> str:
+    if d is None:
+        return ""
+    if d.get("low") is None:
+        return f"{d['mean']:+.3f}"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def tune_section(metrics: dict) -> str:
+    """The `cfgen tune` table (RUN/tune/metrics.json) as HTML."""
+    from cfgen.tune.protocol import METRICS
+
+    p = metrics["protocol"]
+    where = f"the '{p['eval_split']}' split" if p["eval_split"] else "every sample that is not a shot"
+    hp = p.get("hyperparameters", {})
+    legend = (f"Evaluation on {where} of the data source: {p['eval_images']} images, {len(p['cells'])} (group, class) "
+              f"cells; base classes {p['base']}, novel {p['novel']}; {p['shots']} shots per base class from "
+              f"{p['shot_pool']} pairs outside it; mean ± std over seeds {p['seeds']}. Δ: paired difference to the "
+              f"learner's baseline (lambda = 0, same seed, shots, init and batch order), mean [95% t interval]. "
+              f"Hyper-parameters {hp.get('selection', '')}: lam {hp.get('lam')}, epochs {hp.get('epochs')} "
+              f"(CoCoOp {hp.get('cocoop_epochs')}), lr {hp.get('lr')}.")
+    head = ["method", "base", "novel", "HM", "worst-group", "Δ worst-group", "Δ HM", "s/seed"]
+    body = []
+    for r in (metrics["rows"][k] for k in metrics["order"]):
+        delta = r.get("delta") or {}
+        cells = [r["label"]] + [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in METRICS]
+        cells += [_ci(delta.get("worst_group")), _ci(delta.get("hm")), f"{r['seconds']['mean']:.1f}"]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return ("<h2>Prompt tuning (cfgen tune)</h2>"
+            f"<p class='legend'>{html.escape(legend)}</p><table class='stats'><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
+
+
 def write_report(run_dir: Path) -> Path:
     """Write RUN/report/ (replacing an old one); returns the path of report.html."""
     from cfgen.data.sources import load_class_names
@@ -315,6 +350,9 @@ def write_report(run_dir: Path) -> Path:
              f" &middot; gates: p(y*) &ge; {cfg.pack.min_p_cf}, L1 &le; {cfg.pack.max_l1},"
              f" recon L1 &le; {cfg.pack.max_recon_l1}</p>",
              "<h2>Figures</h2>", _stats_table(stats)]
+    tune_metrics = run_dir / "tune" / "metrics.json"
+    if tune_metrics.is_file():
+        parts.append(tune_section(json.loads(tune_metrics.read_text())))
     for key, title in (("class_pairs", "One pair per class pair (the median-L1 example)"),
                        ("best", f"Best {SHEET_SIZE}: {best_by}"), ("worst", f"Worst {SHEET_SIZE}: {worst_by}")):
         parts.append(f"<h2>{html.escape(title)}</h2><p class='legend'>Each card: {html.escape(panels)}"

@@ -115,3 +115,43 @@ def test_cli_report_on_a_missing_run_is_a_one_line_error(tmp_path, monkeypatch, 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cfgen: error: report:") and len(err.splitlines()) == 1
+
+
+def test_report_shows_the_tune_table_when_the_run_has_one(shapes_report, tmp_path):
+    import shutil
+
+    from cfgen.report import write_report
+
+    run_dir, _, page, _ = shapes_report
+    assert "Prompt tuning" not in page.read_text()  # no RUN/tune/metrics.json: no section, still a report
+    for stage in ("guide", "pairs"):
+        shutil.copytree(run_dir / stage, tmp_path / stage)
+    fig = {"mean": 0.75, "std": 0.05}
+    delta = {"n": 5, "mean": 0.04, "sd": 0.02, "t": 2.776445, "half_width": 0.024833, "low": 0.015167, "high": 0.064833}
+    rows = {
+        "zero_shot": {"label": "zero-shot", "learner": None, "objective": None, "cf_source": None, "baseline": None,
+                      "base": fig, "novel": fig, "hm": fig, "worst_group": fig, "delta": None,
+                      "seconds": {"mean": 0.1, "total": 0.5}},
+        "coop": {"label": "CoOp", "learner": "coop", "objective": None, "cf_source": None, "baseline": None,
+                 "base": fig, "novel": fig, "hm": fig, "worst_group": fig, "delta": None,
+                 "seconds": {"mean": 2.0, "total": 10.0}},
+        "coop+dicap[true]": {"label": "CoOp+DiCap[true]", "learner": "coop", "objective": "dicap", "cf_source": "true",
+                             "baseline": "coop", "base": fig, "novel": fig, "hm": fig,
+                             "worst_group": {"mean": 0.62, "std": 0.03},
+                             "delta": {k: delta for k in ("base", "novel", "hm", "worst_group")},
+                             "seconds": {"mean": 2.0, "total": 10.0}},
+    }
+    metrics = {"protocol": {"eval_split": "test", "eval_images": 600, "cells": {"sand/circle": 70, "sky/square": 60},
+                            "classes": ["circle", "square", "triangle"], "base": [0, 1], "novel": [2], "pairs": 150,
+                            "shot_pool": 150, "shots": 16, "seeds": [1, 2, 3, 4, 5],
+                            "hyperparameters": {"selection": "fixed in advance", "lam": 1.0, "epochs": 50,
+                                                "cocoop_epochs": 10, "lr": 0.002}},
+               "order": ["zero_shot", "coop", "coop+dicap[true]"], "rows": rows}
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "metrics.json").write_text(json.dumps(metrics))
+    text = write_report(tmp_path).read_text()
+    section = text[text.index("<h2>Prompt tuning (cfgen tune)</h2>"):]
+    assert "600 images, 2 (group, class) cells" in section and "CoCoOp 10" in section
+    order = [section.index(f"<td>{label}</td>") for label in ("zero-shot", "CoOp", "CoOp+DiCap[true]")]
+    assert order == sorted(order)
+    assert "<td>0.620 ± 0.030</td><td>+0.040 [+0.015, +0.065]</td><td>+0.040 [+0.015, +0.065]</td>" in section

@@ -150,3 +150,19 @@ def test_shapes_config_is_validated():
     cfg = load_config(SHAPES, [f"data.classes='{digits_classes}'"])
     with pytest.raises(ConfigError, match="3 classes"):
         list_samples(cfg)
+
+
+def test_a_class_balanced_pool_of_some_classes_from_the_train_split():
+    """make benchmark's shots pool: data.only_classes, then the first data.class_limit of each class, then limit."""
+    cfg = load_config(SHAPES, ["data.use_split=train", 'data.only_classes=["circle", "square"]', "data.class_limit=3"])
+    refs = list_samples(cfg)
+    assert [r.label for r in refs].count(0) == 3 and [r.label for r in refs].count(1) == 3 and len(refs) == 6
+    train = [r for r in list_samples(load_config(SHAPES, ["data.use_split=train"])) if r.label in (0, 1)]
+    first = [r.id for r in train if r.label == 0][:3] + [r.id for r in train if r.label == 1][:3]
+    assert sorted(r.id for r in refs) == sorted(first)  # the first of each class, in the source's order
+    assert [r.id for r in refs] == [r.id for r in train if r.id in first]
+    assert len(list_samples(load_config(SHAPES, ["data.use_split=train", "data.class_limit=3", "data.limit=4"]))) == 4
+    with pytest.raises(ConfigError, match="data.only_classes: 'hexagon' is not a class"):
+        list_samples(load_config(SHAPES, ['data.only_classes=["hexagon"]']))
+    with pytest.raises(ConfigError, match="data.class_limit must be >= 0"):
+        load_config(SHAPES, ["data.class_limit=-1"])

@@ -157,23 +157,22 @@ def test_clip_image_features_match_library_on_preprocessed_pixels(clip):
 
 def test_tune_runs_end_to_end_on_a_clip_checkpoint(clip_dir, tmp_path):
     """The transformers backend inside the whole loop: 1-channel 8x8 digits into a 3-channel 16 px CLIP."""
-    import json
-
     from test_tune_cli import DIGITS, write_pair_shards
 
     from cfgen.config import load_config
     from cfgen.tune.train import run_tune
 
     shards = write_pair_shards(tmp_path / "pairs")
-    cfg = load_config(DIGITS, ["tune.eval_split=", "tune.shots=2", "tune.epochs=2", "tune.seeds=[1, 2]",
+    cfg = load_config(DIGITS, ["tune.eval_split=test", "tune.shots=2", "tune.epochs=2", "tune.seeds=[1, 2]",
                                "tune.backend=transformers", f"tune.vlm={clip_dir}", "tune.ctx_init="])
     metrics = run_tune(cfg, tmp_path / "run", str(shards / "pairs-{000000..000001}.tar"), log=lambda _: None)
-    assert set(metrics) == {"zero_shot", "baseline", "dicap"}
-    runs = json.loads((tmp_path / "run" / "tune" / "runs.json").read_text())
-    assert runs["backend"] == "transformers" and runs["model_id"].startswith("clip-")
-    assert len(list((tmp_path / "run" / "tune" / "cache" / runs["model_id"]).glob("*.safetensors"))) == 2
+    assert metrics["order"] == ["zero_shot", "coop", "coop+dicap[generated]"]
+    p = metrics["protocol"]
+    assert p["backend"] == "transformers" and p["model_id"].startswith("clip-") and p["eval_images"] == 360
+    cache = tmp_path / "run" / "tune" / "cache" / p["model_id"]
+    assert len(list(cache.glob("*.safetensors"))) == 2 and len(list(cache.glob("sets/eval-test-*.safetensors"))) == 1
     from safetensors.torch import load_file
 
-    ctx = load_file(str(tmp_path / "run" / "tune" / "prompts" / "dicap-seed2.safetensors"))["ctx"]
+    ctx = load_file(str(tmp_path / "run" / "tune" / "prompts" / "coop-dicap-generated-seed2.safetensors"))["ctx"]
     assert ctx.shape == (4, 32)  # n_ctx x the tiny CLIP's text width
 

@@ -116,7 +116,11 @@ def test_base_to_novel_split_and_shots():
 def test_summary_mean_std_and_harmonic_mean():
     assert harmonic_mean(0.9, 0.6) == pytest.approx(0.72)
     assert harmonic_mean(0.0, 0.0) == 0.0
-    s = summarize([{"base": 0.9, "new": 0.6}, {"base": 0.7, "new": 0.6}])
+    seeds = [{"base": 0.9, "novel": 0.6, "hm": 0.72, "worst_group": 0.5},
+             {"base": 0.7, "novel": 0.6, "hm": 2 * 0.7 * 0.6 / 1.3, "worst_group": 0.3}]
+    s = summarize(seeds)
+    assert set(s) == {"base", "novel", "hm", "worst_group"}
     assert s["base"] == {"mean": pytest.approx(0.8), "std": pytest.approx(math.sqrt(0.02))}  # ddof=1
-    assert s["new"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.0)}
-    assert s["hm"]["mean"] == pytest.approx((0.72 + 2 * 0.7 * 0.6 / 1.3) / 2)
+    assert s["novel"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.0)}
+    assert s["hm"]["mean"] == pytest.approx((0.72 + 0.6461538) / 2)  # HM per seed, then averaged
+    assert s["worst_group"] == {"mean": pytest.approx(0.4), "std": pytest.approx(math.sqrt(0.02))}

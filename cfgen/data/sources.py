@@ -2,7 +2,7 @@
 
     SOURCES["shapes"]              -> ShapesSource (data.source names one of these)
     open_source(cfg)               -> the configured Source (base.py: class names, samples, causal model)
-    list_samples(cfg, split=None)  -> every input SampleRef, filtered by split, limit and repeat
+    list_samples(cfg, split=None)  -> every input SampleRef, filtered by split, classes, class/total limit, repeated
     load_class_names(cfg)          -> data.classes, else the source's own list
 
 `list_samples` returns every input in a deterministic order, *including* the
@@ -59,14 +59,32 @@ def split_ids(cfg: Config) -> dict[str, str]:
 
 
 def list_samples(cfg: Config, split: str | None = None) -> list[SampleRef]:
-    """Every input sample, in a fixed order. `split` overrides data.use_split."""
-    refs = open_source(cfg).samples(load_class_names(cfg))
+    """Every input sample, in a fixed order. `split` overrides data.use_split.
+
+    Then data.only_classes, data.class_limit (the first N of each class), data.limit and data.repeat.
+    """
+    classes = load_class_names(cfg)
+    refs = open_source(cfg).samples(classes)
     want = cfg.data.use_split if split is None else split
     if want:
         if not cfg.data.split:
             raise ConfigError(f"data.use_split={want!r} needs data.split (a CSV of id,split)")
         splits = split_ids(cfg)
         refs = [r for r in refs if splits.get(r.id) == want]
+    if cfg.data.only_classes:
+        unknown = [c for c in cfg.data.only_classes if c not in classes]
+        if unknown:
+            raise ConfigError(f"data.only_classes: {unknown[0]!r} is not a class (classes: {', '.join(classes)})")
+        keep = {classes.index(c) for c in cfg.data.only_classes}
+        refs = [r for r in refs if r.label in keep]
+    if cfg.data.class_limit:
+        seen: dict[int, int] = {}
+        kept = []
+        for r in refs:
+            seen[r.label] = seen.get(r.label, 0) + 1
+            if seen[r.label] <= cfg.data.class_limit:
+                kept.append(r)
+        refs = kept
     if cfg.data.limit:
         refs = refs[: cfg.data.limit]
     if cfg.data.repeat > 1:

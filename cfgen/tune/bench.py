@@ -3,7 +3,8 @@
     cfgen tune --config pipelines/digits.toml --bench
     cfgen tune --config my.toml --bench --set tune.backend=transformers --set tune.vlm=/models/clip-vit-b-32
 
-One run, same shots (seed tune.seeds[0]), same learner, same steps. Without
+One run, same shots (seed tune.seeds[0]), same learner and objective (the first of
+tune.learners and tune.objectives, with the generated counterfactuals), same steps. Without
 the cache an epoch does what an input pipeline without it does every epoch:
 stream the pair shards, decode the factual and counterfactual PNGs of the
 shots (and only those) and run the frozen image encoder on them, then the
@@ -22,15 +23,16 @@ import numpy as np
 import torch
 
 from cfgen.config import Config
+from cfgen.data.sources import load_class_names
 from cfgen.data.images import decode_png
 from cfgen.device import pick_device
 from cfgen.shards import read_samples
 from cfgen.tune.backends import load_vlm
 from cfgen.tune.features import encode_images
 from cfgen.tune.losses import normalize
-from cfgen.tune.prompts import PromptLearner
 from cfgen.tune.protocol import sample_shots
-from cfgen.tune.train import cpu_threads, load_features, make_task, objective_loss, pair_shards, tune_dir
+from cfgen.tune.train import (check_class_names, cpu_threads, load_features, make_task, new_learner, objective_loss,
+                              pair_shards, tune_dir)
 
 
 def bench_cache(cfg: Config, run_dir: Path, pairs: str | None = None, epochs: int = 3,
@@ -45,20 +47,22 @@ def _bench(cfg: Config, run_dir: Path, pairs: str | None, epochs: int, device: t
     shards = pair_shards(cfg, run_dir, pairs)
     vlm = load_vlm(cfg, device)
     data = load_features(cfg, run_dir, shards, vlm)  # fills the cache if it is cold
-    task = make_task(data)
+    names = load_class_names(cfg)
+    check_class_names(data, names)
+    task = make_task(names)
     labels = data.label.numpy()
-    base_ids = [task.class_ids[int(p)] for p in task.base]
+    base_ids = task.base_ids
+    learner_kind, objective = t.learners[0], t.objectives[0]
     seed = t.seeds[0]
     train_idx = sample_shots(labels, np.ones(len(labels), dtype=bool), base_ids, t.shots, seed, data.names)
     shot_ids = {data.ids[i] for i in train_idx}
     order_in_data = {k: i for i, k in enumerate(data.ids)}
     base_pos = {int(p): i for i, p in enumerate(task.base)}
-    y_all = torch.tensor([base_pos[task.position[int(c)]] for c in data.label[train_idx]], device=device)
-    ycf_all = torch.tensor([base_pos.get(task.position[int(c)], -1) for c in data.cf_label[train_idx]], device=device)
+    y_all = torch.tensor([base_pos[int(c)] for c in data.label[train_idx]], device=device)
+    ycf_all = torch.tensor([base_pos.get(int(c), -1) for c in data.cf_label[train_idx]], device=device)
     classes = task.base.to(device)
     scale = 1.0 / t.temperature if t.temperature > 0 else vlm.logit_scale
-    learner = PromptLearner(vlm, task.names, t.n_ctx, t.ctx_init, conditional=t.learner == "cocoop",
-                            generator=torch.Generator().manual_seed(seed))
+    learner = new_learner(vlm, task, t, learner_kind, torch.Generator().manual_seed(seed))
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=t.lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
 
@@ -66,7 +70,7 @@ def _bench(cfg: Config, run_dir: Path, pairs: str | None, epochs: int, device: t
         order = torch.randperm(len(f), generator=gen)
         for s in range(0, len(f), t.batch_size):
             b = order[s: s + t.batch_size].to(device)
-            loss, _ = objective_loss(learner, t, t.objective, t.lam, scale, f[b], fcf[b], y_all[b], ycf_all[b], classes)
+            loss, _ = objective_loss(learner, t, objective, t.lam, scale, f[b], fcf[b], y_all[b], ycf_all[b], classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -99,7 +103,7 @@ def _bench(cfg: Config, run_dir: Path, pairs: str | None, epochs: int, device: t
         encode_s.append(t2 - t1)
         step_s.append(t3 - t2)
     result = {
-        "backend": vlm.name, "model_id": vlm.model_id, "learner": t.learner, "objective": t.objective,
+        "backend": vlm.name, "model_id": vlm.model_id, "learner": learner_kind, "objective": objective,
         "pairs": len(data.ids), "shards": len(shards), "train_pairs": len(train_idx), "images_per_epoch": 2 * len(train_idx),
         "batch_size": t.batch_size, "epochs_timed": epochs,
         "epoch_cached_s": float(np.median(cached)), "epoch_reencode_s": float(np.median(uncached)),

@@ -9,17 +9,32 @@ encoded once and stored under
 metadata). A shard that changes gets a new key; the stale entry of that shard
 is removed. Epochs then cost only the text side (see bench.py).
 
+Images that are not in the shards -- the data source's evaluation split, the
+real images the `nearest` counterfactuals are drawn from, the causal model's
+true counterfactuals -- are cached the same way, as a named set:
+
+    RUN/tune/cache/<model_id>/sets/<name>-<fingerprint>.safetensors
+
+where the fingerprint is a sha1 over what decides the pixels (the data config,
+the source module's code, every sample's id / label / origin and, for files,
+size and mtime): another sample list, source or model is another entry.
+
     urls = expand_urls("runs/digits/pairs/pairs-{000000..000003}.tar")
     pairs = load_pair_features(urls, vlm, cache_dir=Path("runs/digits/tune/cache"))
+    feats = load_image_set("eval-test", refs_fingerprint(cfg, refs), ids, loaders, vlm, cache_dir)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from cfgen.contract import PAIRS
 from cfgen.data.images import decode_png
-from cfgen.errors import InputError, ShardError
+from cfgen.errors import ImageDecodeError, InputError, ShardError
 from cfgen.shards import read_samples
 from cfgen.tune.backends import VLM
 
@@ -171,3 +186,96 @@ def load_pair_features(shards: list[Path], vlm: VLM, cache_dir: Path | None, bat
                         cf_label=torch.cat([p["cf_label"] for p in parts]).long(), names=names,
                         stats={"shards": len(shards), "cache_hits": hits, "cache_misses": misses,
                                "seconds": time.perf_counter() - start})
+
+
+# --------------------------------------------------------------------------- named image sets
+
+
+PIXEL_INDEPENDENT = ("limit", "repeat", "use_split", "only_classes", "class_limit", "shard_size")
+"""data keys that choose which samples a stage processes, not what their pixels are."""
+
+
+def refs_fingerprint(cfg, refs: Sequence, extra: object = None) -> str:
+    """sha1 of what decides the pixels of `refs` (SampleRefs): the data config, the source's code,
+    each sample's id, label, group and origin (plus size and mtime when the origin is a file)."""
+    from cfgen.data.sources import SOURCES
+
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in PIXEL_INDEPENDENT}
+    h = hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode())
+    source_cls = SOURCES.get(cfg.data.source)
+    if source_cls is not None:
+        try:
+            h.update(Path(inspect.getfile(source_cls)).read_bytes())
+        except (OSError, TypeError):
+            pass
+    for r in refs:
+        h.update(f"{r.id}|{r.label}|{r.group}|{r.origin}".encode())
+        p = Path(r.origin)
+        if r.origin and p.is_file():
+            st = p.stat()
+            h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class ImageSet:
+    """Frozen features of a named set of images (not from the pair shards)."""
+
+    ids: list[str]
+    """The ids whose image could be loaded, in the given order (the others are in `skipped`)."""
+    feat: torch.Tensor  # (N, D)
+    skipped: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def load_image_set(name: str, fingerprint: str, ids: list[str], loaders: list[Callable[[], np.ndarray]],
+                   vlm: VLM, cache_dir: Path | None, batch_size: int = 256) -> ImageSet:
+    """Features of the images `loaders[i]()` (uint8 H, W, C), cached as <name>-<fingerprint[:16]>.
+
+    A loader raising ImageDecodeError or ValueError skips that image (its id goes to `skipped`).
+    Older entries of the same name are removed when a new one is written.
+    """
+    start = time.perf_counter()
+    path = cache_dir / vlm.model_id / "sets" / f"{name}-{fingerprint[:16]}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+        feat = load_file(str(path))["feat"]
+        return ImageSet(json.loads(meta["ids"]), feat, json.loads(meta["skipped"]),
+                        {"cached": True, "images": feat.shape[0], "seconds": time.perf_counter() - start})
+    kept, skipped, feats, batch, batch_ids = [], [], [], [], []
+
+    def flush() -> None:
+        if batch:
+            feats.append(encode_images(vlm, np.stack(batch), batch_size))
+            kept.extend(batch_ids)
+            batch.clear()
+            batch_ids.clear()
+
+    for i, load in zip(ids, loaders):
+        try:
+            pixels = load()
+        except (ImageDecodeError, ValueError):
+            skipped.append(i)
+            continue
+        if batch and pixels.shape != batch[0].shape:
+            raise InputError(f"tune: image {i} is {pixels.shape}, others of the set {name!r} {batch[0].shape}")
+        batch.append(pixels)
+        batch_ids.append(i)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    feat = torch.cat(feats) if feats else torch.zeros(0, vlm.embed_dim)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f"{glob.escape(name)}-*.safetensors"):
+            if stale.name.rsplit("-", 1)[0] == name:
+                stale.unlink(missing_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"feat": feat.contiguous()}, str(tmp), metadata={"ids": json.dumps(kept), "skipped": json.dumps(skipped)})
+        tmp.replace(path)
+    return ImageSet(kept, feat, skipped, {"cached": False, "images": len(kept), "seconds": time.perf_counter() - start})

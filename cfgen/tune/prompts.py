@@ -64,27 +64,43 @@ class PromptLearner(nn.Module):
 
     def _encode(self, ctx: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Text features for prompts `classes` (P,) with context ctx (P, n_ctx, dim)."""
-        embeds = torch.cat([self.prefix[classes], ctx, self.suffix[classes]], dim=1)
-        return self.vlm.encode_prompt_embeds(embeds, self.tokens.select(classes.cpu()))
+        return encode_prompts([self], [(ctx, classes)])[0]
 
     def _shifted(self, image_features: torch.Tensor) -> torch.Tensor:
         """CoCoOp's per-image context (B, n_ctx, dim): ctx + meta_net(normalized image feature)."""
         f = image_features / image_features.norm(dim=-1, keepdim=True)
         return self.ctx[None] + self.meta_net(f)[:, None, :]
 
-    def class_features(self, image_features: torch.Tensor | None = None,
-                       classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Text features of every class in `classes` (default all): (C, D) for CoOp, (B, C, D) for CoCoOp."""
+    def class_prompts(self, image_features: torch.Tensor | None = None,
+                      classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ctx (P, n_ctx, dim), classes (P,)) of the prompts `class_features` encodes: the C classes
+        (CoOp, P = C), or every class for every image, image-major (CoCoOp, P = B * C)."""
         if classes is None:
             classes = torch.arange(len(self.class_names))
         classes = classes.to(self.prefix.device)
         c = classes.shape[0]
         if not self.conditional:
-            return self._encode(self.ctx[None].expand(c, -1, -1), classes)
+            return self.ctx[None].expand(c, -1, -1), classes
         ctx = self._shifted(image_features)  # (B, n, dim)
         b = ctx.shape[0]
-        feats = self._encode(ctx[:, None].expand(b, c, -1, -1).reshape(b * c, self.n_ctx, -1), classes.repeat(b))
-        return feats.view(b, c, -1)
+        return ctx[:, None].expand(b, c, -1, -1).reshape(b * c, self.n_ctx, -1), classes.repeat(b)
+
+    def paired_prompts(self, image_features: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ctx, classes) of the prompt of classes[i] as image i sees it (CoCoOp: conditioned on image i)."""
+        classes = classes.to(self.prefix.device)
+        if not self.conditional:
+            return self.ctx[None].expand(classes.shape[0], -1, -1), classes
+        return self._shifted(image_features), classes
+
+    def class_features(self, image_features: torch.Tensor | None = None,
+                       classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Text features of every class in `classes` (default all): (C, D) for CoOp, (B, C, D) for CoCoOp."""
+        ctx, cls = self.class_prompts(image_features, classes)
+        feats = self._encode(ctx, cls)
+        if not self.conditional:
+            return feats
+        c = len(self.class_names) if classes is None else classes.shape[0]
+        return feats.view(-1, c, feats.shape[-1])
 
     def paired_features(self, image_features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """(B, D): the prompt of classes[i] as image i sees it (CoCoOp conditions it on image i)."""
@@ -92,7 +108,7 @@ class PromptLearner(nn.Module):
         if not self.conditional:  # one prompt per distinct class, gathered
             uniq, inverse = classes.unique(return_inverse=True)
             return self._encode(self.ctx[None].expand(uniq.shape[0], -1, -1), uniq)[inverse]
-        return self._encode(self._shifted(image_features), classes)
+        return self._encode(*self.paired_prompts(image_features, classes))
 
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """The learned tensors (ctx, and the meta-net's weights for CoCoOp), for safetensors."""
@@ -100,3 +116,20 @@ class PromptLearner(nn.Module):
         if self.meta_net is not None:
             state.update({f"meta_net.{k}": v.detach().cpu().contiguous() for k, v in self.meta_net.state_dict().items()})
         return state
+
+
+def encode_prompts(learners: list[PromptLearner], requests: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Text features of several prompt batches in ONE pass of the frozen text encoder.
+
+    requests: (ctx (P, n_ctx, dim), classes (P,)) pairs, e.g. from `class_prompts` /
+    `paired_prompts` of learners that share the VLM and class names (every row of a
+    learner trained in lockstep). Returns the (P, D) features of each request, in order.
+    Many tiny encoder calls cost mostly per-call overhead on a CPU; one call of all of
+    them does not, and each learner's gradients still come from its own prompts only.
+    """
+    first = learners[0]
+    cls = torch.cat([c.to(first.prefix.device) for _, c in requests])
+    embeds = torch.cat([torch.cat([first.prefix[c], ctx, first.suffix[c]], dim=1)
+                        for (ctx, _), c in zip(requests, cls.split([len(c) for _, c in requests]))])
+    feats = first.vlm.encode_prompt_embeds(embeds, first.tokens.select(cls.cpu()))
+    return list(feats.split([len(c) for _, c in requests]))

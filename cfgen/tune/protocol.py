@@ -1,18 +1,23 @@
-"""Base-to-novel evaluation as CoOp / CoCoOp do it.
+"""Base-to-novel evaluation as CoOp / CoCoOp do it, worst-group accuracy, and the paired statistics.
 
-- the class ids found in the shards are sorted; the first ceil(n/2) are the
-  *base* classes, the rest the *novel* ("new") ones;
+- the classes of the source's class list are sorted by index; the first ceil(n/2)
+  are the *base* classes, the rest the *novel* ones;
 - each seed draws K shots per base class (numpy's default_rng(seed)) from the
-  training pool; prompts are trained on those only;
-- base accuracy is measured on held-out samples of base classes, classifying
-  among the base classes; novel accuracy on samples of novel classes, among the
-  novel classes; HM = 2BN / (B + N);
+  pool of pairs outside the evaluation split; prompts are trained on those only;
+- every evaluation image is classified within its own half: an image of a base
+  class among the base classes, one of a novel class among the novel classes;
+  base accuracy is the accuracy on the base-class images, novel accuracy on the
+  novel-class images, HM = 2BN / (B + N);
+- worst-group accuracy (DESIGN §9): the minimum over the (group, class) cells of
+  the evaluation images of the accuracy in that cell (groups = the source's
+  `SampleRef.group`, e.g. the shapes environment; a source without groups gives
+  one group, so it is the worst-class accuracy);
 - each figure is reported as mean and sample standard deviation (ddof=1) over
-  the seeds; HM is computed per seed, then averaged.
-
-The held-out samples are those whose id the data.split CSV marks with
-`tune.eval_split` (the shots then come from the other ids), or, with
-`tune.eval_split = ""`, every sample not drawn as a shot.
+  the seeds; HM is computed per seed, then averaged;
+- a method is compared with its learner's baseline (lambda = 0, same seed, shots,
+  initialisation and batch order) by the paired difference d_s = m(method, s) -
+  m(baseline, s): mean(d) with a 95% Student-t interval on n - 1 degrees of
+  freedom, mean(d) ± t_{0.975, n-1} sd(d) / sqrt(n) (`paired_difference`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import math
 import numpy as np
 import torch
 
-from cfgen.config import ConfigError
+from cfgen.errors import ConfigError
+
+METRICS = ("base", "novel", "hm", "worst_group")
+"""The per-seed figures of a row, in table order."""
 
 
 def split_classes(class_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -33,7 +41,7 @@ def split_classes(class_ids: list[int]) -> tuple[list[int], list[int]]:
 
 
 def sample_shots(labels: np.ndarray, pool: np.ndarray, classes: list[int], shots: int, seed: int,
-                 names: dict[int, str] | None = None) -> np.ndarray:
+                 names: dict[int, str] | None = None, where: str = "") -> np.ndarray:
     """Indices of `shots` samples per class in `classes`, drawn from the boolean `pool`; sorted."""
     rng = np.random.default_rng(seed)
     chosen = []
@@ -41,7 +49,7 @@ def sample_shots(labels: np.ndarray, pool: np.ndarray, classes: list[int], shots
         candidates = np.flatnonzero(pool & (labels == c))
         if len(candidates) < shots:
             name = (names or {}).get(c, c)
-            raise ConfigError(f"tune.shots={shots} but class {name!r} has only {len(candidates)} training pairs")
+            raise ConfigError(f"tune.shots={shots} but class {name!r} has only {len(candidates)} training pairs{where}")
         chosen.append(rng.choice(candidates, size=shots, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
@@ -56,24 +64,103 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2.0 * base * new / (base + new)
 
 
+def cell_name(group: str, class_name: str) -> str:
+    """The key of a (group, class) cell: 'sand/circle', or the class alone for a source without groups."""
+    return f"{group}/{class_name}" if group else class_name
+
+
+def cell_accuracies(correct: np.ndarray, groups: list[str] | np.ndarray, labels: np.ndarray,
+                    names: dict[int, str] | None = None) -> dict[str, float]:
+    """Accuracy in every (group, class) cell present; keys by `cell_name`, sorted by (group, class)."""
+    correct = np.asarray(correct, dtype=bool)
+    groups = np.asarray(groups, dtype=object)
+    labels = np.asarray(labels)
+    out = {}
+    for g, c in sorted({(str(g), int(c)) for g, c in zip(groups, labels)}):
+        m = (groups == g) & (labels == c)
+        out[cell_name(g, (names or {}).get(c, str(c)))] = float(correct[m].mean())
+    return out
+
+
+def worst_group(cells: dict[str, float]) -> float:
+    """Worst-group accuracy: the minimum cell accuracy (nan without cells)."""
+    return min(cells.values()) if cells else float("nan")
+
+
+def split_metrics(correct: np.ndarray, labels: np.ndarray, groups: list[str] | np.ndarray, base: list[int],
+                  names: dict[int, str] | None = None) -> dict:
+    """Per-seed figures of one method: base, novel, hm, worst_group and the cell accuracies.
+
+    `correct[i]`: image i was classified right within its own half (base or novel classes).
+    """
+    correct = np.asarray(correct, dtype=bool)
+    labels = np.asarray(labels)
+    is_base = np.isin(labels, base)
+    b = float(correct[is_base].mean()) if is_base.any() else float("nan")
+    n = float(correct[~is_base].mean()) if (~is_base).any() else float("nan")
+    cells = cell_accuracies(correct, groups, labels, names)
+    return {"base": b, "novel": n, "hm": harmonic_mean(b, n), "worst_group": worst_group(cells), "cells": cells}
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
     return {"mean": float(arr.mean()), "std": std}
 
 
-def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """[{"base": b, "new": n}, ...] over seeds -> {"base": {mean, std}, "new": ..., "hm": ...}."""
-    return {"base": mean_std([r["base"] for r in per_seed]),
-            "new": mean_std([r["new"] for r in per_seed]),
-            "hm": mean_std([harmonic_mean(r["base"], r["new"]) for r in per_seed])}
+def summarize(per_seed: list[dict[str, float]], keys: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
+    """[{"base": b, "novel": n, "hm": h, "worst_group": w}, ...] over seeds -> {key: {mean, std}}."""
+    return {k: mean_std([r[k] for r in per_seed]) for k in keys}
 
 
-def format_table(metrics: dict[str, dict], seeds: list[int]) -> str:
-    """The base / new / HM table, mean ± std over the seeds."""
-    lines = [f"base-to-novel accuracy, mean ± std over seeds {', '.join(map(str, seeds))}",
-             f"{'method':<12}{'base':>17}{'new':>17}{'HM':>17}"]
-    for method, m in metrics.items():
-        cells = "".join(f"{m[k]['mean']:>9.3f} ± {m[k]['std']:.3f}" for k in ("base", "new", "hm"))
-        lines.append(f"{method:<12}{cells}")
+def paired_difference(method: list[float], baseline: list[float], confidence: float = 0.95) -> dict:
+    """Paired difference d_s = method[s] - baseline[s] over seeds, with a Student-t interval.
+
+    Returns n, mean, sd (ddof=1), t (the t_{(1+confidence)/2, n-1} quantile), half_width =
+    t * sd / sqrt(n), low, high. With one seed there is no interval (sd, t, half_width, low,
+    high are None).
+    """
+    from scipy import stats
+
+    d = np.asarray(method, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0:
+        raise ValueError("paired_difference: give one value per seed for the method and its baseline")
+    n, mean = len(d), float(d.mean())
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "t": None, "half_width": None, "low": None, "high": None}
+    sd = float(d.std(ddof=1))
+    t = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1))
+    half = t * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "t": t, "half_width": half, "low": mean - half, "high": mean + half}
+
+
+def _pm(m: dict) -> str:
+    return f"{m['mean']:.3f} ± {m['std']:.3f}"
+
+
+def _delta(d: dict | None) -> str:
+    if d is None:
+        return ""
+    if d["low"] is None:
+        return f"{d['mean']:+.3f}"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def format_table(metrics: dict) -> str:
+    """The table `cfgen tune` prints, from the metrics.json structure (train.py)."""
+    p = metrics["protocol"]
+    seeds = ", ".join(map(str, p["seeds"]))
+    where = f"the {p['eval_split']!r} split" if p["eval_split"] else "every sample that is not a shot"
+    lines = [(f"base-to-novel accuracy on {where} ({p['eval_images']} images, {len(p['cells'])} (group, class) "
+              f"cells), {p['shots']} shots per base class; mean ± std over seeds {seeds}"),
+             ("Δ = method - its learner's baseline (lambda = 0; same seed, shots, init, batch order): "
+              "mean [95% paired t interval]")]
+    head = (f"{'method':<26}{'base':>15}{'novel':>15}{'HM':>15}{'worst-group':>15}"
+            f"  {'Δ worst-group':<25}{'Δ HM':<25}{'s/seed':>7}")
+    lines.append(head)
+    for r in (metrics["rows"][k] for k in metrics["order"]):
+        delta = r.get("delta") or {}
+        cells = "".join(f"{_pm(r[k]):>15}" for k in METRICS)
+        lines.append(f"{r['label']:<26}{cells}  {_delta(delta.get('worst_group')):<25}{_delta(delta.get('hm')):<25}"
+                     f"{r['seconds']['mean']:>7.1f}")
     return "\n".join(lines)
