@@ -25,11 +25,11 @@ CFGEN := $(BIN)/accelerate launch --multi_gpu --num_processes $(NUM_PROCESSES) $
 endif
 
 # make benchmark: the pairs' value. BENCH_POOL picks the train-split images whose pairs are the shots
-# pool (shots come from base classes only: circle, square for shapes), gates on.
-BENCH_CONFIG ?= pipelines/shapes.toml
+# pool (shots come from the base classes only: circle, square, triangle of shapes6), gates on.
+BENCH_CONFIG ?= pipelines/shapes6.toml
 BENCH_RUN ?= runs/$(basename $(notdir $(BENCH_CONFIG)))-benchmark
-BENCH_VLM ?= models/shapes/vlm
-BENCH_POOL ?= --set data.use_split=train --set 'data.only_classes=["circle", "square"]' \
+BENCH_VLM ?= models/shapes6/vlm
+BENCH_POOL ?= --set data.use_split=train --set 'data.only_classes=["circle", "square", "triangle"]' \
 	--set data.class_limit=40 --set pack.require_flip=true
 
 .PHONY: help install demo test invert guide pack run evaluate train bench bench-tune shapes benchmark report clean

@@ -90,6 +90,11 @@ class DataConfig:
     shapes_spurious: float = 0.9
     """source='shapes': in the train split, the probability that the class follows the environment
     (the background cue); the test split draws the class independently of it."""
+    shapes_classes: int = 3
+    """source='shapes': K, the number of classes (the first K of circle, square, triangle, diamond,
+    cross, ring, star, saltire) and of environments (background tints); 3 is the original dataset."""
+    shapes_scale: float = 1.0
+    """source='shapes': object size, as a multiple of the original (radius 0.24-0.29 of the image side)."""
 
 
 @dataclass
@@ -425,6 +430,8 @@ def validate(cfg: Config) -> None:
          f"train.classifier.balance_groups needs a source that records groups; {cfg.data.source!r} does not")
     need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")
     need(0.0 <= cfg.data.shapes_spurious <= 1.0, f"data.shapes_spurious must be in [0, 1], got {cfg.data.shapes_spurious}")
+    need(2 <= cfg.data.shapes_classes <= 8, f"data.shapes_classes must be in 2..8, got {cfg.data.shapes_classes}")
+    need(0.3 <= cfg.data.shapes_scale <= 1.0, f"data.shapes_scale must be in [0.3, 1], got {cfg.data.shapes_scale}")
     check_template(cfg.pack.caption, "pack.caption")
     need(0.0 <= cfg.pack.min_p_cf <= 1.0, f"pack.min_p_cf must be in [0, 1], got {cfg.pack.min_p_cf}")
     need(cfg.pack.max_l1 >= 0.0, f"pack.max_l1 must be >= 0, got {cfg.pack.max_l1}")

@@ -40,6 +40,7 @@ STAGE_KEYS = {
     "invert": [("pipeline", "seed"), ("data", "source"), ("data", "use_split"), ("data", "image_size"),
                ("data", "channels"), ("data", "shard_size"), ("data", "limit"), ("data", "repeat"),
                ("data", "max_image_pixels"), ("data", "shapes_count"), ("data", "shapes_spurious"),
+               ("data", "shapes_classes"), ("data", "shapes_scale"), ("data", "only_classes"), ("data", "class_limit"),
                ("model", "kind"), ("model", "prompt"), ("model", "dtype"), ("invert", "steps"), ("invert", "t_inv")],
     "guide": [("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
               ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence")],

@@ -11,7 +11,12 @@ of one caption, so the text-to-image direction counts every image of that
 caption as a positive. Images are shifted by up to one pixel as augmentation.
 It trains on the samples the data.split CSV does not mark 'test' and reports
 zero-shot accuracy on the 'test' ones, so `cfgen tune --set
-tune.eval_split=test` evaluates on images the VLM never saw.
+tune.eval_split=test` evaluates on images the VLM never saw. metrics.json also
+gives, with the zero-shot prompt `cfgen tune` starts from ("a photo of a
+{label_name}."), base and novel accuracy as `cfgen tune` measures them (the
+first ceil(K/2) classes among themselves, the rest among themselves) and, when
+the source records a group per sample (shapes: the environment), the accuracy
+of every (group, class) cell of the test split and the worst of them.
 """
 
 from __future__ import annotations
@@ -60,11 +65,44 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
+def zero_shot_logits(tower: ImageTower, text: MiniLMText, x: torch.Tensor, names: list[str],
+                     template: str) -> torch.Tensor:
+    """Cosine similarities (N, C) of the images to the template filled with every class name."""
+    t = F.normalize(text.encode_text([template.format(label_name=n) for n in names]), dim=-1)
+    return F.normalize(tower(x), dim=-1) @ t.t()
+
+
 def zero_shot_accuracy(tower: ImageTower, text: MiniLMText, x: torch.Tensor, y: torch.Tensor,
                        names: list[str], template: str) -> float:
-    t = F.normalize(text.encode_text([template.format(label_name=n) for n in names]), dim=-1)
-    f = F.normalize(tower(x), dim=-1)
-    return float(((f @ t.t()).argmax(1) == y).float().mean())
+    return float((zero_shot_logits(tower, text, x, names, template).argmax(1) == y).float().mean())
+
+
+def zero_shot_breakdown(logits: torch.Tensor, y: torch.Tensor, names: list[str], groups: list[str]) -> dict:
+    """Zero-shot figures from cosine logits (N, C): overall, base / novel as `cfgen tune` splits the
+    classes (each among its own classes only), and per (group, class) cell with the worst cell."""
+    from cfgen.tune.protocol import split_classes
+
+    def acc(mask: torch.Tensor, classes: list[int]) -> float:
+        sub = logits[mask][:, classes]
+        target = torch.searchsorted(torch.tensor(classes), y[mask])
+        return float((sub.argmax(1) == target).float().mean()) if mask.any() else float("nan")
+
+    every = list(range(len(names)))
+    base, novel = split_classes(every)
+    out = {"overall": acc(torch.ones_like(y, dtype=torch.bool), every),
+           "base": acc(torch.isin(y, torch.tensor(base)), base),
+           "novel": acc(torch.isin(y, torch.tensor(novel)), novel),
+           "base_classes": [names[c] for c in base], "novel_classes": [names[c] for c in novel]}
+    if any(groups):
+        cells = {}
+        for g in sorted(set(groups)):
+            for c in every:
+                mask = torch.tensor([gi == g for gi in groups]) & (y == c)
+                if mask.any():
+                    cells[f"{g}/{names[c]}"] = {"accuracy": acc(mask, every), "count": int(mask.sum())}
+        worst = min(cells, key=lambda k: cells[k]["accuracy"])
+        out.update({"worst_group": cells[worst]["accuracy"], "worst_group_cell": worst, "by_group": cells})
+    return out
 
 
 def train_vlm(cfg: Config, out: Path | None = None) -> dict:
@@ -80,7 +118,8 @@ def _train_vlm(cfg: Config, out: Path | None, device: torch.device) -> dict:
     start = time.perf_counter()
     torch.manual_seed(cfg.pipeline.seed)
     tc = cfg.train.vlm
-    x, y, ids = load_arrays(cfg, split="")
+    groups: list[str] = []
+    x, y, ids = load_arrays(cfg, split="", groups=groups)
     train, test = split_train_test(cfg, y, ids)
     names = load_class_names(cfg)
     text = MiniLMText().to(device)
@@ -111,6 +150,8 @@ def _train_vlm(cfg: Config, out: Path | None, device: torch.device) -> dict:
         "logit_scale": round(tower.logit_scale.exp().item(), 3),
         "zero_shot_test_accuracy": {t: zero_shot_accuracy(tower, text, xte, yte, names, t) for t in templates},
         "parameters": sum(p.numel() for p in tower.parameters()),
+        "zero_shot_test": zero_shot_breakdown(zero_shot_logits(tower, text, xte, names, ZERO_SHOT_TEMPLATE), yte,
+                                              names, [g for g, keep in zip(groups, test.tolist()) if keep]),
     }
     out = out or cfg.path(cfg.tune.vlm)
     tower.save_pretrained(out)
