@@ -29,10 +29,11 @@ endif
 BENCH_CONFIG ?= pipelines/shapes6.toml
 BENCH_RUN ?= runs/$(basename $(notdir $(BENCH_CONFIG)))-benchmark
 BENCH_VLM ?= models/shapes6/vlm
+BENCH_GPU_ARGS ?=
 BENCH_POOL ?= --set data.use_split=train --set 'data.only_classes=["circle", "square", "triangle"]' \
 	--set data.class_limit=40 --set pack.require_flip=true
 
-.PHONY: help install demo test invert guide pack run evaluate train bench bench-tune shapes benchmark report clean
+.PHONY: help install demo test invert guide pack run evaluate train bench bench-gpu bench-tune shapes benchmark report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -75,6 +76,9 @@ train: install ## retrain the embedded digits models (diffusion, classifier, the
 
 bench: install ## guide-stage throughput vs compute alone vs a one-at-a-time reference
 	$(BIN)/cfgen bench --config $(CONFIG)
+
+bench-gpu: install ## guided step of ADM-256 / SD 1.5-sized random models: pairs/s, TFLOP/s, MFU, memory (CPU: BENCH_GPU_ARGS=--tiny)
+	$(BIN)/python -m cfgen.gpu_bench $(BENCH_GPU_ARGS)
 
 bench-tune: install ## cfgen tune: epoch time with the feature cache vs re-encoding the images
 	$(BIN)/cfgen tune --config $(CONFIG) $(OUT_FLAG) --bench

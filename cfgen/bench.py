@@ -11,8 +11,10 @@ From one run on the same samples and models it measures:
 - a reference that works the way the public implementations (Diff-SCM, DiME,
   ACE) do: one sample at a time, fp32, decode -> compute -> encode -> write with
   no overlap; speedup_vs_reference = end-to-end / reference.
-On a GPU it also prints the UNet forward's achieved TFLOP/s against the
-device's dense bf16 peak. The last line is one JSON object.
+It also counts what a pair costs (UNet evaluations, predictor forwards and
+backwards, VAE passes, escalation included, and model FLOPs), and the achieved
+FLOP/s of the UNet forward and of the whole guided step; on a GPU in bf16, their
+share of the device's dense bf16 peak (MFU). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -37,8 +39,56 @@ from cfgen.stages.common import config_grid
 from cfgen.stages.guide import guide_batch, run_guide
 from cfgen.stages.invert import Inverted, read_inverted, run_invert
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense (not sparse) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets, most specific
+# name first: torch.cuda.get_device_name says e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe",
+# "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB", "NVIDIA A10G". A GPU not listed gets no MFU, not a guess.
+BF16_PEAK_TFLOPS = (
+    (r"\bH100\b.*\bPCIe\b", 756.0), (r"\bH100\b.*\bNVL\b", 835.0), (r"\bH100\b", 989.0),
+    (r"\bH200\b", 989.0), (r"\bGH200\b", 989.0), (r"\bA100\b", 312.0), (r"\bL40S\b", 362.0),
+    (r"\bL4\b", 121.0), (r"\bA10\b", 125.0),
+)
+"""(pattern, peak) pairs; `bf16_peak` takes the first whose pattern matches the device name."""
+
+
+class FlopCount:
+    """Model FLOPs of everything run inside `with FlopCount() as c:` (forward and backward), in `c.total`.
+
+    torch's FlopCounterMode without its module tracker: the tracker's backward hooks refuse
+    `torch.autograd.grad` (the guidance gradient) with "A leaf node was passed to
+    _will_engine_execute_node"; the per-op formulas are torch's own (flop_registry).
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        owner = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    owner.total += formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.total = 0
+        self._mode = _Mode()
+
+    def __enter__(self) -> "FlopCount":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def bf16_peak(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name, or None when it is not in the table."""
+    import re
+
+    return next((peak for pattern, peak in BF16_PEAK_TFLOPS if re.search(pattern, device_name)), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -95,15 +145,13 @@ def _reference(models: Models, cfg: Config, classes, grid, samples: list[Inverte
 
 def _unet_tflops(models: Models, cfg: Config) -> tuple[float, float | None]:
     """Achieved TFLOP/s of the UNet forward at the guide batch size, and the device's bf16 peak."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     bs, c, s = cfg.guide.batch_size, cfg.data.channels, cfg.data.image_size
     x = torch.randn(bs, *models.sample_shape(c, s), device=models.device)  # latents for latent models
     t = torch.full((bs,), 10, dtype=torch.long, device=models.device)
     with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
+        with FlopCount() as counter:
             models.eps(x, t)
-        flops = counter.get_total_flops()
+        flops = counter.total
         for _ in range(3):
             models.eps(x, t)
         _sync(models.device)
@@ -113,11 +161,56 @@ def _unet_tflops(models: Models, cfg: Config) -> tuple[float, float | None]:
             models.eps(x, t)
         _sync(models.device)
     achieved = flops * reps / (time.perf_counter() - start) / 1e12
-    peak = None
-    if models.device.type == "cuda":
-        name = torch.cuda.get_device_name(models.device)
-        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    return achieved, peak
+    return achieved, _peak(models)
+
+
+def _peak(models: Models) -> float | None:
+    """The peak an MFU is measured against: bf16 runs only (an fp32 run divided by it would mislead)."""
+    if models.device.type != "cuda" or models.dtype != torch.bfloat16:
+        return None
+    return bf16_peak(torch.cuda.get_device_name(models.device))
+
+
+def work_per_pair(models: Models, cfg: Config, classes, grid, samples: list[Inverted]) -> dict:
+    """What the guide compute costs a pair, escalation included: network passes counted in samples
+    (a batch of 8 through the UNet is 8 UNet evaluations) and model FLOPs (forward and backward).
+
+    One untimed pass of the same guide_batch calls as `_compute_only`, under hooks and
+    FlopCount, so pairs/s can be set against any device's peak and against
+    the published costs of other methods in UNet evaluations per counterfactual.
+    """
+    counts = {"unet_evals": 0, "predictor_forwards": 0, "predictor_backwards": 0, "vae_encodes": 0,
+              "vae_decodes": 0}
+
+    def hook(*keys):
+        def count(module, args, kwargs, output):
+            n = int(args[0].shape[0]) if args else int(next(iter(kwargs.values())).shape[0])
+            counts[keys[0]] += n
+            if len(keys) > 1 and torch.is_grad_enabled():  # a predictor pass under grad is differentiated
+                counts[keys[1]] += n
+        return count
+
+    watched = [(models.unet, ("unet_evals",))]
+    if models.classifier is not None:
+        watched.append((models.classifier, ("predictor_forwards", "predictor_backwards")))
+    if models.vae is not None:
+        watched += [(models.vae.vae.encoder, ("vae_encodes",)), (models.vae.vae.decoder, ("vae_decodes",))]
+    handles = [m.register_forward_hook(hook(*keys), with_kwargs=True) for m, keys in watched]
+    factual, noise, labels, seeds = _arrays(cfg, samples)
+    bs = cfg.guide.batch_size
+    try:
+        with FlopCount() as flops:
+            for k in range(0, len(samples), bs):
+                guide_batch(models, cfg, classes, grid, factual[k:k + bs], noise[k:k + bs], labels[k:k + bs],
+                            seeds[k:k + bs])
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(samples)
+    out = {key: value / n for key, value in counts.items()}
+    out["gflop"] = flops.total / n / 1e9
+    out["reverse_steps"] = len(grid) - 1
+    return out
 
 
 def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, work_dir: Path | None = None) -> dict:
@@ -140,6 +233,9 @@ def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, wor
     compute_pairs_per_s = _compute_only(models, cfg, classes, grid, resident)
     reference_pairs_per_s = _reference(models, cfg, classes, grid, resident[:reference_samples])
     tflops, peak = _unet_tflops(models, cfg)
+    work = work_per_pair(models, cfg, classes, grid, resident)
+    # the whole guided step's achieved rate: counted FLOPs a pair at the compute-alone pairs/s
+    step_tflops = work["gflop"] * compute_pairs_per_s / 1e3
     result = {
         "device": str(models.device) if models.device.type == "cpu" else torch.cuda.get_device_name(models.device),
         "dtype": str(models.dtype).replace("torch.", ""),
@@ -151,6 +247,9 @@ def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, wor
         "speedup_vs_reference": pairs_per_s / reference_pairs_per_s,
         "unet_tflops": tflops,
         "unet_mfu": (tflops / peak) if peak else None,
+        "per_pair": work,
+        "guide_tflops": step_tflops,
+        "guide_mfu": (step_tflops / peak) if peak else None,
     }
     return result
 
@@ -165,6 +264,11 @@ def format_bench(r: dict) -> str:
         f"speed-up vs reference           {r['speedup_vs_reference']:10.1f}x",
         f"UNet forward                    {r['unet_tflops'] * 1e3:10.2f} GFLOP/s"
         + (f" = {r['unet_mfu']:.1%} of bf16 peak" if r["unet_mfu"] else ""),
+        f"guide compute (fwd + bwd)       {r['guide_tflops'] * 1e3:10.2f} GFLOP/s"
+        + (f" = {r['guide_mfu']:.1%} of bf16 peak" if r["guide_mfu"] else ""),
+        "per pair, escalation included ({reverse_steps} reverse steps a pass): {unet_evals:.1f} UNet evaluations, "
+        "{predictor_forwards:.1f} predictor forwards ({predictor_backwards:.1f} differentiated), "
+        "{vae_encodes:.1f} VAE encodes, {vae_decodes:.1f} VAE decodes, {gflop:.2f} GFLOP".format(**r["per_pair"]),
         json.dumps(r),
     ]
     return "\n".join(lines)

@@ -108,8 +108,10 @@ class ModelConfig:
     device: str = "auto"
     """'auto' (cuda:<LOCAL_RANK> if available, else cpu), 'cpu' or 'cuda[:N]'."""
     dtype: Dtype = "auto"
-    """Autocast dtype of the networks: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.
-    The DDIM update itself always runs in fp32."""
+    """Autocast dtype of the networks: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.
+    The DDIM update itself always runs in fp32. 'fp16' is refused: the guidance gradient is taken
+    without loss scaling, and per-pixel gradients below fp16's range (6e-8) flush to zero, so guidance
+    would silently weaken; bf16 has fp32's range at the same memory."""
     compile: bool = False
     """torch.compile the UNet and the classifier (pays off on long GPU runs)."""
     trust_checkpoint: bool = False
@@ -428,6 +430,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.source in SOURCES, f"data.source: expected {_one_of(sorted(SOURCES))}, got {cfg.data.source!r}")
     need(not cfg.train.classifier.balance_groups or SOURCES[cfg.data.source].records_groups,
          f"train.classifier.balance_groups needs a source that records groups; {cfg.data.source!r} does not")
+    need(cfg.model.dtype != "fp16", "model.dtype='fp16' is refused: guidance gradients are not loss-scaled and "
+                                    "underflow in fp16; use 'bf16' (fp32's range, same memory) or 'fp32'")
     need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")
     need(0.0 <= cfg.data.shapes_spurious <= 1.0, f"data.shapes_spurious must be in [0, 1], got {cfg.data.shapes_spurious}")
     need(2 <= cfg.data.shapes_classes <= 8, f"data.shapes_classes must be in 2..8, got {cfg.data.shapes_classes}")

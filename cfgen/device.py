@@ -16,18 +16,25 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
-    """model.device as a torch.device; a GPU that is not there is a one-line config error, before any work."""
-    if name == "auto":
-        if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    """model.device as a torch.device; a GPU that is not there is a one-line config error, before any work.
+
+    'auto' and a plain 'cuda' mean this rank's GPU (LOCAL_RANK under accelerate launch / torchrun). A GPU
+    is also made this process's current device: code that uses "the current device" rather than a
+    tensor's (cuBLAS handles, inductor autotuning, nccl) would otherwise run every rank on GPU 0.
+    """
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"model.device={name!r} but no CUDA GPU is available here (use 'auto' or 'cpu')")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"model.device={name!r} but this machine has {count} GPU(s)")
+    device = torch.device("cuda" if name == "auto" else name)
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"model.device={name!r} but no CUDA GPU is available here (use 'auto' or 'cpu')")
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index >= count:
+        raise ConfigError(f"model.device={name!r} means {device} here, but this machine has {count} GPU(s)")
+    torch.cuda.set_device(device)
     return device
 
 

@@ -79,7 +79,8 @@ def test_bench_prints_its_figures_and_a_consistent_json_last_line():
     import json
 
     out = cfgen("bench", "--config", DIGITS, "--samples", "20", "--reference-samples", "2",
-                "--set", "data.shard_size=8", "--set", "guide.batch_size=5", "--set", "invert.steps=5")
+                "--set", "data.shard_size=8", "--set", "guide.batch_size=5", "--set", "invert.steps=5",
+                "--set", "guide.escalation=[]")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     r = json.loads(lines[-1])
@@ -88,7 +89,18 @@ def test_bench_prints_its_figures_and_a_consistent_json_last_line():
         assert r[key] > 0
     assert r["efficiency"] == pytest.approx(r["pairs_per_s"] / r["compute_pairs_per_s"])
     assert r["speedup_vs_reference"] == pytest.approx(r["pairs_per_s"] / r["reference_pairs_per_s"])
-    assert r["unet_mfu"] is None  # no bf16 peak on a CPU
+    assert r["unet_mfu"] is None and r["guide_mfu"] is None  # no bf16 peak on a CPU
+    # Work per pair without escalation, by hand: invert.steps = 5 -> 5 reverse steps down to t = 0; the
+    # s = 0 reconstruction and the guided pass each take 5 UNet evaluations, and the noise-aware classifier
+    # is differentiated once per guided step; it is also read without grad (closest target, p_cf).
+    w = r["per_pair"]
+    steps = w["reverse_steps"]
+    assert steps == 5
+    assert w["unet_evals"] == 2 * steps and w["predictor_backwards"] == steps
+    assert w["predictor_forwards"] > w["predictor_backwards"]
+    assert w["vae_encodes"] == w["vae_decodes"] == 0           # a pixel model
+    assert w["gflop"] > 0
+    assert r["guide_tflops"] == pytest.approx(w["gflop"] * r["compute_pairs_per_s"] / 1e3)
     text = "\n".join(lines[:-1])
     assert "end to end" in text and "compute alone" in text and "speed-up vs reference" in text
 

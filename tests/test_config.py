@@ -225,3 +225,35 @@ def test_write_resolved_overwrites(tmp_path):
     write_resolved(load_config(DIGITS_TOML, ["guide.scale=1"]), tmp_path)
     write_resolved(load_config(DIGITS_TOML, ["guide.scale=9"]), tmp_path)
     assert load_config(tmp_path / "config.toml").guide.scale == 9.0
+
+
+def test_device_is_this_ranks_gpu_and_made_current(monkeypatch):
+    """'auto' / 'cuda' mean cuda:<LOCAL_RANK>, set as the process's current device (else every rank's
+    cuBLAS handles and autotuning land on GPU 0); an index the machine lacks is a config error."""
+    import torch
+
+    from cfgen.device import pick_device
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert pick_device("cuda") == torch.device("cuda", 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0) and current[-1] == torch.device("cuda", 0)
+    assert pick_device("cpu") == torch.device("cpu") and len(current) == 3
+    monkeypatch.setenv("LOCAL_RANK", "2")          # a third process on a two-GPU machine
+    with pytest.raises(ConfigError, match="has 2 GPU"):
+        pick_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        pick_device("cuda")
+
+
+def test_fp16_is_refused_with_the_reason():
+    """No loss scaling in the guidance gradient: fp16 would flush small per-pixel gradients to zero."""
+    with pytest.raises(ConfigError, match="model.dtype='fp16' is refused: guidance gradients are not loss-scaled"):
+        load_config(None, ["model.dtype=fp16"])
+    assert load_config(None, ["model.dtype=bf16"]).model.dtype == "bf16"

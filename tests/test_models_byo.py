@@ -255,6 +255,16 @@ def test_latent_model_end_to_end(zoo, tmp_path, predictor, gradient):
     _check_run(cfg, tmp_path / "run", _run(cfg, tmp_path / "run"), noise_shape=(4, SIZE // 2, SIZE // 2))
 
 
+def test_latent_model_under_bf16_autocast(zoo, tmp_path):
+    """model.dtype = bf16 on the CPU: UNet, VAE and CLIP under bf16 autocast, the DDIM update in fp32;
+    finite outputs, the contract, and guidance still raising p(y*) over the s = 0 reconstruction."""
+    cfg = _config(zoo, tmp_path, {"unet": zoo / "sd", "scheduler": zoo / "sd", "prompt": "a photo", "dtype": "bf16",
+                                  "predictor": "clip_zero_shot", "predictor_path": zoo / "clip", "gradient": "x0"})
+    assert load_models(cfg).dtype == torch.bfloat16
+    metas = _check_run(cfg, tmp_path / "run", _run(cfg, tmp_path / "run"), noise_shape=(4, SIZE // 2, SIZE // 2))
+    assert all(np.isfinite([m["p_cf"], m["l1"], m["recon_l1"]]).all() for m in metas)
+
+
 def test_latent_noise_aware_classifier_trained_by_cfgen(zoo, tmp_path):
     """`cfgen train classifier` on a latent model learns p(y | z_t, t) on the VAE latents, then guides."""
     from cfgen.models.training import train_classifier

@@ -204,6 +204,12 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores; no gain on CPU
+    if device.type == "cuda":
+        # fp32 matmuls and convolutions on TF32 tensor cores (model.dtype = fp32 runs; bf16 ones are
+        # unaffected). cudnn.benchmark stays off: it may pick another algorithm per run, and shards
+        # are promised to be the same from run to run on the same device type.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     trust = cfg.model.trust_checkpoint
     unet = load_unet(cfg.path(cfg.model.unet), trust).to(device, memory_format=fmt).eval().requires_grad_(False)
@@ -235,6 +241,8 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     if cfg.model.compile:
         unet = torch.compile(unet)
         classifier = classifier if classifier is None else torch.compile(classifier)
+        if vae is not None:  # the decoder runs in every guided step of a clean predictor ('x0' / 'unet')
+            vae.vae.decoder = torch.compile(vae.vae.decoder)
     return Models(unet=unet, alphas_cumprod=scheduler.alphas_cumprod.to(device, torch.float64),
                   classifier=classifier, device=device, dtype=dtype, channels_last=channels_last, vae=vae,
                   cond=cond, prediction_type=scheduler.config.prediction_type, clean=clean,

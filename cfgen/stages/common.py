@@ -115,6 +115,9 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     if skipped:
         tqdm.write(f"{stage.name}: {skipped} shard(s) already done, skipping", file=sys.stderr)
     desc = stage.name if distributed.world_size() == 1 else f"{stage.name} [rank {distributed.rank()}]"
+    if distributed.world_size() > 1 and not mine:
+        tqdm.write(f"{desc}: none of the {len(indices)} shard(s) is this rank's; waiting for the others",
+                   file=sys.stderr)
     for i in tqdm(todo, desc=desc, unit="shard", position=distributed.rank(), disable=not todo):
         start = time.perf_counter()
         rows = process(i)
@@ -128,4 +131,14 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
         atomic_write_json(stage.marker(run_dir, i), {
             "shard": i, "count": len(rows), **counts, "seconds": time.perf_counter() - start,
             "sha256": file_digest(stage.tar(run_dir, i))})
+    # Every rank waits here, a rank with no shard of its own included (more ranks than shards): the next
+    # stage reads every rank's shards. Then rank 0 must see them all -- it will not, on several machines
+    # whose run directories are not one shared filesystem; say so rather than merge a part.
+    distributed.barrier()
+    if distributed.is_main():
+        missing = sorted(set(indices) - set(stage.finished(run_dir)))
+        if missing:
+            raise ShardError(f"{stage.name}: after every rank finished, {len(missing)} of {len(indices)} shard(s) "
+                             f"are missing from {out_dir} (first: {stage.stem(missing[0])}); with several "
+                             "machines the run directory must be one shared filesystem")
     return todo

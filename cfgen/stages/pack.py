@@ -93,8 +93,7 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
         mark_unread(rows, seen, broken)
         return rows
 
-    run_shards(PAIRS, cfg, run_dir, indices, process)
-    distributed.barrier()
+    run_shards(PAIRS, cfg, run_dir, indices, process)  # ends on a barrier: every rank's shards are written
     return merge(run_dir) if distributed.is_main() else None
 
 
