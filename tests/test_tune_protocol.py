@@ -71,3 +71,24 @@ def test_paired_difference_edge_cases():
     assert math.isclose(paired_difference([1.0, 0.0], [0.0, 0.0])["t"], 12.706205, abs_tol=1e-6)
     with pytest.raises(ValueError):
         paired_difference([], [])
+
+
+def test_probe_halves_and_scores_by_hand():
+    """The room-for-prompts probe: half of every (group, class) cell fits, the rest scores; on features
+    where class k is the unit vector e_k the per-half probes are right everywhere."""
+    from cfgen.tune.probe import balanced_halves, probe_scores
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3])
+    groups = np.array(["g", "g", "h", "h", "g", "g", "g", "g", "g", "g", "h", "h"], dtype=object)
+    half = balanced_halves(labels, groups)
+    for g, c in {(g, c) for g, c in zip(groups, labels)}:
+        cell = (groups == g) & (labels == c)
+        assert half[cell].sum() == cell.sum() // 2
+    rng = np.random.default_rng(0)
+    x = np.eye(4)[labels] + 0.01 * rng.standard_normal((len(labels), 4))
+    out = probe_scores(x, labels, x, labels, groups, [0, 1], [2, 3], {0: "a", 1: "b", 2: "c", 3: "d"})
+    assert (out["base"], out["novel"], out["hm"], out["worst_group"]) == (1.0, 1.0, 1.0, 1.0)
+    # a probe that never saw class 3 cannot score the novel half: those images count as wrong
+    seen = labels != 3
+    out = probe_scores(x[seen], labels[seen], x, labels, groups, [0, 1], [2, 3], {0: "a", 1: "b", 2: "c", 3: "d"})
+    assert out["base"] == 1.0 and out["novel"] == 0.0 and out["worst_group"] == 0.0
