@@ -234,6 +234,14 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     if side % factor:
         raise ModelLoadError(f"data.image_size={cfg.data.image_size} does not fit the UNet: the side it denoises "
                              f"({side}) must be a multiple of {factor} (it was trained at {unet.config.sample_size})")
+    if dtype == torch.bfloat16:
+        # Stored in bf16, not only run under bf16 autocast: autocast caches its weight casts only for
+        # leaves that require grad, and frozen weights do not, so every forward would re-cast every
+        # weight. The diffusers networks only: a transformers predictor keeps fp32 buffers (pixel
+        # statistics, text features) that its fp32 preprocessing reads.
+        for net in (unet, vae, classifier if not clean else None):
+            if net is not None:
+                net.to(torch.bfloat16)
     if cfg.model.gradient_checkpointing:  # after .eval(): transformers layers are flagged as training
         for net in (unet, vae, classifier):
             if net is not None:
