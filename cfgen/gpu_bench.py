@@ -72,7 +72,8 @@ def _sd15(tiny: bool):
                                   image_size=32, patch_size=8, projection_dim=16)
         cond_len, cond_dim, side = 77, 32, 8
     else:
-        unet = UNet2DConditionModel()  # its defaults are the SD 1.x UNet
+        # SD 1.5's unet/config.json: the class defaults but a 768-wide text condition (CLIP ViT-L/14's)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
                             sample_size=512)
