@@ -195,3 +195,38 @@ def test_bf16_autocast_path_keeps_the_contract_and_the_quality(digits_run, tmp_p
             assert all(exts == set(PAIR_MEMBERS) for exts in keys.values())
     assert stats["mean_recon_l1"] <= fp32["mean_recon_l1"] + 0.01
     assert stats["flip_rate"] >= 0.9
+
+
+def test_escalation_jobs_fill_the_batch_round_robin():
+    from cfgen.stages.guide import escalation_jobs
+
+    # samples 3 and 7 pending at scale indices 1 and 3 of 5, room for 6 passes
+    assert escalation_jobs([3, 7], {3: 1, 7: 3}, 5, 6, fill=False) == [(3, 1), (7, 3)]
+    assert escalation_jobs([3, 7], {3: 1, 7: 3}, 5, 6, fill=True) == [(3, 1), (7, 3), (3, 2), (7, 4), (3, 3), (3, 4)]
+    assert escalation_jobs([3, 7], {3: 1, 7: 3}, 5, 3, fill=True) == [(3, 1), (7, 3), (3, 2)]
+
+
+def test_filled_escalation_rounds_keep_every_pair_as_it_was(tmp_path):
+    """Filling escalation rounds with later scales (the GPU default) changes the work, not one pixel."""
+    import torch
+
+    from cfgen.config import load_config
+    from cfgen.models.loading import load_models
+    from cfgen.stages.common import config_grid
+    from cfgen.stages.guide import counterfactuals
+    from cfgen.stages.invert import read_inverted, run_invert
+    from conftest import DIGITS, SMALL
+
+    cfg = load_config(DIGITS, SMALL + ["data.limit=12"])
+    run_invert(cfg, tmp_path)
+    samples = read_inverted(tmp_path)
+    noise = torch.from_numpy(np.stack([s.arrays(cfg)[1] for s in samples]))
+    targets = torch.tensor([(s.meta["label"] + 3) % 10 for s in samples])
+    models = load_models(cfg)
+    grid = config_grid(cfg, models.num_train_timesteps)
+    scales = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]  # small first scales: most samples escalate
+    plain = counterfactuals(models, noise, targets, grid, scales, 0.99, fill=False)
+    filled = counterfactuals(models, noise, targets, grid, scales, 0.99, fill=True)
+    assert len(set(plain[1].tolist())) >= 3                       # escalation really happened
+    for a, b in zip(plain, filled):
+        np.testing.assert_array_equal(a, b)
