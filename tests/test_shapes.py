@@ -336,8 +336,6 @@ def test_shipped_shapes6_vlm_leans_on_the_cue_as_its_metrics_say():
     while reading shape well above the 1/6 the tint alone gives."""
     import json
 
-    import torch
-
     from cfgen.trainkit import load_arrays
     from cfgen.tune.backends import MiniLMText
     from cfgen.tune.image_tower import ImageTower
