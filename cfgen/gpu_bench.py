@@ -11,7 +11,8 @@ Recipes (shapes of the published models, weights random: compute depends on the 
   text condition), its VAE, and a CLIP ViT-L/14 image tower as a clean zero-shot predictor read on the
   decoded x0-estimate (the FastDiME 'x0' gradient: UNet forward, VAE decoder and CLIP forward and backward).
 
-Per recipe and batch size it prints: the guided step's time, pairs/s (a pair = S guided + S plain
+Per recipe and batch size it prints: the guided step's time (channels-last, as the stages run, and
+plain NCHW), pairs/s (a pair = S guided + S plain
 steps, S = 25), achieved TFLOP/s of the guided step (FLOPs counted by torch, forward and backward)
 and its share of the device's dense bf16 peak, peak GPU memory with and without gradient
 checkpointing, the recompiles (with --compile), and how far the bf16 gradient is from the fp32 one
@@ -103,14 +104,14 @@ RECIPES = {"adm256": _adm, "sd15": _sd15}
 
 
 def _models(recipe: str, tiny: bool, device: torch.device, dtype: torch.dtype, checkpointing: bool,
-            compile_unet: bool) -> tuple[Models, tuple[int, int, int]]:
+            compile_unet: bool, channels_last: bool | None = None) -> tuple[Models, tuple[int, int, int]]:
     from diffusers import DDIMScheduler
 
     from cfgen.models.loading import enable_checkpointing
 
     torch.manual_seed(0)
     parts, shape = RECIPES[recipe](tiny)
-    channels_last = device.type == "cuda"
+    channels_last = device.type == "cuda" if channels_last is None else channels_last  # as load_models
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for key in ("unet", "classifier", "vae"):
         if key in parts:
@@ -182,6 +183,11 @@ def measure(recipe: str, batch: int, tiny: bool, device: torch.device, compile_u
     a, b = guided_step(models, x, t, target).float().flatten(), guided_step(fp32, x, t, target).float().flatten()
     out["bf16_vs_fp32_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     out["bf16_vs_fp32_rel_l2"] = float((a - b).norm() / b.norm())
+    if device.type == "cuda":  # the stages' channels-last layout against plain NCHW (GroupNorm-heavy UNets
+        # may convert layouts in every block, which would make channels-last a loss)
+        nchw, _ = _models(recipe, tiny, device, dtype, False, False, channels_last=False)
+        out["guided_step_s_nchw"] = _time(lambda: guided_step(nchw, x, t, target), device, reps)
+        del nchw
     if device.type == "cuda":  # peak memory of one guided step, without and with checkpointing
         del models, fp32
         for ckpt in (False, True):
@@ -210,8 +216,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, bf16 autocast, {STEPS} steps a pass, random weights"
           + (" (tiny shapes)" if args.tiny else ""), flush=True)
-    print(f"{'recipe':8} {'batch':>5} {'guided s':>9} {'pairs/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
-          f"{'ckpt GiB':>9} {'cos bf16':>9}", flush=True)
+    print(f"{'recipe':8} {'batch':>5} {'guided s':>9} {'NCHW s':>8} {'pairs/s':>8} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>9} {'ckpt GiB':>9} {'cos bf16':>9}", flush=True)
     rows = []
     for recipe in args.recipes.split(","):
         for batch in batches:
@@ -225,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
             def fmt(v, spec):
                 return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
-            print(f"{recipe:8} {batch:5d} {r['guided_step_s']:9.4f} {r['pairs_per_s']:8.2f} {r['guided_tflops']:8.2f} "
+            print(f"{recipe:8} {batch:5d} {r['guided_step_s']:9.4f} {fmt(r.get('guided_step_s_nchw'), '8.4f')} "
+                  f"{r['pairs_per_s']:8.2f} {r['guided_tflops']:8.2f} "
                   f"{fmt(r['bf16_mfu'], '6.1%')} {fmt(r.get('peak_gib'), '9.2f')} "
                   f"{fmt(r.get('peak_gib_checkpointing'), '9.2f')} {r['bf16_vs_fp32_cosine']:9.5f}", flush=True)
     print(json.dumps({"device": name, "tiny": args.tiny, "compile": args.compile, "rows": rows}))
