@@ -34,7 +34,7 @@ Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 ModelKind = Literal["auto", "pixel", "latent"]
 Predictor = Literal["noise_aware", "hf_classifier", "clip_zero_shot"]
 TuneBackend = Literal["embedded", "transformers"]
-Learner = Literal["coop", "cocoop"]
+Learner = Literal["coop", "coop_csc", "cocoop"]
 Objective = Literal["dicap", "cfvlm"]
 CfSource = Literal["generated", "true", "nearest"]
 """Which image plays x^cf in the counterfactual objectives (cfgen/tune/cfsources.py)."""
@@ -235,7 +235,8 @@ class TuneConfig:
     """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint."""
     learners: list[Learner] = field(default_factory=lambda: ["coop"])
     """Prompt learners, each a baseline row (lambda = 0) and a row per objective and cf source:
-    'coop' (one shared context), 'cocoop' (the context shifted by a meta-net of the image feature)."""
+    'coop' (one shared context), 'coop_csc' (CoOp with a context per class), 'cocoop' (the context
+    shifted by a meta-net of the image feature)."""
     n_ctx: int = 4
     """Number of learned context vectors in front of the class name."""
     ctx_init: str = "a photo of a"

@@ -176,3 +176,24 @@ def test_tune_runs_end_to_end_on_a_clip_checkpoint(clip_dir, tmp_path):
     ctx = load_file(str(tmp_path / "run" / "tune" / "prompts" / "coop-dicap-generated-seed2.safetensors"))["ctx"]
     assert ctx.shape == (4, 32)  # n_ctx x the tiny CLIP's text width
 
+
+
+def test_class_specific_context_starts_as_coop_and_moves_one_class(embedded):
+    """coop_csc: one context per class, each the init phrase's embeddings, so at init it is CoOp exactly;
+    moving class 0's context changes class 0's prompt only, and a loss on class 1 trains class 1's alone."""
+    coop = PromptLearner(embedded, CLASSES, n_ctx=4, ctx_init="a photo of a")
+    csc = PromptLearner(embedded, CLASSES, n_ctx=4, ctx_init="a photo of a", class_specific=True)
+    assert csc.ctx.shape == (3, *coop.ctx.shape) and csc.n_ctx == 4
+    with torch.no_grad():
+        before = csc.class_features()
+        torch.testing.assert_close(before, coop.class_features(), rtol=1e-6, atol=1e-6)
+        csc.ctx[0].add_(0.5 * torch.randn(coop.ctx.shape, generator=torch.Generator().manual_seed(0)))
+        after = csc.class_features()
+    assert (after[0] - before[0]).abs().max() > 1e-2
+    torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=0)
+    loss = csc.paired_features(torch.zeros(2, embedded.embed_dim), torch.tensor([1, 1])).sum()
+    loss.backward()
+    grad = csc.ctx.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+    with pytest.raises(ConfigError, match="no CoCoOp variant"):
+        PromptLearner(embedded, CLASSES, n_ctx=4, ctx_init="a photo of a", class_specific=True, conditional=True)

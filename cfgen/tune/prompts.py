@@ -25,8 +25,12 @@ from cfgen.tune.backends import VLM
 
 class PromptLearner(nn.Module):
     def __init__(self, vlm: VLM, class_names: list[str], n_ctx: int = 4, ctx_init: str = "a photo of a",
-                 conditional: bool = False, generator: torch.Generator | None = None):
+                 conditional: bool = False, generator: torch.Generator | None = None, class_specific: bool = False):
+        """`class_specific` (CoOp's CSC): one context per class, each started from the same init, so a class's
+        prompt can move on its own; classes never trained (novel ones) keep the init."""
         super().__init__()
+        if class_specific and conditional:
+            raise ConfigError("a class-specific context (coop_csc) has no CoCoOp variant")
         object.__setattr__(self, "vlm", vlm)  # frozen, and not part of this module's parameters
         self.class_names = list(class_names)
         device = vlm.device
@@ -39,6 +43,13 @@ class PromptLearner(nn.Module):
                 ctx = vlm.token_embeddings(torch.tensor(ids, device=device)).clone()
         else:
             ctx = torch.empty(n_ctx, vlm.ctx_dim, device=device).normal_(0.0, 0.02, generator=generator)
+        self.class_specific = class_specific
+        if class_specific:
+            if ctx_init:
+                ctx = ctx[None].repeat(len(self.class_names), 1, 1)
+            else:
+                ctx = torch.empty(len(self.class_names), n_ctx, vlm.ctx_dim, device=device).normal_(
+                    0.0, 0.02, generator=generator)
         self.ctx = nn.Parameter(ctx)
         self.tokens = vlm.prompt_tokens(self.class_names, n_ctx)
         with torch.no_grad():  # frozen embeddings of [BOS] and of '<name> . [EOS] pad..'
@@ -60,7 +71,13 @@ class PromptLearner(nn.Module):
 
     @property
     def n_ctx(self) -> int:
-        return self.ctx.shape[0]
+        return self.ctx.shape[-2]
+
+    def _ctx_for(self, classes: torch.Tensor) -> torch.Tensor:
+        """(P, n_ctx, dim): the context of each prompt of `classes` (shared, or the class's own)."""
+        if self.class_specific:
+            return self.ctx[classes]
+        return self.ctx[None].expand(classes.shape[0], -1, -1)
 
     def _encode(self, ctx: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Text features for prompts `classes` (P,) with context ctx (P, n_ctx, dim)."""
@@ -80,7 +97,7 @@ class PromptLearner(nn.Module):
         classes = classes.to(self.prefix.device)
         c = classes.shape[0]
         if not self.conditional:
-            return self.ctx[None].expand(c, -1, -1), classes
+            return self._ctx_for(classes), classes
         ctx = self._shifted(image_features)  # (B, n, dim)
         b = ctx.shape[0]
         return ctx[:, None].expand(b, c, -1, -1).reshape(b * c, self.n_ctx, -1), classes.repeat(b)
@@ -89,7 +106,7 @@ class PromptLearner(nn.Module):
         """(ctx, classes) of the prompt of classes[i] as image i sees it (CoCoOp: conditioned on image i)."""
         classes = classes.to(self.prefix.device)
         if not self.conditional:
-            return self.ctx[None].expand(classes.shape[0], -1, -1), classes
+            return self._ctx_for(classes), classes
         return self._shifted(image_features), classes
 
     def class_features(self, image_features: torch.Tensor | None = None,
@@ -107,7 +124,7 @@ class PromptLearner(nn.Module):
         classes = classes.to(self.prefix.device)
         if not self.conditional:  # one prompt per distinct class, gathered
             uniq, inverse = classes.unique(return_inverse=True)
-            return self._encode(self.ctx[None].expand(uniq.shape[0], -1, -1), uniq)[inverse]
+            return self._encode(self._ctx_for(uniq), uniq)[inverse]
         return self._encode(*self.paired_prompts(image_features, classes))
 
     def prompt_state(self) -> dict[str, torch.Tensor]:

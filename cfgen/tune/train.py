@@ -52,7 +52,7 @@ from cfgen.tune.losses import cfvlm_loss, cosine_logits, dicap_loss, normalize
 from cfgen.tune.prompts import PromptLearner, encode_prompts
 from cfgen.tune.protocol import METRICS, cell_name, paired_difference, sample_shots, split_classes, split_metrics, summarize
 
-LEARNER_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp"}
+LEARNER_NAMES = {"coop": "CoOp", "coop_csc": "CoOp-CSC", "cocoop": "CoCoOp"}
 OBJECTIVE_NAMES = {"dicap": "DiCap", "cfvlm": "CF-VLM"}
 SELECTION = ("fixed in advance in the config (lam, epochs, cocoop_epochs, lr, alpha/beta/gamma, margins); "
              "none chosen on the evaluation split or any other")
@@ -201,7 +201,8 @@ def epochs_for(t: TuneConfig, learner: str) -> int:
 
 
 def new_learner(vlm: VLM, task: Task, t: TuneConfig, learner: str, gen: torch.Generator) -> PromptLearner:
-    return PromptLearner(vlm, task.names, t.n_ctx, t.ctx_init, conditional=learner == "cocoop", generator=gen)
+    return PromptLearner(vlm, task.names, t.n_ctx, t.ctx_init, conditional=learner == "cocoop", generator=gen,
+                         class_specific=learner == "coop_csc")
 
 
 @dataclass
