@@ -293,7 +293,7 @@ def test_true_and_nearest_counterfactual_features(shapes_pairs, tmp_path, vlm, o
         assert torch.allclose(near[k], encode_images(vlm, ref.load()[None])[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["coop", "cocoop"])
+@pytest.mark.parametrize("kind", ["coop", "coop_csc", "cocoop"])
 def test_a_learners_rows_trained_in_lockstep_equal_separate_runs(kind, vlm, one_thread):
     """Same init, same batches, own gradients: one encoder call for all rows changes nothing."""
     from cfgen.config import load_config
@@ -371,7 +371,7 @@ def test_tune_user_error_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("overrides, message", [
     (["tune.shots=4"], "tune.shots=4 but class 'one' has only 3 training pairs outside tune.eval_split='test'"),
-    (['tune.learners=["maple"]'], "tune.learners[0]: expected 'coop' or 'cocoop', got 'maple'"),
+    (['tune.learners=["maple"]'], "tune.learners[0]: expected 'coop', 'coop_csc' or 'cocoop', got 'maple'"),
     (['tune.cf_sources=["none"]'], "tune.cf_sources[0]: expected 'generated', 'true' or 'nearest', got 'none'"),
     (['tune.objectives=["dicap", "dicap"]'], "tune.objectives: give one or more distinct values"),
     (['tune.rows=["cocoop+dicap[generated]"]'], "tune.rows: 'cocoop+dicap[generated]' is not one of tune.learners"),
