@@ -46,7 +46,7 @@ train_app = typer.Typer(help="Train the embedded models on the configured datase
 app.add_typer(train_app, name="train")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline TOML file (pipelines/*.toml).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory [default: runs/<pipeline name>].")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<pipeline.name> of the config).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start the stage(s) afresh: delete what an earlier run left in their folders.")]
 
@@ -225,7 +225,7 @@ def bench(config: ConfigOpt, set: SetOpt = None,
 
 @train_app.command("diffusion")
 def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
-                        out: Annotated[Optional[Path], typer.Option(help="Output dir [default: parent of model.unet].")] = None):
+                        out: Annotated[Optional[Path], typer.Option(help="Output dir (default: the parent of model.unet).")] = None):
     """Train the UNet2DModel noise predictor; writes OUT/unet and OUT/scheduler."""
     from cfgen.models.training import train_diffusion
 
@@ -235,7 +235,7 @@ def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
 
 @train_app.command("classifier")
 def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
-                         out: Annotated[Optional[Path], typer.Option(help="Output dir [default: model.classifier].")] = None):
+                         out: Annotated[Optional[Path], typer.Option(help="Output dir (default: model.classifier).")] = None):
     """Train the noise-aware classifier p(y|x_t,t); prints held-out accuracy by t."""
     import json
 
@@ -246,7 +246,7 @@ def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
 
 @train_app.command("vlm")
 def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
-                  out: Annotated[Optional[Path], typer.Option(help="Output dir [default: tune.vlm].")] = None):
+                  out: Annotated[Optional[Path], typer.Option(help="Output dir (default: tune.vlm).")] = None):
     """Train the embedded VLM's image tower against frozen MiniLM caption embeddings (LiT)."""
     import json
 

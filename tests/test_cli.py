@@ -26,6 +26,17 @@ def test_help_lists_the_stages():
     assert sub.returncode == 0 and "--set" in sub.stdout and "--out" in sub.stdout
 
 
+@pytest.mark.parametrize("args,default", [(["run"], "runs/<pipeline.name>"), (["train", "vlm"], "tune.vlm"),
+                                          (["train", "diffusion"], "the parent of model.unet")])
+def test_help_says_where_out_goes_by_default(args, default):
+    """Square brackets in a help text are rich markup: '[default: ...]' vanished, leaving 'Run directory .'."""
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "cfgen", *args, "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert out.returncode == 0 and f"(default: {default}" in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--config", "does/not/exist.toml"], "config file not found"),
     (["run", "--config", DIGITS, "--set", "guide.scale=-1"], "guide.scale"),
