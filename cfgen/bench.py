@@ -31,6 +31,7 @@ import torch
 
 from cfgen.config import Config
 from cfgen.contract import GUIDE
+from cfgen.device import synchronize
 from cfgen.data.images import encode_png
 from cfgen.data.sources import load_class_names
 from cfgen.models.loading import load_models
@@ -91,11 +92,6 @@ def bf16_peak(device_name: str) -> float | None:
     return next((peak for pattern, peak in BF16_PEAK_TFLOPS if re.search(pattern, device_name)), None)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _arrays(cfg: Config, samples: list[Inverted]) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
     arrays = [s.arrays(cfg) for s in samples]
     return (np.stack([a for a, _ in arrays]), np.stack([n for _, n in arrays]),
@@ -108,7 +104,7 @@ def _warm_up(models: Models, cfg: Config, classes, grid, samples: list[Inverted]
     sizes = {min(bs, len(samples)), (min(cfg.data.shard_size, len(samples)) % bs) or bs}
     for size in sorted(sizes):
         guide_batch(models, cfg, classes, grid, *(a[:size] for a in _arrays(cfg, samples[:size])))
-    _sync(models.device)
+    synchronize(models.device)
 
 
 def _compute_only(models: Models, cfg: Config, classes, grid, samples: list[Inverted]) -> float:
@@ -118,7 +114,7 @@ def _compute_only(models: Models, cfg: Config, classes, grid, samples: list[Inve
     for k in range(0, len(samples), bs):
         guide_batch(models, cfg, classes, grid, factual[k:k + bs], noise[k:k + bs], labels[k:k + bs],
                     seeds[k:k + bs])
-    _sync(models.device)
+    synchronize(models.device)
     return len(samples) / (time.perf_counter() - start)
 
 
@@ -129,7 +125,7 @@ def _reference(models: Models, cfg: Config, classes, grid, samples: list[Inverte
     fp32 = dataclasses.replace(models, dtype=torch.float32)
     buf = io.BytesIO()
     guide_batch(fp32, cfg, classes, grid, *_arrays(cfg, samples[:1]))  # warm at batch 1, as the others
-    _sync(models.device)
+    synchronize(models.device)
     start = time.perf_counter()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for s in samples:
@@ -154,12 +150,12 @@ def _unet_tflops(models: Models, cfg: Config) -> tuple[float, float | None]:
         flops = counter.total
         for _ in range(3):
             models.eps(x, t)
-        _sync(models.device)
+        synchronize(models.device)
         reps = 20
         start = time.perf_counter()
         for _ in range(reps):
             models.eps(x, t)
-        _sync(models.device)
+        synchronize(models.device)
     achieved = flops * reps / (time.perf_counter() - start) / 1e12
     return achieved, _peak(models)
 

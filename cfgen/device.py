@@ -2,6 +2,8 @@
 
     device = pick_device("auto")      # cuda:<LOCAL_RANK> when a GPU is there, else cpu
     dtype = pick_dtype("auto", device)  # bf16 autocast on GPU, fp32 on CPU
+    use_gpu_math(device)              # TF32 for fp32 work on a GPU
+    synchronize(device)               # before reading a clock
 """
 
 from __future__ import annotations
@@ -42,3 +44,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def use_gpu_math(device: torch.device) -> None:
+    """On a GPU, let fp32 matmuls and convolutions run on TF32 tensor cores (model.dtype = fp32 runs;
+    bf16 ones are unaffected). cudnn.benchmark stays off: it may pick another algorithm per run, and
+    shards are promised to be the same from run to run on the same device type."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

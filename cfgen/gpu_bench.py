@@ -30,6 +30,7 @@ from dataclasses import replace
 import torch
 
 from cfgen.bench import FlopCount, bf16_peak
+from cfgen.device import synchronize, use_gpu_math
 from cfgen.diffusion import clean_log_prob_grad, log_prob_grad
 from cfgen.models.runtime import Models
 
@@ -137,19 +138,14 @@ def guided_step(models: Models, x: torch.Tensor, t: int, target: torch.Tensor) -
     return eps - g
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device, reps: int) -> float:
     for _ in range(2):
         fn()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) / reps
 
 
@@ -195,7 +191,7 @@ def measure(recipe: str, batch: int, tiny: bool, device: torch.device, compile_u
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             guided_step(m, x, t, target)
-            _sync(device)
+            synchronize(device)
             out["peak_gib_checkpointing" if ckpt else "peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             del m
     return out
@@ -209,9 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batches", default="", help="comma-separated batch sizes (default 1,4,16,32; tiny: 2)")
     args = ap.parse_args(argv)
     device = torch.device("cpu") if args.tiny or not torch.cuda.is_available() else torch.device("cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_gpu_math(device)
     batches = [int(b) for b in (args.batches or ("2" if args.tiny else "1,4,16,32")).split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, bf16 autocast, {STEPS} steps a pass, random weights"

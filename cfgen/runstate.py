@@ -184,12 +184,13 @@ def claim(stage: Stage, cfg: Config, run_dir: Path, overwrite: bool = False, ref
         atomic_write_json(path, new)
 
 
-def require_upstream(stage: Stage, cfg: Config, run_dir: Path) -> None:
-    """The input stage's shards were made with what this config says (else: which command to re-run)."""
+def require_upstream(stage: Stage, cfg: Config, run_dir: Path, refs: list | None = None) -> None:
+    """The input stage's shards were made with what this config says (else: which command to re-run).
+    `refs`: list_samples(cfg) when the caller has it already (it also claims its own stage with them)."""
     old = _read(stage.dir(run_dir) / FINGERPRINT)
     if old is None:
         return  # nothing finished there: the caller reports the missing shards
-    changed = differences(old, fingerprint(stage, cfg))
+    changed = differences(old, fingerprint(stage, cfg, refs))
     if changed:
         raise InputError(f"the {stage.name} shards in {stage.dir(run_dir)} were made with other settings: "
                          f"{'; '.join(changed)}. Re-run `cfgen {stage.name}` with this config (--overwrite)")

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
 from cfgen.config import Config, guidance_gradient
-from cfgen.device import pick_device, pick_dtype
+from cfgen.device import pick_device, pick_dtype, use_gpu_math
 from cfgen.errors import ConfigError, ModelLoadError
 from cfgen.models.classifier import NoiseAwareClassifier
 from cfgen.models.latent import LatentCodec, text_condition
@@ -204,12 +204,7 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores; no gain on CPU
-    if device.type == "cuda":
-        # fp32 matmuls and convolutions on TF32 tensor cores (model.dtype = fp32 runs; bf16 ones are
-        # unaffected). cudnn.benchmark stays off: it may pick another algorithm per run, and shards
-        # are promised to be the same from run to run on the same device type.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_gpu_math(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     trust = cfg.model.trust_checkpoint
     unet = load_unet(cfg.path(cfg.model.unet), trust).to(device, memory_format=fmt).eval().requires_grad_(False)

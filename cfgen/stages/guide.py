@@ -26,7 +26,7 @@ import torch
 from cfgen.config import Config
 from cfgen.contract import GUIDE, GUIDE_FIELDS, INVERT
 from cfgen.data.images import decode_image, encode_png
-from cfgen.data.sources import load_class_names
+from cfgen.data.sources import list_samples, load_class_names
 from cfgen.diffusion import guided_reverse
 from cfgen.errors import ConfigError, InputError
 from cfgen.metrics import l1, l2
@@ -90,9 +90,8 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
     while pending:
         jobs = escalation_jobs(pending, next_scale, len(scales), n, fill)
         idx = torch.tensor([i for i, _ in jobs])
-        s = torch.tensor([scales[k] for _, k in jobs], dtype=u.dtype, device=u.device)
-        if len({k for _, k in jobs}) == 1:
-            s = float(scales[jobs[0][1]])  # one scale for the whole pass: a plain float, as always
+        job_scales = [float(scales[k]) for _, k in jobs]  # one scale for the whole pass stays a plain float
+        s = job_scales[0] if len(set(job_scales)) == 1 else torch.tensor(job_scales, dtype=u.dtype, device=u.device)
         x = guided_reverse(models.eps, classifier, u[idx], models.alphas_cumprod, grid, gradient=gradient,
                            target=targets[idx], scale=s)
         x = models.decode(x)  # latent models: back to pixels (identity for pixel models)
@@ -165,8 +164,9 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     indices = finished_inputs(INVERT, run_dir)
-    require_upstream(INVERT, cfg, run_dir)
-    claim(GUIDE, cfg, run_dir, overwrite)
+    refs = list_samples(cfg)  # the input list both fingerprints digest, listed once
+    require_upstream(INVERT, cfg, run_dir, refs)
+    claim(GUIDE, cfg, run_dir, overwrite, refs)
     models = models or load_models(cfg)
     grid = config_grid(cfg, models.num_train_timesteps)
 

@@ -30,7 +30,7 @@ from cfgen import distributed
 from cfgen.config import Config
 from cfgen.contract import GUIDE, INVERT, PAIRS, ROW_SCHEMA, pair_json
 from cfgen.data.images import decode_image
-from cfgen.data.sources import open_source
+from cfgen.data.sources import list_samples, open_source
 from cfgen.metrics import mean
 from cfgen.quality import gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
@@ -46,8 +46,9 @@ def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None
 
 def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
     indices = finished_inputs(GUIDE, run_dir)
-    require_upstream(GUIDE, cfg, run_dir)
-    claim(PAIRS, cfg, run_dir, overwrite)
+    refs = list_samples(cfg)  # the input list both fingerprints digest, listed once
+    require_upstream(GUIDE, cfg, run_dir, refs)
+    claim(PAIRS, cfg, run_dir, overwrite, refs)
     caption = cfg.pack.caption
     causal = open_source(cfg).causal
 
