@@ -189,9 +189,13 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
 @app.command()
 def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
           scales: Annotated[str, typer.Option(help="Comma-separated guidance scales, each run alone.")] = "1,2,4,8,16",
-          limit: Annotated[int, typer.Option(help="Samples to sweep (the first N of the configured split).")] = 300):
-    """Guide the first --limit samples at each scale (and with escalation); print a table, write RUN/sweep/sweep.json."""
-    from cfgen.sweep import format_table, run_sweep
+          limit: Annotated[int, typer.Option(help="Samples to sweep (the first N of the configured split).")] = 300,
+          masks: Annotated[str, typer.Option(help="Localized-edit variants to compare, e.g. 'off,x0,x0:0.3' "
+                                                  "(off, x0 or gradient, optionally :threshold); default: "
+                                                  "guide.mask as configured.")] = ""):
+    """Guide the first --limit samples at each scale (and with escalation) per mask variant; print a table,
+    write RUN/sweep/sweep.json."""
+    from cfgen.sweep import format_table, parse_masks, run_sweep
 
     try:
         values = [float(s) for s in scales.split(",") if s.strip()]
@@ -200,7 +204,8 @@ def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: 
     if limit < 1:
         raise UserError("--limit must be >= 1")
     cfg = _load(config, set)
-    typer.echo(format_table(run_sweep(cfg, _run_dir(cfg, out), values, limit, overwrite)))
+    variants = parse_masks(masks, cfg)
+    typer.echo(format_table(run_sweep(cfg, _run_dir(cfg, out), values, limit, overwrite, variants)))
 
 
 @app.command()

@@ -28,6 +28,8 @@ from cfgen.errors import ConfigError
 # Choice fields are typed with these Literals; `_coerce` checks a value against the type,
 # so the allowed values are written once, here. Dispatch sites end in an explicit error.
 GradientKind = Literal["noisy", "unet", "x0"]
+MaskSource = Literal["x0", "gradient"]
+GuideMask = Literal["off", MaskSource]
 """How guidance takes grad log p(y*): cfgen/diffusion.py's GRADIENTS."""
 Gradient = Literal["auto", GradientKind]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -157,7 +159,11 @@ class InvertConfig:
 @dataclass
 class GuideConfig:
     target: str = "closest"
-    """'closest' (predictor's top non-factual class), 'random', or a class index / name."""
+    """'closest' (predictor's top non-factual class), 'random', 'all' (one pair per other class),
+    or a class index / name."""
+    top_k: int = 1
+    """With target = 'closest': a pair toward each of the K classes the predictor ranks highest after
+    the factual one (pair keys then read <id>_to_<class index>)."""
     scale: float = 2.0
     """Guidance scale s in e^ = e - s*sqrt(1-a_t)*grad log p(y*|x_t,t)."""
     escalation: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
@@ -167,6 +173,18 @@ class GuideConfig:
     on the counterfactual (and ranks it first); below it, the next escalation scale is tried."""
     batch_size: int = 256
     """Samples per guided pass."""
+    mask: GuideMask = "off"
+    """Localized edits (diffusion.localized_reverse): 'x0' confines the edit to where the x0-estimate
+    departs from the factual image, 'gradient' to where the guidance gradient is large; outside, the
+    sample follows the factual image's inversion trajectory and comes back exactly. 'off': the whole image."""
+    mask_threshold: float = 0.15
+    """tau: a pixel is in the mask when its (smoothed, dilated) departure is >= tau x the sample's largest."""
+    mask_dilation: int = 3
+    """Odd max-pool kernel (model-space pixels) that grows the mask around what departed."""
+    mask_blur: int = 3
+    """Odd mean-pool kernel that smooths the departure map before the threshold (1 = none)."""
+    mask_start: float = 0.5
+    """Share of the reverse steps run unmasked before masking starts (early x0-estimates are blurry)."""
 
 
 @dataclass
@@ -452,6 +470,15 @@ def validate(cfg: Config) -> None:
     need(0.0 < cfg.invert.t_inv <= 1.0, f"invert.t_inv must be in (0, 1], got {cfg.invert.t_inv}")
     need(cfg.invert.batch_size > 0, "invert.batch_size must be > 0")
     need(cfg.guide.batch_size > 0, "guide.batch_size must be > 0")
+    need(cfg.guide.top_k >= 1, f"guide.top_k must be >= 1, got {cfg.guide.top_k}")
+    need(cfg.guide.top_k == 1 or cfg.guide.target == "closest",
+         f"guide.top_k = {cfg.guide.top_k} needs guide.target = 'closest' (got {cfg.guide.target!r}); "
+         "'all' makes one pair per other class")
+    need(0.0 <= cfg.guide.mask_threshold <= 1.0, f"guide.mask_threshold must be in [0, 1], got {cfg.guide.mask_threshold}")
+    need(0.0 <= cfg.guide.mask_start < 1.0, f"guide.mask_start must be in [0, 1), got {cfg.guide.mask_start}")
+    for key in ("mask_dilation", "mask_blur"):
+        value = getattr(cfg.guide, key)
+        need(value >= 1 and value % 2 == 1, f"guide.{key} must be an odd number >= 1, got {value}")
     need(0.0 <= cfg.guide.confidence < 1.0, f"guide.confidence must be in [0, 1), got {cfg.guide.confidence}")
     need(cfg.guide.scale >= 0 and math.isfinite(cfg.guide.scale),
          f"guide.scale must be a finite number >= 0, got {cfg.guide.scale}")

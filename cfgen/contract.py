@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-CONTRACT_VERSION = 2
-"""Bumped whenever a member, a K.json field or the manifest schema changes (2: manifest column sha256)."""
+CONTRACT_VERSION = 3
+"""Bumped whenever a member, a K.json field or the manifest schema changes (2: manifest column sha256;
+3: K.json and manifest factual_id, several pairs per factual image; manifest mask_fraction)."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,13 @@ PAIRS = Stage("pack", "pairs", "pairs", ("png", "txt", "cls", "cf.png", "cf.txt"
 PAIR_FIELDS: dict[str, type] = {
     "id": str, "label": int, "label_name": str, "cf_label": int, "cf_label_name": str,
     "target_strategy": str, "guidance_scale": float, "t_inv": float, "steps": int, "seed": int,
-    "p_cf": float, "flipped": bool, "l1": float, "l2": float, "recon_l1": float,
+    "p_cf": float, "flipped": bool, "l1": float, "l2": float, "recon_l1": float, "factual_id": str,
 }
 
 INVERT_FIELDS = ("id", "label", "label_name", "origin", "seed")
 """The manifest columns an invert sample's K.json carries (plus steps, t_inv and the DDIM grid)."""
 GUIDE_FIELDS = ("id", "label", "label_name", "cf_label", "cf_label_name", "target_strategy", "guidance_scale",
-                "seed", "p_cf", "flipped", "l1", "l2", "recon_l1")
+                "seed", "p_cf", "flipped", "l1", "l2", "recon_l1", "factual_id")
 """The manifest columns a guide sample's K.json carries (plus steps and t_inv)."""
 
 
@@ -86,7 +87,8 @@ def pair_json(meta: dict) -> bytes:
 
 # One row per input sample, in every stage's parquet and in manifest.parquet.
 ROW_SCHEMA = pa.schema([
-    ("id", pa.string()),            # the sample key (dot-free)
+    ("id", pa.string()),            # the sample key (dot-free): the input's id, or <id>_to_<y*> with several targets
+    ("factual_id", pa.string()),    # the input sample (factual image) the pair belongs to
     ("shard", pa.int32()),          # shard index
     ("origin", pa.string()),        # source path or digits:<i>
     ("status", pa.string()),        # ok | failed | rejected
@@ -103,6 +105,7 @@ ROW_SCHEMA = pa.schema([
     ("l1", pa.float64()),
     ("l2", pa.float64()),
     ("recon_l1", pa.float64()),
+    ("mask_fraction", pa.float64()),        # share of the image a localized edit could touch (guide.mask; else null)
     # quality (cfgen/quality.py), filled by pack; the truth columns only where the causal model is known
     ("changed_fraction", pa.float64()),     # share of pixels changed visibly
     ("oracle_label", pa.int32()),           # the renderer oracle's class of the counterfactual

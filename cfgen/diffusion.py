@@ -26,6 +26,17 @@ A network trained to predict v or x0 instead of eps is turned into e first
 Training draws x_t from the forward process (`q_sample`):
     x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * n,   n ~ N(0, I)
 
+Localized edits (`localized_reverse`, FastDiME's self-optimised mask in DDIM form): keep
+the factual image's own inversion trajectory x^f_{t_0..t_S} (x^f_{t_0} = x0, the image itself)
+with its noise estimates e^f_i = eps(x^f_{t_i}, t_i), and, from the step `start` of the reverse
+on, after each guided step from t = t_i
+    d   = sum_c |x0(x_t, e^) - x0(x^f_t, e^f_i)|   where the counterfactual departs from the factual
+          image, both read at the same noise level (so the x0-estimates' blur cancels; at t_S, where
+          x_t = u, the factual one is x0(u, e)), or sum_c |g|; smoothed by a k_b x k_b mean
+    m   = maxpool_{k_d}(d / max d) > tau        per sample: relative threshold, dilated
+    x_{t_prev} <- where(m, x_{t_prev}, x^f_{t_prev})
+so outside the last mask the sample IS the factual trajectory and comes back exactly.
+
 No clipping or thresholding anywhere: the round trip must be exact up to the
 ODE discretisation. Walking one grid up and then down avoids the off-by-one
 between the loops (diffusers PR #3436).
@@ -34,12 +45,13 @@ between the loops (diffusers PR #3436).
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from cfgen.config import GradientKind
+from cfgen.config import GradientKind, MaskSource
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """eps(x_t, t) -> predicted noise; t is a (B,) long tensor."""
@@ -50,6 +62,8 @@ X0LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 GRADIENTS: tuple[str, ...] = typing.get_args(GradientKind)
 """How guided_reverse takes g: from a noise-aware classifier(x_t, t), or from a clean predictor(x0)
 through the UNet ('unet') or with e held constant ('x0')."""
+MASK_SOURCES: tuple[str, ...] = typing.get_args(MaskSource)
+"""Where localized_reverse reads the departure map from: the x0-estimates ('x0') or the gradient."""
 
 
 def timestep_grid(num_train_timesteps: int, steps: int, t_inv: float) -> list[int]:
@@ -97,15 +111,33 @@ def _t(batch: int, t: int, device) -> torch.Tensor:
     return torch.full((batch,), t, dtype=torch.long, device=device)
 
 
+@dataclass
+class Trajectory:
+    """The factual image's inversion path: x[i] = x^f_{t_i} (x[0] = x0, x[S] = u) and eps[i] = e^f_i, i < S."""
+    x: list[torch.Tensor]
+    eps: list[torch.Tensor]
+
+    def select(self, idx: torch.Tensor) -> "Trajectory":
+        """The rows `idx` of every entry (a batch's pairs: the same image may appear several times)."""
+        return Trajectory([x[idx] for x in self.x], [e[idx] for e in self.eps])
+
+
 @torch.no_grad()
 def invert(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, grid: list[int]) -> torch.Tensor:
     """Abduction: the clean image x0 (at t_0) -> its exogenous noise u (at t_S)."""
+    return inversion_trajectory(eps_fn, x0, alphas_cumprod, grid).x[-1]
+
+
+@torch.no_grad()
+def inversion_trajectory(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, grid: list[int]) -> Trajectory:
+    """invert, keeping every x^f_{t_i} and e^f_i: the path localized_reverse falls back to and compares with."""
     a = alphas_cumprod.tolist()
-    x = x0
+    path, noise = [x0], []
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
-        eps = eps_fn(x, _t(x.shape[0], t_cur, x.device))
-        x = ddim_step(x, eps, a[t_cur], a[t_next])
-    return x
+        x = path[-1]
+        noise.append(eps_fn(x, _t(x.shape[0], t_cur, x.device)))
+        path.append(ddim_step(x, noise[-1], a[t_cur], a[t_next]))
+    return Trajectory(path, noise)
 
 
 def _selected_log_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -149,6 +181,26 @@ def clean_log_prob_grad(eps_fn: EpsFn, classifier: X0LogitsFn, x_t: torch.Tensor
     return e.detach(), g
 
 
+def _guided_eps(eps_fn: EpsFn, classifier, x: torch.Tensor, t: torch.Tensor, a_t: float, target, s: torch.Tensor,
+                guided: bool, gradient: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(e^, g, e) at one step of the reverse: e^ = e - s * sqrt(1 - a_t) * g; g is None when not guided."""
+    if guided and gradient != "noisy":
+        eps, g = clean_log_prob_grad(eps_fn, classifier, x, t, a_t, target, through_unet=gradient == "unet")
+        return eps - s * (1.0 - a_t) ** 0.5 * g, g, eps
+    eps = eps_fn(x, t)
+    if not guided:
+        return eps, None, eps
+    g = log_prob_grad(classifier, x, t, target)
+    return eps - s * (1.0 - a_t) ** 0.5 * g, g, eps
+
+
+def _reverse_setup(classifier, u: torch.Tensor, scale, gradient: str) -> tuple[torch.Tensor, bool]:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    s = torch.as_tensor(scale, dtype=u.dtype, device=u.device).reshape(-1, *([1] * (u.dim() - 1)))
+    return s, classifier is not None and bool((s != 0).any())
+
+
 @torch.no_grad()
 def guided_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor,
                    alphas_cumprod: torch.Tensor, grid: list[int], target: torch.Tensor | None = None,
@@ -160,20 +212,74 @@ def guided_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: t
     `gradient` (GRADIENTS): 'noisy' for a noise-aware classifier(x_t, t); 'unet' or 'x0'
     for a clean classifier(x0) on the x0-estimate (clean_log_prob_grad).
     """
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    s, guided = _reverse_setup(classifier, u, scale, gradient)
     a = alphas_cumprod.tolist()
-    s = torch.as_tensor(scale, dtype=u.dtype, device=u.device).reshape(-1, *([1] * (u.dim() - 1)))
-    guided = classifier is not None and bool((s != 0).any())
     x = u
     for t_cur, t_prev in zip(grid[:0:-1], grid[-2::-1]):
-        t = _t(x.shape[0], t_cur, x.device)
-        if guided and gradient != "noisy":
-            eps, g = clean_log_prob_grad(eps_fn, classifier, x, t, a[t_cur], target, through_unet=gradient == "unet")
-            eps = eps - s * (1.0 - a[t_cur]) ** 0.5 * g
-        else:
-            eps = eps_fn(x, t)
-            if guided:
-                eps = eps - s * (1.0 - a[t_cur]) ** 0.5 * log_prob_grad(classifier, x, t, target)
+        eps, _, _ = _guided_eps(eps_fn, classifier, x, _t(x.shape[0], t_cur, x.device), a[t_cur], target, s, guided,
+                                gradient)
         x = ddim_step(x, eps, a[t_cur], a[t_prev])
     return x
+
+
+@dataclass(frozen=True)
+class EditMask:
+    """How localized_reverse finds the region an edit may touch (module docstring: d, m)."""
+    source: str = "x0"       # MASK_SOURCES: |x0(x_t, e^) - x0^f| or |g|
+    threshold: float = 0.15  # tau, relative to each sample's largest departure
+    dilation: int = 3        # k_d, odd: max-pool kernel that grows the mask
+    blur: int = 3            # k_b, odd: mean-pool kernel that smooths d first (1 = none)
+    start: float = 0.5       # share of the reverse steps run unmasked first (early x0-estimates are blurry)
+
+    def __post_init__(self):
+        if self.source not in MASK_SOURCES:
+            raise ValueError(f"mask source must be one of {MASK_SOURCES}, got {self.source!r}")
+        if self.dilation < 1 or self.dilation % 2 == 0 or self.blur < 1 or self.blur % 2 == 0:
+            raise ValueError(f"mask dilation and blur must be odd and >= 1, got {self.dilation}, {self.blur}")
+
+    def region(self, departure: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) departure magnitudes -> (B, 1, H, W) bool mask of where the edit may act."""
+        d = departure.abs().sum(dim=1, keepdim=True)
+        if self.blur > 1:
+            d = F.avg_pool2d(d, self.blur, stride=1, padding=self.blur // 2, count_include_pad=False)
+        peak = d.flatten(1).amax(dim=1).clamp_min(torch.finfo(d.dtype).tiny).view(-1, 1, 1, 1)
+        d = d / peak
+        if self.dilation > 1:
+            d = F.max_pool2d(d, self.dilation, stride=1, padding=self.dilation // 2)
+        return d >= self.threshold  # >=: tau = 0 is the all-ones mask
+
+
+@torch.no_grad()
+def localized_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor,
+                      reference: Trajectory, alphas_cumprod: torch.Tensor, grid: list[int], mask: EditMask,
+                      target: torch.Tensor | None = None, scale: torch.Tensor | float = 0.0,
+                      gradient: str = "noisy") -> tuple[torch.Tensor, torch.Tensor]:
+    """guided_reverse confined to a region found during sampling; returns (x, the last mask (B, 1, H, W)).
+
+    `reference` is the factual trajectory from inversion_trajectory; the reverse starts from the stored
+    noise u, as guided_reverse does. Before the first masked step, and where the mask is on, the step is
+    guided_reverse's; elsewhere the sample is set to x^f_{t_prev}, so outside the last mask the output is
+    x^f_{t_0} = x0 exactly.
+    """
+    s, guided = _reverse_setup(classifier, u, scale, gradient)
+    a = alphas_cumprod.tolist()
+    x = u
+    steps = len(grid) - 1
+    first_masked = round(mask.start * steps)
+    m = torch.ones((x.shape[0], 1, *x.shape[2:]), dtype=torch.bool, device=x.device)
+    for k, (t_cur, t_prev) in enumerate(zip(grid[:0:-1], grid[-2::-1])):
+        i = steps - k  # reference index of t_cur
+        eps_hat, g, eps = _guided_eps(eps_fn, classifier, x, _t(x.shape[0], t_cur, x.device), a[t_cur], target, s,
+                                      guided, gradient)
+        x_prev = ddim_step(x, eps_hat, a[t_cur], a[t_prev])
+        if k >= first_masked:
+            if mask.source == "gradient":
+                departure = g if g is not None else torch.zeros_like(x)
+            else:
+                factual = x0_estimate(x, eps, a[t_cur]) if i == steps else \
+                    x0_estimate(reference.x[i], reference.eps[i], a[t_cur])
+                departure = x0_estimate(x, eps_hat, a[t_cur]) - factual
+            m = mask.region(departure)
+            x_prev = torch.where(m, x_prev, reference.x[i - 1])
+        x = x_prev
+    return x, m

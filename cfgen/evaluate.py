@@ -15,6 +15,7 @@ Reads RUN/pairs/*.tar with webdataset (as any consumer would) and reports:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,15 @@ def load_pairs(run_dir: Path) -> dict[str, np.ndarray]:
     urls = sorted(str(p) for p in PAIRS.dir(run_dir).glob(f"{PAIRS.prefix}-*.tar"))
     if not urls:
         raise InputError(f"no pair shards in {PAIRS.dir(run_dir)}; run `cfgen pack` first")
-    factual, cf, labels, cf_labels = [], [], [], []
+    factual, cf, labels, cf_labels, factual_ids = [], [], [], [], []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         factual.append(decode_png(sample["png"]))
         cf.append(decode_png(sample["cf.png"]))
         labels.append(int(sample["cls"]))
         cf_labels.append(int(sample["cf.cls"]))
-    return {"factual": np.stack(factual), "cf": np.stack(cf),
-            "label": np.array(labels), "cf_label": np.array(cf_labels)}
+        factual_ids.append(json.loads(sample["json"]).get("factual_id", sample["__key__"]))
+    return {"factual": np.stack(factual), "cf": np.stack(cf), "label": np.array(labels),
+            "cf_label": np.array(cf_labels), "factual_id": np.array(factual_ids, dtype=object)}
 
 
 def evaluate_pairs(run_dir: Path) -> dict:
@@ -59,15 +61,18 @@ def evaluate_pairs(run_dir: Path) -> dict:
     data = load_pairs(Path(run_dir))
     n = len(data["label"])
     f, c = flat(data["factual"]), flat(data["cf"])
-    judge = fit_judge(data["factual"], data["label"])
+    # each factual image once (several pairs may share one): the judge's training set and the real-image pool
+    first = np.sort(np.unique(data["factual_id"], return_index=True)[1])  # in shard order
+    real, real_label = f[first], data["label"][first]
+    judge = fit_judge(data["factual"][first], real_label)
     # stratified k-fold needs k members of every class present
-    folds = min(5, int(np.unique(data["label"], return_counts=True)[1].min()))
-    cv_acc = float(cross_val_score(judge, f, data["label"], cv=folds).mean()) if folds >= 2 else float("nan")
+    folds = min(5, int(np.unique(real_label, return_counts=True)[1].min()))
+    cv_acc = float(cross_val_score(judge, real, real_label, cv=folds).mean()) if folds >= 2 else float("nan")
     oracle_flip = float((judge.predict(c) == data["cf_label"]).mean())
     l1 = np.abs(f - c).mean(axis=1)
     nearest = np.empty(n)
     for y in np.unique(data["cf_label"]):
-        pool = f[data["label"] == y]
+        pool = real[real_label == y]
         rows = np.where(data["cf_label"] == y)[0]
         if len(pool) == 0:
             nearest[rows] = np.nan
@@ -75,7 +80,7 @@ def evaluate_pairs(run_dir: Path) -> dict:
         # mean |f_i - r| over pixels for every real image r of class y; keep the closest
         dists = np.abs(f[rows][:, None, :] - pool[None, :, :]).mean(axis=2)
         nearest[rows] = dists.min(axis=1)
-    return {"pairs": n, "judge": "SVC(rbf) on factual images", "judge_cv_accuracy": cv_acc, "judge_cv_folds": folds,
+    return {"pairs": n, "factual_images": len(first), "judge": "SVC(rbf) on factual images", "judge_cv_accuracy": cv_acc, "judge_cv_folds": folds,
             "oracle_flip_rate": oracle_flip, "mean_l1": float(l1.mean()),
             "mean_nearest_target_l1": float(np.nanmean(nearest)),
             "l1_over_nearest": float(l1.mean() / np.nanmean(nearest))}
@@ -83,7 +88,7 @@ def evaluate_pairs(run_dir: Path) -> dict:
 
 def format_report(r: dict) -> str:
     return "\n".join([
-        f"pairs                                   {r['pairs']}",
+        f"pairs                                   {r['pairs']} (of {r['factual_images']} factual images)",
         f"independent judge                       {r['judge']}, {r['judge_cv_folds']}-fold accuracy {r['judge_cv_accuracy']:.3f}",
         f"flip rate by the judge                  {r['oracle_flip_rate']:.3f}",
         f"mean L1 factual -> counterfactual       {r['mean_l1']:.4f}",

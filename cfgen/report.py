@@ -195,7 +195,8 @@ def _confusion(rows: list[dict], classes: list[str], has_truth: bool, path: Path
 
 def _sweep_plot(sweep: dict, path: Path) -> None:
     plt = _plt()
-    rows = [r for r in sweep["rows"] if r["scale"] != "escalation"]
+    first = sweep["rows"][0].get("mask", "off") if sweep["rows"] else "off"  # one curve set: the first mask variant
+    rows = [r for r in sweep["rows"] if r["scale"] != "escalation" and r.get("mask", "off") == first]
     s = [r["scale"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(s, [r["flip_rate"] for r in rows], "o-", label="flip rate (guiding predictor)")
@@ -203,7 +204,7 @@ def _sweep_plot(sweep: dict, path: Path) -> None:
     if rows and rows[0].get("truth_closer_rate") is not None:
         ax.plot(s, [r["truth_closer_rate"] for r in rows], "^-", label="closer to the true counterfactual")
     ax.set_xscale("symlog", base=2, linthresh=1)
-    ax.set_xlabel("guidance scale s (no escalation)")
+    ax.set_xlabel(f"guidance scale s (no escalation; mask {first})")
     ax.set_ylabel("rate")
     ax.set_ylim(0, 1.02)
     ax2 = ax.twinx()
@@ -257,12 +258,13 @@ def _stats_table(stats: dict) -> str:
 
 
 def _sweep_table(sweep: dict) -> str:
-    head = ("scale", "flip (predictor)", "flip (oracle)", "mean L1", "error vs truth", "closer to truth",
-            "outside change")
+    head = ("mask", "scale", "flip (predictor)", "flip (oracle)", "mean L1", "changed", "mask share",
+            "error vs truth", "closer to truth", "outside change")
     body = []
     for r in sweep["rows"]:
         scale = "+".join(f"{s:g}" for s in r["ladder"]) if r["scale"] == "escalation" else f"{r['scale']:g}"
-        cells = [scale, _fmt(r["flip_rate"]), _fmt(r["oracle_flip_rate"]), _fmt(r["mean_l1"], ".4f"),
+        cells = [r.get("mask", "off"), scale, _fmt(r["flip_rate"]), _fmt(r["oracle_flip_rate"]),
+                 _fmt(r["mean_l1"], ".4f"), _fmt(r["mean_changed_fraction"]), _fmt(r.get("mean_mask_fraction")),
                  _fmt(r["mean_truth_l1"], ".4f"), _fmt(r["truth_closer_rate"]), _fmt(r["mean_outside_change"])]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return ("<table class='stats'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body)

@@ -43,7 +43,8 @@ STAGE_KEYS = {
                ("data", "shapes_classes"), ("data", "shapes_scale"), ("data", "only_classes"), ("data", "class_limit"),
                ("model", "kind"), ("model", "prompt"), ("model", "dtype"), ("invert", "steps"), ("invert", "t_inv")],
     "guide": [("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
-              ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence")],
+              ("guide", "top_k"), ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence"), ("guide", "mask"),
+              ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"), ("guide", "mask_start")],
     "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
              ("pack", "max_recon_l1")],
 }

@@ -26,6 +26,7 @@ import torch
 
 from cfgen.config import Config
 from cfgen.contract import INVERT
+from cfgen.diffusion import MASK_SOURCES
 from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.errors import ConfigError, InputError
 from cfgen.evaluate import fit_judge, flat
@@ -78,14 +79,43 @@ def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge
             **truth, "seconds": seconds}
 
 
-def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300, overwrite: bool = False) -> dict:
+def parse_masks(text: str, cfg: Config) -> list[dict]:
+    """--masks 'off,x0,x0:0.3,gradient' -> guide.mask overrides per variant ('' = the configured one alone).
+
+    A variant is 'off', a mask source, or source:tau (guide.mask_threshold); the other mask settings
+    are the config's."""
+    if not text.strip():
+        return [{"mask": cfg.guide.mask, "mask_threshold": cfg.guide.mask_threshold}]
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        source, _, tau = item.partition(":")
+        if source not in ("off", *MASK_SOURCES) or (source == "off" and tau):
+            raise ConfigError(f"--masks: expected off, {', '.join(MASK_SOURCES)} or SOURCE:TAU; got {item!r}")
+        try:
+            threshold = float(tau) if tau else cfg.guide.mask_threshold
+        except ValueError:
+            raise ConfigError(f"--masks: {item!r}: the threshold after ':' must be a number") from None
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"--masks: {item!r}: the threshold must be in [0, 1]")
+        out.append({"mask": source, "mask_threshold": threshold})
+    return out
+
+
+def mask_label(variant: dict) -> str:
+    return "off" if variant["mask"] == "off" else f"{variant['mask']} tau={variant['mask_threshold']:g}"
+
+
+def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300, overwrite: bool = False,
+              masks: list[dict] | None = None) -> dict:
+    """Rows per mask variant (`parse_masks`; default the configured mask): each scale alone, then escalation."""
     from cfgen.models.loading import load_models
     from cfgen.stages.common import config_grid
-    from cfgen.stages.guide import counterfactuals, guide_batch
+    from cfgen.stages.guide import Localized, counterfactuals, edit_mask, guide_batch
     from cfgen.stages.invert import run_invert
 
     if len(scales) < 1 or any(s < 0 for s in scales):
         raise ConfigError("sweep: --scales needs one or more scales >= 0")
+    masks = masks or parse_masks("", cfg)
     out = sweep_dir(run_dir)
     cfg = copy.deepcopy(cfg)
     cfg.data.limit = limit
@@ -99,35 +129,57 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     labels, seeds = [m["label"] for m in metas], [m["seed"] for m in metas]
     bs = cfg.guide.batch_size
 
-    def guided(scale_list: list[float]):
-        """cf, scale kept, p_cf, flipped, targets, recon over all samples, in batches."""
-        c = copy.deepcopy(cfg)
-        c.guide.scale, c.guide.escalation = scale_list[0], scale_list[1:]
+    def guided(c: Config):
+        """Per pair (guide_batch, in batches): the factual image's index, cf, scale kept, p_cf, flipped, targets,
+        recon, mask share. With several targets per image (guide.target = 'all', top_k) an image has several."""
         parts = [guide_batch(models, c, classes, grid, factual[i:i + bs], noise[i:i + bs], labels[i:i + bs],
                              seeds[i:i + bs]) for i in range(0, len(metas), bs)]
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-        return cat("cf"), cat("scale"), cat("p_cf"), cat("flipped"), cat("targets"), cat("recon")
+        src = np.concatenate([p.source + i for p, i in zip(parts, range(0, len(metas), bs))])
+        return (src, cat("cf"), cat("scale"), cat("p_cf"), cat("flipped"), cat("targets"), cat("recon"),
+                cat("mask_fraction"))
 
-    t0 = time.perf_counter()
-    ladder = [cfg.guide.scale, *cfg.guide.escalation]
-    cf, used, p_cf, flipped, targets, recon = guided(ladder)  # also gives y* and the s = 0 reconstruction
-    esc = _row(causal, ESCALATION, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0)
-    esc["ladder"] = ladder
-    esc["scales_kept"] = {f"{k:g}": int(v) for k, v in zip(*np.unique(used, return_counts=True))}
+    from cfgen.diffusion import inversion_trajectory
+    from cfgen.tensors import to_model_space
+
+    trajectories = {}  # batch start -> the factual inversion trajectory of the pairs, shared by the variants
+
+    def trajectory(i: int, images: np.ndarray):
+        if i not in trajectories:
+            x0 = to_model_space(torch.from_numpy(np.require(images[i:i + bs], requirements="W"))).to(models.device)
+            trajectories[i] = inversion_trajectory(models.eps, models.encode(x0), models.alphas_cumprod, grid)
+        return trajectories[i]
+
     rows = []
-    for s in scales:
+    for variant in masks:
+        c = copy.deepcopy(cfg)
+        c.guide.mask, c.guide.mask_threshold = variant["mask"], variant["mask_threshold"]
+        mask = edit_mask(c)
         t0 = time.perf_counter()
-        parts = []
-        for i in range(0, len(metas), bs):
-            u = torch.from_numpy(noise[i:i + bs]).to(models.device)
-            y = torch.from_numpy(targets[i:i + bs]).to(models.device)
-            parts.append(counterfactuals(models, u, y, grid, [s], cfg.guide.confidence))
-        cf, _, p_cf, flipped = (np.concatenate(a) for a in zip(*parts))
-        rows.append(_row(causal, s, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0))
-    rows.append(esc)
+        src, cf, used, p_cf, flipped, targets, recon, share = guided(c)  # also gives y* and the s = 0 recon
+        pair_metas, pair_factual, pair_noise = [metas[k] for k in src], factual[src], noise[src]
+        esc = _row(causal, ESCALATION, pair_metas, pair_factual, cf, recon, targets, p_cf, flipped, judge,
+                   time.perf_counter() - t0)
+        esc.update(ladder=[cfg.guide.scale, *cfg.guide.escalation], mask=mask_label(variant),
+                   mean_mask_fraction=float(np.mean(share)) if mask else None,
+                   scales_kept={f"{k:g}": int(v) for k, v in zip(*np.unique(used, return_counts=True))})
+        for s in scales:
+            t0 = time.perf_counter()
+            parts = []
+            for i in range(0, len(pair_metas), bs):
+                u = torch.from_numpy(pair_noise[i:i + bs]).to(models.device)
+                y = torch.from_numpy(targets[i:i + bs]).to(models.device)
+                localized = None if mask is None else Localized(trajectory(i, pair_factual), mask)
+                parts.append(counterfactuals(models, u, y, grid, [s], cfg.guide.confidence, localized=localized))
+            cf, _, p_cf, flipped, share = (np.concatenate(a) for a in zip(*parts))
+            row = _row(causal, s, pair_metas, pair_factual, cf, recon, targets, p_cf, flipped, judge,
+                       time.perf_counter() - t0)
+            row.update(mask=mask_label(variant), mean_mask_fraction=float(np.mean(share)) if mask else None)
+            rows.append(row)
+        rows.append(esc)
     result = {"pipeline": cfg.pipeline.name, "samples": len(metas), "t_inv": cfg.invert.t_inv,
               "steps": cfg.invert.steps, "confidence": cfg.guide.confidence,
-              "mean_recon_l1": float(np.mean([l1(factual[j], recon[j]) for j in range(len(metas))])),
+              "mean_recon_l1": float(np.mean([l1(pair_factual[j], recon[j]) for j in range(len(recon))])),
               "oracle": "renderer (nearest class rendering in the causal region)" if judge is None
               else "RBF SVM on clean train-split images",
               "rows": rows}
@@ -141,12 +193,14 @@ def format_table(result: dict) -> str:
 
     head = (f"sweep: {result['pipeline']}, {result['samples']} samples, t_inv={result['t_inv']}, "
             f"steps={result['steps']}, mean recon L1 {result['mean_recon_l1']:.4f}; oracle: {result['oracle']}")
-    cols = ("scale", "flip (predictor)", "flip (oracle)", "mean L1", "error vs truth", "closer to truth",
-            "outside change", "seconds")
+    cols = ("mask", "scale", "flip (predictor)", "flip (oracle)", "mean L1", "changed", "mask share",
+            "error vs truth", "closer to truth", "outside change", "seconds")
     lines = [head, " | ".join(cols), " | ".join("---" for _ in cols)]
     for r in result["rows"]:
         scale = "+".join(f"{s:g}" for s in r["ladder"]) if r["scale"] == ESCALATION else f"{r['scale']:g}"
-        lines.append(" | ".join([scale, f(r["flip_rate"]), f(r["oracle_flip_rate"]), f(r["mean_l1"], ".4f"),
-                                 f(r["mean_truth_l1"], ".4f"), f(r["truth_closer_rate"]),
-                                 f(r["mean_outside_change"]), f"{r['seconds']:.0f}"]))
+        lines.append(" | ".join([r.get("mask", "off"), scale, f(r["flip_rate"]), f(r["oracle_flip_rate"]),
+                                 f(r["mean_l1"], ".4f"), f(r["mean_changed_fraction"]),
+                                 f(r.get("mean_mask_fraction")), f(r["mean_truth_l1"], ".4f"),
+                                 f(r["truth_closer_rate"]), f(r["mean_outside_change"], ".4f"),
+                                 f"{r['seconds']:.0f}"]))
     return "\n".join(lines)

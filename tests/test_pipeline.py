@@ -230,3 +230,36 @@ def test_filled_escalation_rounds_keep_every_pair_as_it_was(tmp_path):
     assert len(set(plain[1].tolist())) >= 3                       # escalation really happened
     for a, b in zip(plain, filled):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("target, top_k, per_image", [("all", 1, 9), ("closest", 3, 3)])
+def test_several_targets_per_image_keep_the_contract(tmp_path, target, top_k, per_image):
+    """guide.target = 'all' / top-K: one ordinary pair per target, keyed <factual_id>_to_<y*>, with the same
+    members and K.json schema as every pair; grouped by factual_id, each image has its targets exactly once."""
+    import webdataset as wds
+
+    run_pipeline(tmp_path, ["data.limit=5", "guide.escalation=[]", f"guide.target={target!r}", f"guide.top_k={top_k}"])
+    run_dir = tmp_path
+    urls = sorted(str(p) for p in (tmp_path / "pairs").glob("pairs-*.tar"))
+    by_factual: dict[str, list[int]] = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        key = sample["__key__"]
+        assert sorted(k for k in sample if not k.startswith("__")) == sorted(PAIR_MEMBERS)
+        meta = json.loads(sample["json"])
+        assert list(meta) == list(PAIR_FIELDS)
+        assert "." not in key and key == f"{meta['factual_id']}_to_{meta['cf_label']}" and meta["id"] == key
+        assert int(sample["cf.cls"]) == meta["cf_label"] != meta["label"] == int(sample["cls"])
+        by_factual.setdefault(meta["factual_id"], []).append(meta["cf_label"])
+    assert sorted(by_factual) == [f"digits-{i:05d}" for i in range(5)]
+    for targets in by_factual.values():
+        assert len(targets) == len(set(targets)) == per_image
+    manifest = pq.read_table(tmp_path / "pairs" / "manifest.parquet").to_pylist()
+    assert len(manifest) == 5 * per_image and {r["status"] for r in manifest} == {"ok"}
+    assert sorted({r["factual_id"] for r in manifest}) == sorted(by_factual)
+    if target == "all":
+        labels = {r["factual_id"]: r["label"] for r in manifest}
+        assert all(sorted(t) == [c for c in range(10) if c != labels[f]] for f, t in by_factual.items())
+    from cfgen.evaluate import evaluate_pairs
+
+    ev = evaluate_pairs(run_dir)
+    assert ev["pairs"] == 5 * per_image and ev["factual_images"] == 5

@@ -195,3 +195,28 @@ def test_mean_skips_none():
     assert mean([0.25]) == pytest.approx(0.25)
     assert math.isnan(mean([]))
     assert math.isnan(mean([None, None]))
+
+
+# ---------------------------------------------------------------- several targets per image
+
+def test_all_lists_every_other_class_in_class_order():
+    from cfgen.targets import choose_target_sets, targets_per_image
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [3.0, 0.0, 0.0, 1.0]])
+    out = choose_target_sets("all", 1, logits, torch.tensor([1, 3]), [0, 0], NAMES[:4])
+    assert out.tolist() == [[0, 2, 3], [0, 1, 2]]
+    assert targets_per_image("all", 1, 4) == 3
+
+
+def test_closest_top_k_ranks_the_other_classes():
+    from cfgen.targets import choose_target_sets, targets_per_image
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [3.0, 0.5, 0.5, 9.0]])
+    labels = torch.tensor([1, 3])
+    # sample 0 (label 1): 3 (2.0) then 2 (1.0); sample 1 (label 3): 0 (3.0), then the tie 1/2 in class order
+    assert choose_target_sets("closest", 2, logits, labels, [0, 0], NAMES[:4]).tolist() == [[3, 2], [0, 1]]
+    assert choose_target_sets("closest", 3, logits, labels, [0, 0], NAMES[:4]).tolist() == [[3, 2, 0], [0, 1, 2]]
+    # top_k = 1 is today's 'closest'
+    assert choose_target_sets("closest", 1, logits, labels, [0, 0], NAMES[:4]).tolist() == [[3], [0]]
+    assert targets_per_image("closest", 9, 4) == 3  # capped at the other classes
+    assert targets_per_image("random", 1, 4) == 1 and targets_per_image("2", 1, 4) == 1

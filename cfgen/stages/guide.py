@@ -27,7 +27,7 @@ from cfgen.config import Config
 from cfgen.contract import GUIDE, GUIDE_FIELDS, INVERT
 from cfgen.data.images import decode_image, encode_png
 from cfgen.data.sources import list_samples, load_class_names
-from cfgen.diffusion import guided_reverse
+from cfgen.diffusion import EditMask, Trajectory, guided_reverse, inversion_trajectory, localized_reverse
 from cfgen.errors import ConfigError, InputError
 from cfgen.metrics import l1, l2
 from cfgen.models.loading import load_models
@@ -36,7 +36,7 @@ from cfgen.overlap import BackgroundWriter, chunks, prefetched
 from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
 from cfgen.stages.common import config_grid, finished_inputs, mark_unread, run_shards, samples_until_error
-from cfgen.targets import choose_targets, resolve_fixed_target
+from cfgen.targets import choose_target_sets, resolve_fixed_target, targets_per_image
 from cfgen.tensors import to_model_space, to_uint8
 
 
@@ -66,17 +66,36 @@ def escalation_jobs(pending: list[int], next_scale: dict[int, int], n_scales: in
     return jobs
 
 
+def edit_mask(cfg: Config) -> EditMask | None:
+    """The localized-edit settings of guide.mask*, or None when guide.mask = 'off'."""
+    g = cfg.guide
+    if g.mask == "off":
+        return None
+    return EditMask(source=g.mask, threshold=g.mask_threshold, dilation=g.mask_dilation, blur=g.mask_blur,
+                    start=g.mask_start)
+
+
+@dataclass
+class Localized:
+    """What localized edits need beside u: the factual inversion trajectory and the mask settings."""
+    reference: Trajectory
+    mask: EditMask
+
+
 def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid: list[int],
-                    scales: list[float], confidence: float = 0.5,
-                    fill: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    scales: list[float], confidence: float = 0.5, fill: bool | None = None,
+                    localized: Localized | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                 np.ndarray]:
     """Guided reverse with per-sample escalation.
 
     Each sample keeps the first scale, in `scales` order, whose image its predictor calls y* with
     probability >= `confidence` (or that broke: NaN/inf, where escalating cannot help), else the last.
     Returns uint8 images, the scale each sample kept, p(y*) on the stored image, and whether the
-    predictor's top class on it is y*. `fill` (default: on a GPU) fills escalation rounds up to the
-    batch's size with later scales of the pending samples (`escalation_jobs`); every pass is a
-    per-sample computation, so the result is the same either way, only the work and the rounds differ.
+    predictor's top class on it is y*, and the share of the image the edit was allowed to touch
+    (the last mask's mean with `localized`; 1 without). `fill` (default: on a GPU) fills escalation
+    rounds up to the batch's size with later scales of the pending samples (`escalation_jobs`); every
+    pass is a per-sample computation, so the result is the same either way, only the work and the
+    rounds differ.
     """
     n = u.shape[0]
     fill = models.device.type == "cuda" if fill is None else fill
@@ -84,6 +103,7 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
     used = np.zeros(n, dtype=np.float64)
     p_cf = np.zeros(n, dtype=np.float64)
     flipped_all = np.zeros(n, dtype=bool)
+    region = np.ones(n, dtype=np.float64)
     next_scale = {i: 0 for i in range(n)}
     pending = list(range(n))
     classifier, gradient = models.guidance
@@ -92,8 +112,14 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
         idx = torch.tensor([i for i, _ in jobs])
         job_scales = [float(scales[k]) for _, k in jobs]  # one scale for the whole pass stays a plain float
         s = job_scales[0] if len(set(job_scales)) == 1 else torch.tensor(job_scales, dtype=u.dtype, device=u.device)
-        x = guided_reverse(models.eps, classifier, u[idx], models.alphas_cumprod, grid, gradient=gradient,
-                           target=targets[idx], scale=s)
+        if localized is None:
+            x = guided_reverse(models.eps, classifier, u[idx], models.alphas_cumprod, grid, gradient=gradient,
+                               target=targets[idx], scale=s)
+            share = torch.ones(len(jobs))
+        else:
+            x, m = localized_reverse(models.eps, classifier, u[idx], localized.reference.select(idx), models.alphas_cumprod,
+                                     grid, localized.mask, gradient=gradient, target=targets[idx], scale=s)
+            share = m.flatten(1).float().mean(1).cpu()
         x = models.decode(x)  # latent models: back to pixels (identity for pixel models)
         finite = torch.isfinite(x).flatten(1).all(1).cpu()
         stored = to_uint8(x)
@@ -103,13 +129,13 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
         p = probs.gather(1, targets[idx][:, None]).squeeze(1).cpu().double()
         p[~finite] = float("nan")  # a NaN path must not pass as a (clipped) image
         flipped = (probs.argmax(1) == targets[idx]).cpu() & finite
-        results = {job: (stored[j], float(p[j]), bool(flipped[j])) for j, job in enumerate(jobs)}
+        results = {job: (stored[j], float(p[j]), bool(flipped[j]), float(share[j])) for j, job in enumerate(jobs)}
         still = []
         for i in pending:  # walk each sample's tried scales in order: the first that is done is kept
             finished = False
             while (i, next_scale[i]) in results:
                 k = next_scale[i]
-                images[i], p_cf[i], flipped_all[i] = results[(i, k)]
+                images[i], p_cf[i], flipped_all[i], region[i] = results[(i, k)]
                 used[i] = scales[k]
                 next_scale[i] = k + 1
                 if (flipped_all[i] and p_cf[i] >= confidence) or not np.isfinite(p_cf[i]) or k + 1 == len(scales):
@@ -118,36 +144,51 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
             if not finished:
                 still.append(i)
         pending = still
-    return images, used, p_cf, flipped_all
+    return images, used, p_cf, flipped_all, region
 
 
 @dataclass
 class GuideResult:
-    targets: np.ndarray      # y* per sample
+    """Per pair: a factual image has T = targets_per_image pairs, rows source * T .. source * T + T - 1."""
+    source: np.ndarray       # the factual image (index into the batch) of each pair
+    targets: np.ndarray      # y* per pair
     recon: np.ndarray        # uint8 s = 0 reconstructions
     cf: np.ndarray           # uint8 counterfactuals
     scale: np.ndarray        # scale each sample kept
     p_cf: np.ndarray         # p(y* | stored counterfactual)
     flipped: np.ndarray      # y* ranks first on the stored counterfactual
     finite: np.ndarray       # False where the UNet or the predictor produced NaN/inf for the sample
+    mask_fraction: np.ndarray  # share of the image the edit could touch (guide.mask; 1.0 when off)
 
 
 def guide_batch(models: Models, cfg: Config, classes: list[str], grid: list[int], factual: np.ndarray,
                 noise: np.ndarray, labels: list[int], seeds: list[int]) -> GuideResult:
     """The compute of the guide stage for one batch: target choice, s = 0 path, guided path.
 
-    Inputs are uint8 factual images (B, H, W, C) and their noise u (B, C, H, W).
+    Inputs are uint8 factual images (B, H, W, C) and their noise u (B, C, H, W). The reconstruction
+    and the factual trajectory are computed once per image, the guided path once per pair.
     """
     x0 = to_model_space(torch.from_numpy(np.require(factual, requirements="W"))).to(models.device)
     u = torch.from_numpy(noise).to(models.device)
     y = torch.tensor(labels, device=models.device)
-    targets = choose_targets(cfg.guide.target, predict_clean(models, x0), y, seeds, classes)
+    target_sets = choose_target_sets(cfg.guide.target, cfg.guide.top_k, predict_clean(models, x0), y, seeds, classes)
+    per_image = target_sets.shape[1]
+    source = torch.arange(len(labels), device=models.device).repeat_interleave(per_image)
     recon_x = models.decode(guided_reverse(models.eps, None, u, models.alphas_cumprod, grid))
     recon_ok = torch.isfinite(recon_x).flatten(1).all(1).cpu().numpy()
-    cf, used, p_cf, flipped = counterfactuals(models, u, targets, grid, [cfg.guide.scale, *cfg.guide.escalation],
-                                              cfg.guide.confidence)
-    return GuideResult(targets.cpu().numpy(), to_uint8(recon_x), cf, used, p_cf, flipped,
-                       recon_ok & np.isfinite(p_cf))
+    mask = edit_mask(cfg)
+    localized = None
+    if mask is not None:
+        path = inversion_trajectory(models.eps, models.encode(x0), models.alphas_cumprod, grid)
+        localized = Localized(path if per_image == 1 else path.select(source), mask)
+    pair_u = u if per_image == 1 else u[source]
+    cf, used, p_cf, flipped, share = counterfactuals(models, pair_u, target_sets.reshape(-1), grid,
+                                                     [cfg.guide.scale, *cfg.guide.escalation], cfg.guide.confidence,
+                                                     localized=localized)
+    src = source.cpu().numpy()
+    recon = to_uint8(recon_x)
+    return GuideResult(src, target_sets.reshape(-1).cpu().numpy(), recon[src], cf, used, p_cf, flipped,
+                       recon_ok[src] & np.isfinite(p_cf), share)
 
 
 def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Models | None = None) -> Path:
@@ -210,26 +251,33 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
             good.append((row, pixels, noise))
         return good
 
+    per_image = targets_per_image(cfg.guide.target, cfg.guide.top_k, len(classes))
+
     def write(tar, batch_rows: list[dict], factual: np.ndarray, res: GuideResult) -> None:
-        """Metrics, PNG encoding and tar writing (on the writer thread)."""
-        for j, row in enumerate(batch_rows):
+        """Metrics, PNG encoding and tar writing (on the writer thread). With several targets per image each
+        factual row gives way to one row per pair, keyed <id>_to_<y*> (dot-free), in `pairs_of`."""
+        for j, b in enumerate(res.source):
+            y = int(res.targets[j])
+            row = batch_rows[b] if per_image == 1 else dict(batch_rows[b], id=f"{batch_rows[b]['id']}_to_{y}")
+            pairs_of.setdefault(batch_rows[b]["id"], []).append(row)
             if not res.finite[j]:
                 row.update(status="failed", error="non-finite output from the UNet or the predictor")
                 continue
-            y = int(res.targets[j])
             row.update(cf_label=y, cf_label_name=classes[y], guidance_scale=float(res.scale[j]),
                        p_cf=float(res.p_cf[j]), flipped=bool(res.flipped[j]),
-                       l1=l1(factual[j], res.cf[j]), l2=l2(factual[j], res.cf[j]),
-                       recon_l1=l1(factual[j], res.recon[j]))
+                       l1=l1(factual[b], res.cf[j]), l2=l2(factual[b], res.cf[j]),
+                       recon_l1=l1(factual[b], res.recon[j]),
+                       mask_fraction=float(res.mask_fraction[j]) if cfg.guide.mask != "off" else None)
             meta = {k: row[k] for k in GUIDE_FIELDS}
             meta.update(t_inv=cfg.invert.t_inv, steps=cfg.invert.steps)
-            sample = {"__key__": row["id"], "png": encode_png(factual[j]), "cf.png": encode_png(res.cf[j]),
+            sample = {"__key__": row["id"], "png": encode_png(factual[b]), "cf.png": encode_png(res.cf[j]),
                       "recon.png": encode_png(res.recon[j]), "json": json.dumps(meta, sort_keys=True).encode()}
             row["sha256"] = sample_digest(sample)
             tar.write(sample)
 
     by_id: dict[str, dict] = {}
     seen: set[str] = set()
+    pairs_of: dict[str, list[dict]] = {}  # factual id -> its pair rows (written by `write`)
 
     def process(index: int) -> list[dict]:
         rows = read_rows(INVERT.rows(run_dir, index))
@@ -237,6 +285,7 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
         by_id.update((r["id"], r) for r in rows)
         broken: list[str] = []
         seen.clear()
+        pairs_of.clear()
         samples = samples_until_error(INVERT.tar(run_dir, index), broken)
         with atomic_tar(GUIDE.tar(run_dir, index)) as tar, BackgroundWriter() as writer:
             for good in prefetched(chunks(samples, cfg.guide.batch_size), parse):
@@ -248,7 +297,8 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
                                   [r["label"] for r in batch_rows], [r["seed"] for r in batch_rows])
                 writer.submit(write, tar, batch_rows, factual, res)
         mark_unread(rows, seen, broken)
-        return rows
+        # one row per pair; a factual image that never reached the guided path keeps its own (failed) row
+        return [pair for r in rows for pair in pairs_of.get(r["id"], [r])]
 
     run_shards(GUIDE, cfg, run_dir, indices, process)
     return GUIDE.dir(run_dir)

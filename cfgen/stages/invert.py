@@ -60,7 +60,7 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
         """Rows (ok or failed) and pixels for a batch of refs; runs on the prefetch thread."""
         out = []
         for ref in batch:
-            row = make_row(id=ref.id, shard=index, origin=ref.origin, label=ref.label,
+            row = make_row(id=ref.id, factual_id=ref.id, shard=index, origin=ref.origin, label=ref.label,
                            label_name=classes[ref.label] if ref.label >= 0 else None,
                            seed=sample_seed(cfg.pipeline.seed, ref.id), status="ok")
             pixels = None

@@ -139,6 +139,8 @@ def merge(run_dir: Path) -> dict:
         # of the merging process: bounded by one shard's working set, not by the dataset size
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if any(r["mask_fraction"] is not None for r in ok):  # localized edits (guide.mask)
+        stats["mean_mask_fraction"] = mean(r["mask_fraction"] for r in ok)
     if any(r["truth_l1"] is not None for r in ok):  # the source knows its causal model
         stats.update({
             "oracle_flip_rate": rate(r["oracle_flipped"] for r in ok),

@@ -47,8 +47,9 @@ def pair_origins(ids: list[str], refs: list[SampleRef], shards: list[Path]) -> d
         for folder in dict.fromkeys(s.parent for s in shards):
             manifest = folder / "manifest.parquet"
             if manifest.is_file():
-                table = pq.read_table(manifest, columns=["id", "origin"]).to_pydict()
+                table = pq.read_table(manifest).to_pydict()
                 found = dict(zip(table["id"], table["origin"]))
+                found.update(zip(table.get("factual_id", []), table["origin"]))  # ids of the factual images
                 out.update({i: found[i] for i in missing if found.get(i)})
         missing = [i for i in ids if i not in out]
     if missing:
@@ -112,7 +113,7 @@ class CounterfactualFeatures:
 
     def _true(self, idx: np.ndarray) -> dict[int, torch.Tensor]:
         causal = self.source.causal
-        ids = [self.pairs.ids[i] for i in idx]
+        ids = [self.pairs.factual_ids[i] for i in idx]
         origins = pair_origins(ids, self.refs, self.shards)
         targets = [int(self.pairs.cf_label[i]) for i in idx]
         fp = refs_fingerprint(self.cfg, [], extra=[(i, origins[i], y) for i, y in zip(ids, targets)])
@@ -134,7 +135,7 @@ class CounterfactualFeatures:
         label_of = {r.id: r.label for r in cands}
         cand_labels = np.array([label_of[i] for i in images.ids])
         t = torch.from_numpy(idx)
-        best = nearest_indices(self.pairs.feat[t], [self.pairs.ids[i] for i in idx], targets, images.feat,
+        best = nearest_indices(self.pairs.feat[t], [self.pairs.factual_ids[i] for i in idx], targets, images.feat,
                                images.ids, cand_labels)
         self.stats["nearest"] = {**images.stats, "candidates": len(images.ids)}
         self.nearest_ids.update({int(i): images.ids[b] for i, b in zip(idx, best)})

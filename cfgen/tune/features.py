@@ -70,6 +70,7 @@ class ShardImages:
     """The decoded pairs of one shard."""
 
     ids: list[str]
+    factual_ids: list[str]  # the input sample each pair was made from (K.json factual_id; several pairs may share one)
     images: np.ndarray  # uint8 (N, H, W, C)
     cf_images: np.ndarray
     label: np.ndarray  # int64 (N,)
@@ -79,7 +80,7 @@ class ShardImages:
 
 def read_shard_images(path: Path) -> ShardImages:
     """Decode a pair shard (contract.PAIRS)."""
-    ids, images, cf_images, labels, cf_labels, names = [], [], [], [], [], {}
+    ids, factual_ids, images, cf_images, labels, cf_labels, names = [], [], [], [], [], [], {}
     for sample in read_samples(path):
         missing = [m for m in PAIRS.members if m not in sample]
         if missing:
@@ -89,6 +90,7 @@ def read_shard_images(path: Path) -> ShardImages:
         names.setdefault(y, str(meta.get("label_name", y)))
         names.setdefault(ycf, str(meta.get("cf_label_name", ycf)))
         ids.append(sample["__key__"])
+        factual_ids.append(str(meta.get("factual_id", sample["__key__"])))  # contract v2 shards: the key
         images.append(decode_png(sample["png"]))
         cf_images.append(decode_png(sample["cf.png"]))
         labels.append(y)
@@ -96,7 +98,7 @@ def read_shard_images(path: Path) -> ShardImages:
     if not ids:
         raise ShardError(f"{path.name}: no pairs in this shard")
     try:
-        return ShardImages(ids, np.stack(images), np.stack(cf_images), np.array(labels, dtype=np.int64),
+        return ShardImages(ids, factual_ids, np.stack(images), np.stack(cf_images), np.array(labels, dtype=np.int64),
                            np.array(cf_labels, dtype=np.int64), names)
     except ValueError:
         raise ShardError(f"{path.name}: images of different sizes in one shard") from None
@@ -114,6 +116,7 @@ class PairFeatures:
     """Frozen features of every pair of a set of shards, in shard order."""
 
     ids: list[str]
+    factual_ids: list[str]  # per pair, the input sample it was made from: what splits and sources know
     feat: torch.Tensor  # (N, D) factual images
     cf_feat: torch.Tensor  # (N, D) counterfactual images
     label: torch.Tensor  # (N,) long
@@ -130,7 +133,7 @@ def cache_file(cache_dir: Path, model_id: str, shard: Path) -> Path:
 
 def _encode_shard(vlm: VLM, shard: Path, batch_size: int) -> dict:
     data = read_shard_images(shard)
-    return {"ids": data.ids, "names": data.names,
+    return {"ids": data.ids, "factual_ids": data.factual_ids, "names": data.names,
             "feat": encode_images(vlm, data.images, batch_size), "cf_feat": encode_images(vlm, data.cf_images, batch_size),
             "label": torch.from_numpy(data.label), "cf_label": torch.from_numpy(data.cf_label)}
 
@@ -143,7 +146,7 @@ def _save(path: Path, part: dict) -> None:
             stale.unlink(missing_ok=True)  # the same shard under an older size/mtime
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: part[k].contiguous() for k in ("feat", "cf_feat", "label", "cf_label")}
-    save_file(tensors, str(tmp), metadata={"ids": json.dumps(part["ids"]),
+    save_file(tensors, str(tmp), metadata={"ids": json.dumps(part["ids"]), "factual_ids": json.dumps(part["factual_ids"]),
                                            "names": json.dumps({str(k): v for k, v in part["names"].items()})})
     tmp.replace(path)
 
@@ -155,6 +158,7 @@ def _load(path: Path) -> dict:
         meta = fh.metadata()
     part = load_file(str(path))
     part["ids"] = json.loads(meta["ids"])
+    part["factual_ids"] = json.loads(meta.get("factual_ids", meta["ids"]))
     part["names"] = {int(k): v for k, v in json.loads(meta["names"]).items()}
     return part
 
@@ -180,7 +184,7 @@ def load_pair_features(shards: list[Path], vlm: VLM, cache_dir: Path | None, bat
     ids = [i for p in parts for i in p["ids"]]
     if len(set(ids)) != len(ids):
         raise InputError("the pair shards repeat sample ids; pass each shard once")
-    return PairFeatures(ids=ids, feat=torch.cat([p["feat"] for p in parts]),
+    return PairFeatures(ids=ids, factual_ids=[i for p in parts for i in p["factual_ids"]], feat=torch.cat([p["feat"] for p in parts]),
                         cf_feat=torch.cat([p["cf_feat"] for p in parts]),
                         label=torch.cat([p["label"] for p in parts]).long(),
                         cf_label=torch.cat([p["cf_label"] for p in parts]).long(), names=names,

@@ -399,7 +399,7 @@ def _run_tune(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str]
 
     labels = data.label.numpy()
     if t.eval_split:
-        pool = np.array([splits.get(i) != t.eval_split for i in data.ids])
+        pool = np.array([splits.get(i) != t.eval_split for i in data.factual_ids])
         where = f" outside tune.eval_split={t.eval_split!r}"
     else:
         pool, where = np.ones(len(labels), dtype=bool), ""
@@ -422,7 +422,7 @@ def _run_tune(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str]
     runs = []
     for seed in t.seeds:
         idx = shots[seed]
-        shot_ids = {data.ids[i] for i in idx}
+        shot_ids = {data.factual_ids[i] for i in idx}
         mask = np.ones(len(ev.ids), dtype=bool) if t.eval_split else np.array([i not in shot_ids for i in ev.ids])
         row: dict = {"seed": seed, "shots": len(idx), "shot_ids": [data.ids[i] for i in idx],
                      "eval_images": int(mask.sum()), "methods": {}}
