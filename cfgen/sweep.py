@@ -11,7 +11,9 @@ flip rate by an independent oracle (shapes: the renderer, quality.nearest_render
 other sources: an RBF SVM fitted on the train split's clean images), mean L1
 factual -> counterfactual and, where the true counterfactual is known, the mean
 L1 to it, the share closer to it than to the factual image and the share of
-pixels changed outside the causal region. Writes RUN/sweep/sweep.json (which
+pixels changed outside the causal region, the mean CLD (cfgen/cld.py, against the swept factual
+images by class) and the share of pairs whose edit is no larger than the s = 0 round trip's
+error (l1 <= recon_l1). Writes RUN/sweep/sweep.json (which
 `cfgen report` draws as the flip-rate-vs-scale curve) and prints the table.
 """
 
@@ -24,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfgen.cld import References, batch_cld
 from cfgen.config import Config
 from cfgen.contract import INVERT
 from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.errors import ConfigError, InputError
 from cfgen.evaluate import fit_judge, flat
-from cfgen.metrics import l1
-from cfgen.quality import changed_fraction, pair_quality
+from cfgen.metrics import l1, mean
+from cfgen.quality import changed_fraction, edit_within_recon, pair_quality
 from cfgen.shards import atomic_write_json
 
 ESCALATION = "escalation"
@@ -58,8 +61,10 @@ def _judge(cfg: Config):
     return fit_judge(np.stack([r.load() for r in refs]), [r.label for r in refs])
 
 
-def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, seconds) -> dict:
+def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, refs, seconds) -> dict:
     n = len(metas)
+    l1s = [l1(factual[j], cf[j]) for j in range(n)]
+    cld = batch_cld(factual, cf, [m["label"] for m in metas], targets, refs, [m["origin"] for m in metas])
     if judge is None:  # the causal model is known: quality columns against the truth
         q = [pair_quality(causal, m["origin"], int(targets[j]), factual[j], cf[j], recon[j]) for j, m in enumerate(metas)]
         oracle = np.array([d["oracle_flipped"] for d in q])
@@ -73,9 +78,12 @@ def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge
                  "mean_outside_change": None}
     return {"scale": scale, "samples": n, "flip_rate": float(np.mean(flipped)), "mean_p_cf": float(np.mean(p_cf)),
             "oracle_flip_rate": float(np.mean(oracle)),
-            "mean_l1": float(np.mean([l1(factual[j], cf[j]) for j in range(n)])),
+            "mean_l1": float(np.mean(l1s)),
             "mean_changed_fraction": float(np.mean([changed_fraction(factual[j], cf[j]) for j in range(n)])),
-            **truth, "seconds": seconds}
+            **truth, "mean_cld": mean(cld),
+            "edit_within_recon_rate": float(np.mean([edit_within_recon(l1s[j], l1(factual[j], recon[j]))
+                                                     for j in range(n)])),
+            "seconds": seconds}
 
 
 def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300, overwrite: bool = False) -> dict:
@@ -97,6 +105,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     causal = open_source(cfg).causal
     judge = None if causal is not None else _judge(cfg)
     labels, seeds = [m["label"] for m in metas], [m["seed"] for m in metas]
+    refs = References.of(zip(labels, [m["origin"] for m in metas], factual))  # CLD's real images
     bs = cfg.guide.batch_size
 
     def guided(scale_list: list[float]):
@@ -111,7 +120,8 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     t0 = time.perf_counter()
     ladder = [cfg.guide.scale, *cfg.guide.escalation]
     cf, used, p_cf, flipped, targets, recon = guided(ladder)  # also gives y* and the s = 0 reconstruction
-    esc = _row(causal, ESCALATION, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0)
+    esc = _row(causal, ESCALATION, metas, factual, cf, recon, targets, p_cf, flipped, judge, refs,
+               time.perf_counter() - t0)
     esc["ladder"] = ladder
     esc["scales_kept"] = {f"{k:g}": int(v) for k, v in zip(*np.unique(used, return_counts=True))}
     rows = []
@@ -123,7 +133,8 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
             y = torch.from_numpy(targets[i:i + bs]).to(models.device)
             parts.append(counterfactuals(models, u, y, grid, [s], cfg.guide.confidence))
         cf, _, p_cf, flipped = (np.concatenate(a) for a in zip(*parts))
-        rows.append(_row(causal, s, metas, factual, cf, recon, targets, p_cf, flipped, judge, time.perf_counter() - t0))
+        rows.append(_row(causal, s, metas, factual, cf, recon, targets, p_cf, flipped, judge, refs,
+                         time.perf_counter() - t0))
     rows.append(esc)
     result = {"pipeline": cfg.pipeline.name, "samples": len(metas), "t_inv": cfg.invert.t_inv,
               "steps": cfg.invert.steps, "confidence": cfg.guide.confidence,
@@ -142,11 +153,11 @@ def format_table(result: dict) -> str:
     head = (f"sweep: {result['pipeline']}, {result['samples']} samples, t_inv={result['t_inv']}, "
             f"steps={result['steps']}, mean recon L1 {result['mean_recon_l1']:.4f}; oracle: {result['oracle']}")
     cols = ("scale", "flip (predictor)", "flip (oracle)", "mean L1", "error vs truth", "closer to truth",
-            "outside change", "seconds")
+            "outside change", "mean CLD", "seconds")
     lines = [head, " | ".join(cols), " | ".join("---" for _ in cols)]
     for r in result["rows"]:
         scale = "+".join(f"{s:g}" for s in r["ladder"]) if r["scale"] == ESCALATION else f"{r['scale']:g}"
         lines.append(" | ".join([scale, f(r["flip_rate"]), f(r["oracle_flip_rate"]), f(r["mean_l1"], ".4f"),
                                  f(r["mean_truth_l1"], ".4f"), f(r["truth_closer_rate"]),
-                                 f(r["mean_outside_change"]), f"{r['seconds']:.0f}"]))
+                                 f(r["mean_outside_change"]), f(r.get("mean_cld")), f"{r['seconds']:.0f}"]))
     return "\n".join(lines)

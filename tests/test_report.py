@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def test_cards_are_factual_cf_difference_truth_strips(shapes_report):
     for rid in shown:
         card_html = text[text.index(f"<b>{rid}</b>"):].split("</div>", 1)[0]
         assert "rejected: l1_above_max" in card_html
+    assert "<th>mean_cld</th>" in text and "<th>edit_within_recon_rate</th>" in text and "mean CLD" in text
     manifest_pairs = {(r["label"], r["cf_label"]) for r in rows if r["status"] == "ok"}
     assert text.count("median-L1") == 1
     assert len(set(cards)) >= len(manifest_pairs)
@@ -87,8 +89,11 @@ def test_sweep_rows_and_table(shapes_report):
         for k in ("flip_rate", "oracle_flip_rate", "truth_closer_rate", "within_recon_bound_rate"):
             assert 0.0 <= r[k] <= 1.0
         assert r["mean_truth_l1"] > 0 and r["mean_l1"] > 0
+        assert 0.0 <= r["edit_within_recon_rate"] <= 1.0
+        assert math.isnan(r["mean_cld"]) or math.log(2) <= r["mean_cld"] <= 1 + math.log(2)
     table = format_table(sweep).splitlines()
     assert len(table) == 3 + 3 and table[1].startswith("scale | flip (predictor) | flip (oracle) | mean L1 | error vs truth")
+    assert "| mean CLD |" in table[1]
     assert not (run_dir / "invert").joinpath("invert-000002_stats.json").exists()  # the run's shards untouched
 
 
