@@ -169,13 +169,24 @@ def _echo_summary(stats: dict | None) -> None:
 
 
 def _summary(stats: dict) -> str:
+    import math
+
+    from cfgen.quality import EDIT_WITHIN_RECON_WARN_RATE
+
     truth = ""
     if "oracle_flip_rate" in stats:
         truth = (f"oracle flip rate {stats['oracle_flip_rate']:.3f}; closer to the true counterfactual "
                  f"{stats['truth_closer_rate']:.3f}; ")
-    return (f"pairs: {stats['pairs']} of {stats['count']} inputs (failed {stats['failed']}, "
-            f"rejected {stats['rejected']}); flip rate {stats['flip_rate']:.3f}; {truth}mean l1 {stats['mean_l1']:.4f}; "
-            f"mean recon_l1 {stats['mean_recon_l1']:.4f} -> {stats['pairs_dir']}")
+    mean_cld = stats.get("mean_cld")
+    cld = f"; mean cld {mean_cld:.3f}" if mean_cld is not None and not math.isnan(mean_cld) else ""
+    out = (f"pairs: {stats['pairs']} of {stats['count']} inputs (failed {stats['failed']}, "
+           f"rejected {stats['rejected']}); flip rate {stats['flip_rate']:.3f}; {truth}mean l1 {stats['mean_l1']:.4f}; "
+           f"mean recon_l1 {stats['mean_recon_l1']:.4f}{cld} -> {stats['pairs_dir']}")
+    within = stats.get("edit_within_recon_rate")
+    if within is not None and within > EDIT_WITHIN_RECON_WARN_RATE:  # nan (no pairs) compares False
+        out += (f"\nwarning: {within:.0%} of pairs changed the image no more than the s = 0 round trip does "
+                "(l1 <= recon_l1): they may be noise, not edits")
+    return out
 
 
 @app.command()

@@ -11,6 +11,10 @@ same exogenous factors:
     truth_closer       the counterfactual is closer to the truth than to the factual image
     within_recon_bound truth_l1 <= recon_l1 (DiCap Cor. 3.4, see `within_recon_bound`)
     outside_change     share of pixels OUTSIDE the causal region that changed visibly
+and, from the guide row's own l1 / recon_l1:
+    edit_within_recon  l1 <= recon_l1: the edit is no larger than the model's s = 0 round-trip error,
+                       so it may be reconstruction noise rather than an edit (`edit_within_recon`)
+CLD, the per-pair minimality score against the run's real images, is in cfgen/cld.py.
 
 All images are uint8 (H, W, C); distances are in [0, 1] intensity units, as in cfgen.metrics.
 """
@@ -55,6 +59,16 @@ def nearest_render(image: np.ndarray, renders: np.ndarray, region: np.ndarray) -
     """
     diff = np.abs(renders.astype(np.float64) - image.astype(np.float64)[None])  # (K, H, W, C)
     return int(np.argmin(diff[:, region].mean(axis=(1, 2))))
+
+
+EDIT_WITHIN_RECON_WARN_RATE = 0.1
+"""The end-of-run summary warns when more than this share of the written pairs has l1 <= recon_l1."""
+
+
+def edit_within_recon(l1_value: float, recon_l1: float) -> bool:
+    """The counterfactual differs from the factual image no more than the unguided (s = 0) round trip
+    does (l1 <= recon_l1): the 'edit' is within the model's own reconstruction error, maybe noise."""
+    return bool(l1_value <= recon_l1)
 
 
 def within_recon_bound(truth_l1: float, recon_l1: float) -> bool:

@@ -43,7 +43,7 @@ from cfgen.shards import read_samples
 
 ZOOM = 6            # card pixels per image pixel (nearest neighbour)
 SHEET_SIZE = 8      # pairs in the best / worst sheets
-HIST_COLUMNS = ("l1", "l2", "recon_l1", "p_cf", "changed_fraction", "truth_l1", "outside_change")
+HIST_COLUMNS = ("l1", "l2", "recon_l1", "p_cf", "changed_fraction", "cld", "truth_l1", "outside_change")
 
 
 def _plt():
@@ -235,7 +235,8 @@ img.plot { max-width: 100%; }
 def _card_html(r: dict, img: str, classes: list[str], has_truth: bool) -> str:
     lines = [f"<b>{html.escape(r['id'])}</b>",
              f"{html.escape(classes[r['label']])} &rarr; {html.escape(classes[r['cf_label']])}",
-             f"p(y*) {_fmt(r['p_cf'])} &middot; L1 {_fmt(r['l1'], '.4f')} &middot; s {_fmt(r['guidance_scale'], 'g')}"]
+             f"p(y*) {_fmt(r['p_cf'])} &middot; L1 {_fmt(r['l1'], '.4f')} &middot; s {_fmt(r['guidance_scale'], 'g')}",
+             f"CLD {_fmt(r.get('cld'))}"]
     if has_truth:
         oracle = classes[r["oracle_label"]] if r["oracle_label"] is not None else "n/a"
         lines.append(f"vs truth L1 {_fmt(r['truth_l1'], '.4f')} &middot; oracle: {html.escape(oracle)}")
@@ -247,7 +248,8 @@ def _card_html(r: dict, img: str, classes: list[str], has_truth: bool) -> str:
 def _stats_table(stats: dict) -> str:
     keys = ("count", "pairs", "failed", "rejected", "errors", "rejected_by_gate", "flip_rate", "oracle_flip_rate",
             "truth_closer_rate", "within_recon_bound_rate", "mean_truth_l1", "mean_outside_change", "mean_l1",
-            "mean_l2", "mean_recon_l1", "mean_p_cf", "mean_changed_fraction", "per_scale")
+            "mean_l2", "mean_recon_l1", "edit_within_recon_rate", "mean_cld", "mean_p_cf", "mean_changed_fraction",
+            "per_scale")
     out = []
     for k in keys:
         if k in stats:
@@ -259,13 +261,14 @@ def _stats_table(stats: dict) -> str:
 
 def _sweep_table(sweep: dict) -> str:
     head = ("mask", "scale", "flip (predictor)", "flip (oracle)", "mean L1", "changed", "mask share",
-            "error vs truth", "closer to truth", "outside change")
+            "error vs truth", "closer to truth", "outside change", "mean CLD")
     body = []
     for r in sweep["rows"]:
         scale = "+".join(f"{s:g}" for s in r["ladder"]) if r["scale"] == "escalation" else f"{r['scale']:g}"
         cells = [r.get("mask", "off"), scale, _fmt(r["flip_rate"]), _fmt(r["oracle_flip_rate"]),
                  _fmt(r["mean_l1"], ".4f"), _fmt(r["mean_changed_fraction"]), _fmt(r.get("mean_mask_fraction")),
-                 _fmt(r["mean_truth_l1"], ".4f"), _fmt(r["truth_closer_rate"]), _fmt(r["mean_outside_change"])]
+                 _fmt(r["mean_truth_l1"], ".4f"), _fmt(r["truth_closer_rate"]), _fmt(r["mean_outside_change"]),
+                 _fmt(r.get("mean_cld"))]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return ("<table class='stats'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body)
             + "</table>")

@@ -11,7 +11,9 @@ flip rate by an independent oracle (shapes: the renderer, quality.nearest_render
 other sources: an RBF SVM fitted on the train split's clean images), mean L1
 factual -> counterfactual and, where the true counterfactual is known, the mean
 L1 to it, the share closer to it than to the factual image and the share of
-pixels changed outside the causal region. Writes RUN/sweep/sweep.json (which
+pixels changed outside the causal region, the mean CLD (cfgen/cld.py, against the swept factual
+images by class) and the share of pairs whose edit is no larger than the s = 0 round trip's
+error (l1 <= recon_l1). Writes RUN/sweep/sweep.json (which
 `cfgen report` draws as the flip-rate-vs-scale curve) and prints the table.
 """
 
@@ -24,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfgen.cld import References, batch_cld
 from cfgen.config import Config
 from cfgen.contract import INVERT
 from cfgen.diffusion import MASK_SOURCES
 from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.errors import ConfigError, InputError
 from cfgen.evaluate import fit_judge, flat
-from cfgen.metrics import l1
-from cfgen.quality import changed_fraction, pair_quality
+from cfgen.metrics import l1, mean
+from cfgen.quality import changed_fraction, edit_within_recon, pair_quality
 from cfgen.shards import atomic_write_json
 
 ESCALATION = "escalation"
@@ -59,8 +62,10 @@ def _judge(cfg: Config):
     return fit_judge(np.stack([r.load() for r in refs]), [r.label for r in refs])
 
 
-def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, seconds) -> dict:
+def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, refs, seconds) -> dict:
     n = len(metas)
+    l1s = [l1(factual[j], cf[j]) for j in range(n)]
+    cld = batch_cld(factual, cf, [m["label"] for m in metas], targets, refs, [m["origin"] for m in metas])
     if judge is None:  # the causal model is known: quality columns against the truth
         q = [pair_quality(causal, m["origin"], int(targets[j]), factual[j], cf[j], recon[j]) for j, m in enumerate(metas)]
         oracle = np.array([d["oracle_flipped"] for d in q])
@@ -74,9 +79,12 @@ def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge
                  "mean_outside_change": None}
     return {"scale": scale, "samples": n, "flip_rate": float(np.mean(flipped)), "mean_p_cf": float(np.mean(p_cf)),
             "oracle_flip_rate": float(np.mean(oracle)),
-            "mean_l1": float(np.mean([l1(factual[j], cf[j]) for j in range(n)])),
+            "mean_l1": float(np.mean(l1s)),
             "mean_changed_fraction": float(np.mean([changed_fraction(factual[j], cf[j]) for j in range(n)])),
-            **truth, "seconds": seconds}
+            **truth, "mean_cld": mean(cld),
+            "edit_within_recon_rate": float(np.mean([edit_within_recon(l1s[j], l1(factual[j], recon[j]))
+                                                     for j in range(n)])),
+            "seconds": seconds}
 
 
 def parse_masks(text: str, cfg: Config) -> list[dict]:
@@ -127,6 +135,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     causal = open_source(cfg).causal
     judge = None if causal is not None else _judge(cfg)
     labels, seeds = [m["label"] for m in metas], [m["seed"] for m in metas]
+    refs = References.of(zip(labels, [m["origin"] for m in metas], factual))  # CLD's real images
     bs = cfg.guide.batch_size
 
     def guided(c: Config):
@@ -158,7 +167,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
         t0 = time.perf_counter()
         src, cf, used, p_cf, flipped, targets, recon, share = guided(c)  # also gives y* and the s = 0 recon
         pair_metas, pair_factual, pair_noise = [metas[k] for k in src], factual[src], noise[src]
-        esc = _row(causal, ESCALATION, pair_metas, pair_factual, cf, recon, targets, p_cf, flipped, judge,
+        esc = _row(causal, ESCALATION, pair_metas, pair_factual, cf, recon, targets, p_cf, flipped, judge, refs,
                    time.perf_counter() - t0)
         esc.update(ladder=[cfg.guide.scale, *cfg.guide.escalation], mask=mask_label(variant),
                    mean_mask_fraction=float(np.mean(share)) if mask else None,
@@ -172,7 +181,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
                 localized = None if mask is None else Localized(trajectory(i, pair_factual), mask)
                 parts.append(counterfactuals(models, u, y, grid, [s], cfg.guide.confidence, localized=localized))
             cf, _, p_cf, flipped, share = (np.concatenate(a) for a in zip(*parts))
-            row = _row(causal, s, pair_metas, pair_factual, cf, recon, targets, p_cf, flipped, judge,
+            row = _row(causal, s, pair_metas, pair_factual, cf, recon, targets, p_cf, flipped, judge, refs,
                        time.perf_counter() - t0)
             row.update(mask=mask_label(variant), mean_mask_fraction=float(np.mean(share)) if mask else None)
             rows.append(row)
@@ -194,7 +203,7 @@ def format_table(result: dict) -> str:
     head = (f"sweep: {result['pipeline']}, {result['samples']} samples, t_inv={result['t_inv']}, "
             f"steps={result['steps']}, mean recon L1 {result['mean_recon_l1']:.4f}; oracle: {result['oracle']}")
     cols = ("mask", "scale", "flip (predictor)", "flip (oracle)", "mean L1", "changed", "mask share",
-            "error vs truth", "closer to truth", "outside change", "seconds")
+            "error vs truth", "closer to truth", "outside change", "mean CLD", "seconds")
     lines = [head, " | ".join(cols), " | ".join("---" for _ in cols)]
     for r in result["rows"]:
         scale = "+".join(f"{s:g}" for s in r["ladder"]) if r["scale"] == ESCALATION else f"{r['scale']:g}"
@@ -202,5 +211,5 @@ def format_table(result: dict) -> str:
                                  f(r["mean_l1"], ".4f"), f(r["mean_changed_fraction"]),
                                  f(r.get("mean_mask_fraction")), f(r["mean_truth_l1"], ".4f"),
                                  f(r["truth_closer_rate"]), f(r["mean_outside_change"], ".4f"),
-                                 f"{r['seconds']:.0f}"]))
+                                 f(r.get("mean_cld")), f"{r['seconds']:.0f}"]))
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import tarfile
 from pathlib import Path
@@ -91,6 +92,67 @@ def test_gate_failures_name_every_failed_gate():
     assert quality.rate([True, None, False, True]) == pytest.approx(2 / 3)
 
 
+def test_cld_by_hand():
+    """CLD = log(exp(P(S_x* <= div)) + exp(P(S_x >= div))) (Sanchez & Tsaftaris 2022), on 1-pixel images:
+    d(a, b) = |a - b| / 255.
+
+    factual x = 0, counterfactual x* = 100: div = 100/255.
+    real images of x's class y: 0 (x itself, left out), 20, 120, 200 -> S_x = {20, 120, 200}/255;
+        S_x >= div for 120 and 200: P = 2/3.
+    real images of the target class y*: 50, 100, 150, 250 -> S_x* = {50, 100, 150, 250}/255;
+        S_x* <= div for 50 and 100 (a tie counts): P = 2/4 = 0.5.
+    CLD = log(e^0.5 + e^(2/3)) = log(1.6487213 + 1.9477340) = log(3.5964553) = 1.2799487.
+    With the benchmark's weights 0.8, 0.2: log(0.8 * 1.6487213 + 0.2 * 1.9477340) = log(1.7085238) = 0.5356297.
+    """
+    from cfgen import cld
+
+    def one(v):
+        return img([[v]])
+
+    refs = cld.References.of([(0, "x", one(0)), (0, "a", one(20)), (0, "b", one(120)), (0, "c", one(200)),
+                              (1, "d", one(50)), (1, "e", one(100)), (1, "f", one(150)), (1, "g", one(250))])
+    assert refs.of_class(0, exclude="x").ravel().tolist() == [20, 120, 200]
+    assert refs.pair(one(0), one(100), 0, 1, origin="x") == pytest.approx(1.2799487, abs=1e-7)
+    div = 100 / 255
+    s_x, s_cf = np.array([20, 120, 200]) / 255, np.array([50, 100, 150, 250]) / 255
+    assert cld.cld(div, s_x, s_cf) == pytest.approx(1.2799487, abs=1e-7)
+    assert cld.cld(div, s_x, s_cf, w1=0.8, w2=0.2) == pytest.approx(0.5356297, abs=1e-7)
+    # the factual image left in its own set would add d = 0, never >= div: P(S_x >= div) = 2/4, CLD = log(2 e^0.5)
+    assert refs.pair(one(0), one(100), 0, 1) == pytest.approx(math.log(2 * math.exp(0.5)))
+    # bounds: log 2 (closer than every y* image, further than every y image) .. 1 + log 2
+    assert cld.cld(0.5, [0.1, 0.2], [0.9]) == pytest.approx(math.log(2))
+    assert cld.cld(0.5, [0.9], [0.1, 0.2]) == pytest.approx(1 + math.log(2))
+    assert np.isnan(cld.cld(0.5, [], [0.1]))
+    assert refs.pair(one(0), one(100), 0, 2) is None                    # no real image of the target class
+    assert cld.batch_cld(np.stack([one(0)]), np.stack([one(100)]), [0], [1], refs, ["x"]) == [refs.pair(
+        one(0), one(100), 0, 1, origin="x")]
+    # one per origin (data.repeat copies), at most per_class a class
+    capped = cld.References.of([(0, "a", one(1)), (0, "a", one(2)), (0, "b", one(3)), (0, "c", one(4))], per_class=2)
+    assert capped.of_class(0).ravel().tolist() == [1, 3]
+    # larger images are box-downsampled to EMBED_SIDE a side: 2 x 2 blocks of 0 / 255 stripes -> 128
+    stripes = np.zeros((2 * cld.EMBED_SIDE, 2 * cld.EMBED_SIDE, 1), np.uint8)
+    stripes[:, ::2] = 255
+    assert cld.embed(stripes).tolist() == [128] * cld.EMBED_SIDE ** 2
+    assert cld.embed(img([[1, 2], [3, 4]])).tolist() == [1, 2, 3, 4]   # small images as they are
+
+
+def test_edit_within_recon_and_the_summary_warning():
+    from cfgen.cli import _summary
+
+    assert quality.edit_within_recon(0.01, 0.01) and not quality.edit_within_recon(0.011, 0.01)
+    stats = {"pairs": 10, "count": 10, "failed": 0, "rejected": 0, "flip_rate": 1.0, "mean_l1": 0.05,
+             "mean_recon_l1": 0.01, "pairs_dir": "runs/x/pairs", "mean_cld": 0.9, "edit_within_recon_rate": 0.23}
+    out = _summary(stats)
+    assert "mean cld 0.900" in out
+    assert out.splitlines()[1] == ("warning: 23% of pairs changed the image no more than the s = 0 round trip does "
+                                   "(l1 <= recon_l1): they may be noise, not edits")
+    for quiet in (quality.EDIT_WITHIN_RECON_WARN_RATE, 0.0, float("nan")):
+        assert "warning" not in _summary({**stats, "edit_within_recon_rate": quiet})
+    old = {k: v for k, v in stats.items() if k not in ("mean_cld", "edit_within_recon_rate")}
+    assert _summary(old) == ("pairs: 10 of 10 inputs (failed 0, rejected 0); flip rate 1.000; mean l1 0.0500; "
+                             "mean recon_l1 0.0100 -> runs/x/pairs")     # stats.json of an older run
+
+
 def test_gate_values_are_validated():
     for bad in ("pack.min_p_cf=1.5", "pack.max_l1=-0.1", "pack.max_recon_l1=-1"):
         with pytest.raises(ConfigError):
@@ -121,6 +183,28 @@ def test_default_gates_keep_every_pair(digits_tiny):
     assert all(0.0 <= r["changed_fraction"] <= 1.0 for r in rows)
     assert all(r["truth_l1"] is None for r in rows)   # no causal model for real digits
     assert "oracle_flip_rate" not in stats
+
+
+def test_pack_records_cld_and_the_within_recon_flag(digits_tiny):
+    from cfgen import cld
+    from cfgen.shards import read_samples
+
+    run_dir, stats = digits_tiny
+    rows = {r["id"]: r for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist()}
+    for r in rows.values():
+        assert r["edit_within_recon"] == (r["l1"] <= r["recon_l1"])
+        assert r["cld"] is None or math.log(2) <= r["cld"] <= 1 + math.log(2)
+    assert stats["edit_within_recon_rate"] == pytest.approx(np.mean([r["edit_within_recon"] for r in rows.values()]))
+    assert stats["mean_cld"] == pytest.approx(np.mean([r["cld"] for r in rows.values() if r["cld"] is not None]))
+    # every pair is written (default gates), so the reference sets are the factual images of the pairs
+    samples = [s for tar in sorted((run_dir / "pairs").glob("pairs-*.tar")) for s in read_samples(tar)]
+    factual = np.stack([np.asarray(Image.open(io.BytesIO(s["png"])))[:, :, None] for s in samples])
+    cf = np.stack([np.asarray(Image.open(io.BytesIO(s["cf.png"])))[:, :, None] for s in samples])
+    meta = [rows[s["__key__"]] for s in samples]
+    refs = cld.References.of((m["label"], m["origin"], f) for m, f in zip(meta, factual))
+    again = cld.batch_cld(factual, cf, [m["label"] for m in meta], [m["cf_label"] for m in meta], refs,
+                          [m["origin"] for m in meta])
+    assert again == [m["cld"] for m in meta]
 
 
 def test_gates_reject_with_reasons_count_them_and_keep_them_out_of_the_tars(digits_tiny, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def test_cards_are_factual_cf_difference_truth_strips(shapes_report):
     for rid in shown:
         card_html = text[text.index(f"<b>{rid}</b>"):].split("</div>", 1)[0]
         assert "rejected: l1_above_max" in card_html
+    assert "<th>mean_cld</th>" in text and "<th>edit_within_recon_rate</th>" in text and "mean CLD" in text
     manifest_pairs = {(r["label"], r["cf_label"]) for r in rows if r["status"] == "ok"}
     assert text.count("median-L1") == 1
     assert len(set(cards)) >= len(manifest_pairs)
@@ -87,8 +89,12 @@ def test_sweep_rows_and_table(shapes_report):
         for k in ("flip_rate", "oracle_flip_rate", "truth_closer_rate", "within_recon_bound_rate"):
             assert 0.0 <= r[k] <= 1.0
         assert r["mean_truth_l1"] > 0 and r["mean_l1"] > 0
+        assert 0.0 <= r["edit_within_recon_rate"] <= 1.0
+        assert math.isnan(r["mean_cld"]) or math.log(2) <= r["mean_cld"] <= 1 + math.log(2)
     table = format_table(sweep).splitlines()
-    assert len(table) == 3 + 3 and table[1].startswith("scale | flip (predictor) | flip (oracle) | mean L1 | error vs truth")
+    assert len(table) == 3 + 3 and table[1].startswith("mask | scale | flip (predictor) | flip (oracle) | mean L1 | changed")
+    assert {r["mask"] for r in sweep["rows"]} == {"off"} and all(r["mean_mask_fraction"] is None for r in sweep["rows"])
+    assert "| mean CLD |" in table[1]
     assert not (run_dir / "invert").joinpath("invert-000002_stats.json").exists()  # the run's shards untouched
 
 
@@ -155,3 +161,21 @@ def test_report_shows_the_tune_table_when_the_run_has_one(shapes_report, tmp_pat
     order = [section.index(f"<td>{label}</td>") for label in ("zero-shot", "CoOp", "CoOp+DiCap[true]")]
     assert order == sorted(order)
     assert "<td>0.620 ± 0.030</td><td>+0.040 [+0.015, +0.065]</td><td>+0.040 [+0.015, +0.065]</td>" in section
+
+
+def test_sweep_mask_variants_parse_and_refuse():
+    from cfgen.config import load_config
+    from cfgen.errors import ConfigError
+    from cfgen.sweep import mask_label, parse_masks
+    from conftest import DIGITS
+
+    cfg = load_config(DIGITS, [])
+    assert parse_masks("", cfg) == [{"mask": cfg.guide.mask, "mask_threshold": cfg.guide.mask_threshold}]
+    variants = parse_masks("off, x0:0.3,gradient", cfg)
+    assert variants == [{"mask": "off", "mask_threshold": cfg.guide.mask_threshold},
+                        {"mask": "x0", "mask_threshold": 0.3},
+                        {"mask": "gradient", "mask_threshold": cfg.guide.mask_threshold}]
+    assert [mask_label(v) for v in variants[:2]] == ["off", "x0 tau=0.3"]
+    for bad in ("x0:1.5", "attention", "x0:high", "off:0.2"):
+        with pytest.raises(ConfigError, match="--masks"):
+            parse_masks(bad, cfg)

@@ -12,8 +12,11 @@ open_clip reads). Pairs that fail a gate (pack.require_flip, min_p_cf, max_l1,
 max_recon_l1) are rows with status 'rejected', every failed gate in `error`, and
 are not written; stats.json counts them by first reason (`errors`) and by gate
 (`rejected_by_gate`). The quality columns of cfgen/quality.py are filled here
-for every guided pair; where the source knows its causal model (shapes) stats.json adds
-oracle_flip_rate, truth_closer_rate, within_recon_bound_rate, mean_truth_l1, mean_outside_change.
+for every guided pair, with edit_within_recon (l1 <= recon_l1; stats.json: edit_within_recon_rate)
+and cld (cfgen/cld.py, against the run's own factual images by class, read from the guide shards
+once, when the first pair needs them; stats.json: mean_cld); where the source knows its causal model
+(shapes) stats.json adds oracle_flip_rate, truth_closer_rate, within_recon_bound_rate,
+mean_truth_l1, mean_outside_change.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfgen import distributed
+from cfgen.cld import References
 from cfgen.config import Config
 from cfgen.contract import GUIDE, INVERT, PAIRS, ROW_SCHEMA, pair_json
 from cfgen.data.images import decode_image
 from cfgen.data.sources import list_samples, open_source
 from cfgen.metrics import mean
-from cfgen.quality import gate_failures, pair_quality, rate
+from cfgen.quality import edit_within_recon, gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, atomic_write_json, read_rows, sample_digest
 from cfgen.stages.common import error_reason, finished_inputs, mark_unread, run_shards, samples_until_error, stage_rows
@@ -51,6 +55,7 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
     claim(PAIRS, cfg, run_dir, overwrite, refs)
     caption = cfg.pack.caption
     causal = open_source(cfg).causal
+    references: list[References] = []  # read once, when the first shard needs them (not on a no-op rerun)
 
     def process(index: int) -> list[dict]:
         rows = read_rows(GUIDE.rows(run_dir, index))
@@ -76,6 +81,10 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
                     row.update(status="failed", error=f"unreadable guide sample: {type(exc).__name__}: {exc}")
                     continue
                 row.update(pair_quality(causal, row["origin"], meta["cf_label"], factual, cf, recon))
+                row["edit_within_recon"] = edit_within_recon(row["l1"], row["recon_l1"])
+                if not references:
+                    references.append(cld_references(cfg, run_dir, indices))
+                row["cld"] = references[0].pair(factual, cf, row["label"], meta["cf_label"], row["origin"])
                 failed = gate_failures(meta, cfg.pack.min_p_cf, cfg.pack.max_l1, cfg.pack.max_recon_l1,
                                        cfg.pack.require_flip)
                 if failed:
@@ -96,6 +105,28 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
 
     run_shards(PAIRS, cfg, run_dir, indices, process)  # ends on a barrier: every rank's shards are written
     return merge(run_dir) if distributed.is_main() else None
+
+
+def cld_references(cfg: Config, run_dir: Path, indices: list[int]) -> References:
+    """The real images CLD measures against: the factual images of the guide shards `indices`
+    (every rank reads the same ones, in shard order, so every rank gets the same sets)."""
+    refs = References()
+    size, ch = cfg.data.image_size, cfg.data.channels
+    for index in indices:
+        rows = {r["id"]: r for r in read_rows(GUIDE.rows(run_dir, index))}
+        for sample in samples_until_error(GUIDE.tar(run_dir, index), []):  # damage is reported by process
+            row = rows.get(sample["__key__"])
+            if row is None or row["status"] != "ok" or "png" not in sample:
+                continue
+            if not refs.wants(row["label"], row["origin"]):
+                continue
+            if row["sha256"] is not None and sample_digest(sample) != row["sha256"]:
+                continue  # damaged: process makes it a failure row
+            try:
+                refs.add(row["label"], row["origin"], decode_image(sample["png"], size, ch))
+            except ValueError:
+                continue  # an unreadable image becomes a failure row in process; it is no reference
+    return refs
 
 
 def _stage_seconds(stage, run_dir: Path) -> float:
@@ -127,6 +158,8 @@ def merge(run_dir: Path) -> dict:
         "mean_recon_l1": mean(r["recon_l1"] for r in ok),
         "mean_p_cf": mean(r["p_cf"] for r in ok),
         "mean_changed_fraction": mean(r["changed_fraction"] for r in ok),
+        "edit_within_recon_rate": rate(r["edit_within_recon"] for r in ok),
+        "mean_cld": mean(r["cld"] for r in ok),
         "rejected_by_gate": dict(Counter(error_reason(g) for r in rows if r["status"] == "rejected"
                                          for g in (r["error"] or "").split("; "))),
         "per_class": dict(sorted(Counter(r["label_name"] for r in ok).items())),
