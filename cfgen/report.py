@@ -43,7 +43,8 @@ from cfgen.shards import read_samples
 
 ZOOM = 6            # card pixels per image pixel (nearest neighbour)
 SHEET_SIZE = 8      # pairs in the best / worst sheets
-HIST_COLUMNS = ("l1", "l2", "recon_l1", "p_cf", "changed_fraction", "cld", "truth_l1", "outside_change")
+HIST_COLUMNS = ("l1", "l2", "recon_l1", "p_cf", "changed_fraction", "mask_fraction", "cld", "truth_l1",
+                "outside_change")
 
 
 def _plt():

@@ -127,7 +127,7 @@ def test_guide_stage_mask_off_is_guided_reverse_and_on_stays_inside(tmp_path):
     from cfgen.tensors import to_uint8
     from conftest import DIGITS, SMALL
 
-    cfg = load_config(DIGITS, SMALL + ["data.limit=8", "guide.escalation=[]"])
+    cfg = load_config(DIGITS, SMALL + ["data.limit=8", "guide.escalation=[]", "guide.mask='off'"])
     run_invert(cfg, tmp_path)
     samples = read_inverted(tmp_path)
     factual = np.stack([s.arrays(cfg)[0] for s in samples])

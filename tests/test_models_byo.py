@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import tomli_w
 import torch
@@ -253,6 +254,22 @@ def test_latent_model_end_to_end(zoo, tmp_path, predictor, gradient):
                                   "predictor": predictor, "predictor_path": path, "gradient": gradient})
     assert model_kind(cfg) == "latent"  # inferred from sd/vae/
     _check_run(cfg, tmp_path / "run", _run(cfg, tmp_path / "run"), noise_shape=(4, SIZE // 2, SIZE // 2))
+
+
+def test_latent_model_with_localized_edits(zoo, tmp_path):
+    """guide.mask on a latent model: the mask lives in latent space (the factual latent's trajectory outside
+    it); the run keeps the contract and records the share of the latent each edit could touch."""
+    cfg = _config(zoo, tmp_path, {"unet": zoo / "sd", "scheduler": zoo / "sd", "prompt": "a photo",
+                                  "predictor": "clip_zero_shot", "predictor_path": zoo / "clip", "gradient": "x0"},
+                  guide={"scale": 4.0, "escalation": [16.0], "batch_size": 3, "mask": "x0", "mask_threshold": 0.3,
+                         "mask_dilation": 1, "mask_blur": 1, "mask_start": 0.0})
+    stats = _run(cfg, tmp_path / "run")
+    _check_run(cfg, tmp_path / "run", stats, noise_shape=(4, SIZE // 2, SIZE // 2), pixel_gain=False)
+    rows = pq.read_table(tmp_path / "run" / "pairs" / "manifest.parquet").to_pylist()
+    shares = [r["mask_fraction"] for r in rows]
+    latent_cells = (SIZE // 2) ** 2
+    assert all(0 < f <= 1 and (f * latent_cells) == pytest.approx(round(f * latent_cells)) for f in shares)
+    assert stats["mean_mask_fraction"] < 1.0
 
 
 def test_latent_model_under_bf16_autocast(zoo, tmp_path):

@@ -93,7 +93,9 @@ def test_sweep_rows_and_table(shapes_report):
         assert math.isnan(r["mean_cld"]) or math.log(2) <= r["mean_cld"] <= 1 + math.log(2)
     table = format_table(sweep).splitlines()
     assert len(table) == 3 + 3 and table[1].startswith("mask | scale | flip (predictor) | flip (oracle) | mean L1 | changed")
-    assert {r["mask"] for r in sweep["rows"]} == {"off"} and all(r["mean_mask_fraction"] is None for r in sweep["rows"])
+    # the configured mask (pipelines/shapes.toml: x0, tau 0.2) is the one variant swept by default
+    assert {r["mask"] for r in sweep["rows"]} == {"x0 tau=0.2"}
+    assert all(0.0 < r["mean_mask_fraction"] <= 1.0 for r in sweep["rows"])
     assert "| mean CLD |" in table[1]
     assert not (run_dir / "invert").joinpath("invert-000002_stats.json").exists()  # the run's shards untouched
 

@@ -12,6 +12,12 @@ each scale of guide.escalation in turn (DiME's escalation): each sample keeps
 the first scale that flips it. p_cf and `flipped` are read from the
 counterfactual *as stored* (after uint8 rounding), so a consumer re-scoring
 the PNG sees the same numbers.
+
+With guide.mask (localized edits, diffusion.localized_reverse) the guided path
+is confined to where it departs from the factual image's own inversion
+trajectory, recomputed here once per image; outside, the pair's pixels are
+the factual image's. With guide.target = 'all' or guide.top_k > 1 an image
+gets one pair per target, keyed <id>_to_<y*>; the s = 0 path runs once per image.
 """
 
 from __future__ import annotations
