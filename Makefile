@@ -26,6 +26,7 @@ endif
 
 # make benchmark: the pairs' value. BENCH_POOL picks the train-split images whose pairs are the shots
 # pool (shots come from the base classes only: circle, square, triangle of shapes6), gates on.
+TRAIN_OUT ?= runs/train-$(basename $(notdir $(CONFIG)))
 BENCH_CONFIG ?= pipelines/shapes6.toml
 BENCH_RUN ?= runs/$(basename $(notdir $(BENCH_CONFIG)))-benchmark
 BENCH_VLM ?= models/shapes6/vlm
@@ -69,10 +70,10 @@ pack: install ## cfgen pack on CONFIG
 run: install ## invert, guide and pack on CONFIG
 	$(CFGEN) run --config $(CONFIG) $(OUT_FLAG)
 
-train: install ## retrain the embedded digits models (diffusion, classifier, then the VLM image tower)
-	$(BIN)/cfgen train diffusion --config $(CONFIG)
-	$(BIN)/cfgen train classifier --config $(CONFIG)
-	$(BIN)/cfgen train vlm --config $(CONFIG)
+train: install ## train CONFIG's models (diffusion, classifier, VLM tower) into TRAIN_OUT (never the shipped ones unless TRAIN_OUT=models/<name>)
+	$(BIN)/cfgen train diffusion --config $(CONFIG) --out $(TRAIN_OUT)
+	$(BIN)/cfgen train classifier --config $(CONFIG) --out $(TRAIN_OUT)/classifier
+	$(BIN)/cfgen train vlm --config $(CONFIG) --out $(TRAIN_OUT)/vlm
 
 bench: install ## guide-stage throughput vs compute alone vs a one-at-a-time reference
 	$(BIN)/cfgen bench --config $(CONFIG)

@@ -239,36 +239,58 @@ def bench(config: ConfigOpt, set: SetOpt = None,
     typer.echo(format_bench(run_bench(_load(config, set), samples, reference_samples)))
 
 
+def _train_out(cfg: Config, out: Path | None, component: str) -> Path:
+    """Where `cfgen train` writes: --out, else a fresh runs/<pipeline.name>/models/<component> -- never the
+    models the config points at (the shipped ones) unless --out names them."""
+    path = out if out is not None else Path("runs") / cfg.pipeline.name / "models" / component
+    if out is None and path.exists() and any(path.iterdir()):
+        raise UserError(f"{path} already holds a trained model; pass --out to choose where this one goes "
+                        f"(or remove it)")
+    return path
+
+
+TrainOut = "Output dir (default: runs/<pipeline.name>/models/{}; the models the config uses are only replaced " \
+           "when --out names them)."
+
+
 @train_app.command("diffusion")
 def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
-                        out: Annotated[Optional[Path], typer.Option(help="Output dir (default: the parent of model.unet).")] = None):
+                        out: Annotated[Optional[Path], typer.Option(help=TrainOut.format("diffusion"))] = None):
     """Train the UNet2DModel noise predictor; writes OUT/unet and OUT/scheduler."""
     from cfgen.models.training import train_diffusion
 
-    path = train_diffusion(_load(config, set), out)
-    typer.echo(f"saved unet/ and scheduler/ to {path}")
+    cfg = _load(config, set)
+    path = train_diffusion(cfg, _train_out(cfg, out, "diffusion"))
+    typer.echo(f"saved unet/ and scheduler/ to {path}; use them with "
+               f"--set model.unet={path / 'unet'} --set model.scheduler={path / 'scheduler'}")
 
 
 @train_app.command("classifier")
 def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
-                         out: Annotated[Optional[Path], typer.Option(help="Output dir (default: model.classifier).")] = None):
+                         out: Annotated[Optional[Path], typer.Option(help=TrainOut.format("classifier"))] = None):
     """Train the noise-aware classifier p(y|x_t,t); prints held-out accuracy by t."""
     import json
 
     from cfgen.models.training import train_classifier
 
-    typer.echo(json.dumps(train_classifier(_load(config, set), out), indent=2))
+    cfg = _load(config, set)
+    path = _train_out(cfg, out, "classifier")
+    typer.echo(json.dumps(train_classifier(cfg, path), indent=2))
+    typer.echo(f"saved to {path}; use it with --set model.classifier={path}")
 
 
 @train_app.command("vlm")
 def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
-                  out: Annotated[Optional[Path], typer.Option(help="Output dir (default: tune.vlm).")] = None):
+                  out: Annotated[Optional[Path], typer.Option(help=TrainOut.format("vlm"))] = None):
     """Train the embedded VLM's image tower against frozen MiniLM caption embeddings (LiT)."""
     import json
 
     from cfgen.tune.vlm import train_vlm
 
-    typer.echo(json.dumps(train_vlm(load_config(config, set or []), out), indent=2))
+    cfg = load_config(config, set or [])
+    path = _train_out(cfg, out, "vlm")
+    typer.echo(json.dumps(train_vlm(cfg, path), indent=2))
+    typer.echo(f"saved to {path}; use it with --set tune.vlm={path}")
 
 
 @app.command()

@@ -26,8 +26,9 @@ def test_help_lists_the_stages():
     assert sub.returncode == 0 and "--set" in sub.stdout and "--out" in sub.stdout
 
 
-@pytest.mark.parametrize("args,default", [(["run"], "runs/<pipeline.name>"), (["train", "vlm"], "tune.vlm"),
-                                          (["train", "diffusion"], "the parent of model.unet")])
+@pytest.mark.parametrize("args,default", [(["run"], "runs/<pipeline.name>"),
+                                          (["train", "vlm"], "runs/<pipeline.name>/models/vlm"),
+                                          (["train", "diffusion"], "runs/<pipeline.name>/models/diffusion")])
 def test_help_says_where_out_goes_by_default(args, default):
     """Square brackets in a help text are rich markup: '[default: ...]' vanished, leaving 'Run directory .'."""
     import os
@@ -145,3 +146,24 @@ def test_run_loads_each_model_once(tmp_path, monkeypatch):
          "--set", "invert.steps=5", "--set", "guide.escalation=[]"], standalone_mode=False)
     assert calls == {"unet": 1, "predictor": 1}
     assert (tmp_path / "run" / "pairs" / "manifest.parquet").is_file()
+
+
+def test_train_writes_a_new_directory_never_the_shipped_models(tmp_path):
+    """`cfgen train classifier` without --out: runs/<pipeline.name>/models/classifier under the working
+    directory, a `--set` to use it, the shipped classifier untouched; a second run refuses to overwrite."""
+    import os
+
+    shipped = ROOT / "models" / "digits" / "classifier"
+    before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
+    cmd = [sys.executable, "-m", "cfgen", "train", "classifier", "--config", str(ROOT / "pipelines" / "digits.toml"),
+           "--set", "train.classifier.steps=2", "--set", "train.classifier.batch_size=8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    made = tmp_path / "runs" / "digits" / "models" / "classifier"
+    assert (made / "metrics.json").is_file() and (made / "config.json").is_file()
+    assert f"--set model.classifier={Path('runs/digits/models/classifier')}" in out.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert again.returncode == 2 and "already holds a trained model" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
