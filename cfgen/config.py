@@ -58,7 +58,7 @@ class PipelineConfig:
 class DataConfig:
     source: str = "digits"
     """'digits' (scikit-learn's handwritten digits), 'shapes' (synthetic, known causal model: cfgen/data/shapes.py),
-    'folder' (root/<class>/*.png) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES."""
+    'folder' (root/<class>/<image>, any format PIL decodes) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES."""
     root: str = ""
     """Dataset root: the image folder, or the directory that manifest paths are relative to."""
     manifest: str = ""
@@ -249,8 +249,9 @@ class TuneConfig:
     """Pair shards to learn from: a path, glob or brace list (pairs-{000000..000003}.tar); '' = RUN_DIR/pairs/pairs-*.tar."""
     backend: TuneBackend = "embedded"
     """'embedded' (frozen MiniLM text tower + the image tower in `vlm`) or 'transformers' (a CLIPModel directory in `vlm`)."""
-    vlm: str = "../models/digits/vlm"
-    """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint."""
+    vlm: str = ""
+    """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint.
+    "" = runs/<pipeline.name>/models/vlm under the working directory, where `cfgen train vlm` writes."""
     learners: list[Learner] = field(default_factory=lambda: ["coop"])
     """Prompt learners, each a baseline row (lambda = 0) and a row per objective and cf source:
     'coop' (one shared context), 'coop_csc' (CoOp with a context per class), 'cocoop' (the context
@@ -322,6 +323,10 @@ class Config:
         """Resolve a path from the config against the config file's directory."""
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def vlm_dir(self) -> Path:
+        """tune.vlm, or where `cfgen train vlm` writes by default when it is unset."""
+        return self.path(self.tune.vlm) if self.tune.vlm else Path("runs") / self.pipeline.name / "models" / "vlm"
 
 
 # Fields that hold paths: written back absolute so a resolved config is portable.

@@ -197,3 +197,17 @@ def test_class_specific_context_starts_as_coop_and_moves_one_class(embedded):
     assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
     with pytest.raises(ConfigError, match="no CoCoOp variant"):
         PromptLearner(embedded, CLASSES, n_ctx=4, ctx_init="a photo of a", class_specific=True, conditional=True)
+
+
+def test_unset_tune_vlm_means_where_train_vlm_writes(tmp_path, monkeypatch):
+    """tune.vlm = "" (the default for a new pipeline): runs/<pipeline.name>/models/vlm under the working
+    directory, and a one-line error that says how to make one when it is not there."""
+    from cfgen.config import load_config
+    from cfgen.errors import ModelLoadError
+    from cfgen.tune.backends import load_vlm
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "pipelines" / "digits.toml", ["tune.vlm=''"])
+    assert cfg.vlm_dir() == Path("runs") / "digits" / "models" / "vlm"
+    with pytest.raises(ModelLoadError, match=r"runs/digits/models/vlm \(tune.vlm is unset; train one there"):
+        load_vlm(cfg)

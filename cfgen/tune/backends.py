@@ -336,9 +336,11 @@ class ClipVLM(VLM):
 
 def load_vlm(cfg: Config, device: torch.device | None = None) -> VLM:
     """The VLM the config names (tune.backend, tune.vlm), frozen, on `device`."""
-    path = cfg.path(cfg.tune.vlm)
+    path = cfg.vlm_dir()
     if not path.is_dir():
-        raise ModelLoadError(f"tune.vlm: model directory not found: {path}")
+        unset = "" if cfg.tune.vlm else (" (tune.vlm is unset; train one there with `cfgen train vlm --config ...`, "
+                                         "or set tune.vlm)")
+        raise ModelLoadError(f"tune.vlm: model directory not found: {path}{unset}")
     if cfg.tune.backend == "embedded":
         vlm: VLM = EmbeddedVLM(path)
     elif cfg.tune.backend == "transformers":

@@ -153,7 +153,7 @@ def _train_vlm(cfg: Config, out: Path | None, device: torch.device) -> dict:
         "zero_shot_test": zero_shot_breakdown(zero_shot_logits(tower, text, xte, names, ZERO_SHOT_TEMPLATE), yte,
                                               names, [g for g, keep in zip(groups, test.tolist()) if keep]),
     }
-    out = out or cfg.path(cfg.tune.vlm)
+    out = out or cfg.vlm_dir()
     tower.save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     if not math.isfinite(loss.item()):
