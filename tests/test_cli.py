@@ -167,3 +167,32 @@ def test_train_writes_a_new_directory_never_the_shipped_models(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert again.returncode == 2 and "already holds a trained model" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_docker_run_script_mounts_a_byo_recipe_and_runs_as_the_caller(tmp_path):
+    """docker/run.sh with a stand-in `docker` that prints its arguments: the mounts a recipe's ../weights and
+    ../data need, the caller's uid:gid, shared memory, and accelerate's --multi_gpu passed through."""
+    import os
+    import stat
+
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    work = tmp_path / "work"
+    (work / "pipelines").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ENTRYPOINT": "accelerate"}
+    out = subprocess.run(["bash", str(ROOT / "docker" / "run.sh"), "launch", "--multi_gpu", "--num_processes", "8",
+                          "-m", "cfgen", "run", "--config", "pipelines/my.toml"],
+                         capture_output=True, text=True, cwd=work, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    args = out.stdout.splitlines()
+    assert args[:2] == ["run", "--rm"] and "--ipc=host" in args
+    assert args[args.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+    mounts = {args[i + 1] for i, a in enumerate(args) if a == "-v"}
+    assert mounts == {f"{work}/{d}:/app/{d}" for d in ("runs", "weights", "data", "pipelines")}
+    assert all((work / d).is_dir() for d in ("runs", "weights", "data"))
+    i = args.index("--entrypoint")
+    assert args[i + 1:i + 3] == ["accelerate", "cfgen:cuda"]
+    assert args[i + 3:] == ["launch", "--multi_gpu", "--num_processes", "8", "-m", "cfgen", "run", "--config",
+                            "pipelines/my.toml"]
