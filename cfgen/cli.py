@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 import typer
 
 from cfgen.config import Config, load_config
-from cfgen.errors import ConfigError, RunFailed, UserError
+from cfgen.errors import RunFailed, UserError
 
 app = typer.Typer(help="Generate factual/counterfactual image pairs as WebDataset shards.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -55,20 +55,16 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _load(config: Path, sets: list[str] | None) -> Config:
-    """Load and check everything that can be checked before any work starts."""
-    from cfgen.data.sources import load_class_names
-    from cfgen.targets import resolve_fixed_target
+    """Load and check everything that can be checked before any work starts (api.load_config)."""
+    from cfgen import api
 
-    cfg = load_config(config, sets or [])
-    try:
-        resolve_fixed_target(cfg.guide.target, load_class_names(cfg))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return cfg
+    return api.load_config(config, sets or [])
 
 
 def _run_dir(cfg: Config, out: Path | None) -> Path:
-    return out if out is not None else Path("runs") / cfg.pipeline.name
+    from cfgen import api
+
+    return api.run_dir(cfg, out)
 
 
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed sample (exit 1).")]
@@ -81,73 +77,46 @@ def _stage_config(config: Path, sets: list[str] | None, fail_fast: bool, trust: 
     return _load(config, [*(sets or []), *flags])
 
 
-def _check_failures(cfg: Config, run_dir: Path, stage) -> None:
-    """Exit 1 with a summary when more than pipeline.max_failure_fraction of the inputs failed."""
-    from cfgen.stages.common import failure_summary
-
-    summary = failure_summary(stage, run_dir)
-    if summary["count"] and summary["failed"] / summary["count"] > cfg.pipeline.max_failure_fraction:
-        reasons = ", ".join(f"{k} x{v}" for k, v in summary["errors"].items())
-        raise RunFailed(f"{stage.folder}: {summary['failed']} of {summary['count']} samples failed "
-                        f"(> pipeline.max_failure_fraction={cfg.pipeline.max_failure_fraction}): {reasons}")
-
-
 @app.command()
 def invert(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
            fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """Abduction: DDIM-invert every input image to its exogenous noise (RUN/invert/)."""
-    from cfgen.contract import INVERT
-    from cfgen.stages.invert import run_invert
+    from cfgen import api
 
-    cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
-    run_invert(cfg, _run_dir(cfg, out), overwrite=overwrite)
-    _check_failures(cfg, _run_dir(cfg, out), INVERT)
+    api.invert(_stage_config(config, set, fail_fast, trust_checkpoint), out, overwrite=overwrite)
 
 
 @app.command()
 def guide(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
           fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """Action + prediction: guided reverse DDIM from the noise to the counterfactual (RUN/guide/)."""
-    from cfgen.contract import GUIDE
-    from cfgen.stages.guide import run_guide
+    from cfgen import api
 
-    cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
-    run_guide(cfg, _run_dir(cfg, out), overwrite=overwrite)
-    _check_failures(cfg, _run_dir(cfg, out), GUIDE)
+    api.guide(_stage_config(config, set, fail_fast, trust_checkpoint), out, overwrite=overwrite)
 
 
 @app.command()
 def pack(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
          fail_fast: FailFastOpt = False):
     """Write the pair shards, manifest.parquet, stats.json and sizes.json (RUN/pairs/)."""
+    from cfgen import api
     from cfgen.contract import PAIRS
-    from cfgen.stages.pack import run_pack
 
     cfg = _stage_config(config, set, fail_fast, False)
-    _echo_summary(run_pack(cfg, _run_dir(cfg, out), overwrite=overwrite))
-    _check_failures(cfg, _run_dir(cfg, out), PAIRS)
+    _echo_summary(api.pack(cfg, out, overwrite=overwrite, check=False))  # the summary first, then the verdict
+    api.check_failures(cfg, api.run_dir(cfg, out), PAIRS)
 
 
 @app.command()
 def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
         fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
     """invert, guide and pack in order (the models are loaded once, for both invert and guide)."""
+    from cfgen import api
     from cfgen.contract import PAIRS
-    from cfgen.models.loading import load_models
-    from cfgen.stages.guide import run_guide
-    from cfgen.stages.invert import run_invert
-    from cfgen.stages.pack import run_pack
-
-    from cfgen.runstate import run_lock
 
     cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
-    run_dir = _run_dir(cfg, out)
-    with run_lock(run_dir, cfg):  # held across the three stages: no other process slips in between
-        models = load_models(cfg)
-        run_invert(cfg, run_dir, overwrite=overwrite, models=models)
-        run_guide(cfg, run_dir, overwrite=overwrite, models=models)
-        _echo_summary(run_pack(cfg, run_dir, overwrite=overwrite))
-    _check_failures(cfg, run_dir, PAIRS)
+    _echo_summary(api.run(cfg, out, overwrite=overwrite, check=False))  # the summary first, then the verdict
+    api.check_failures(cfg, api.run_dir(cfg, out), PAIRS)
 
 
 @app.command()

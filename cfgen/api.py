@@ -1,0 +1,119 @@
+"""The Python API: the same stages the command line runs, for notebooks and other programs.
+
+    import cfgen
+    stats = cfgen.run("pipelines/digits.toml", out="runs/digits", overrides=["guide.scale=4"])
+    cfgen.invert(...); cfgen.guide(...); stats = cfgen.pack(...)     # or stage by stage
+    cfg = cfgen.load_config("pipelines/digits.toml", ["guide.target=all"])   # a Config, checked
+
+Every function takes a pipeline TOML path (or an already loaded Config), an optional run directory
+(default runs/<pipeline.name>, relative to the working directory) and `overrides` in the CLI's
+`--set section.key=value` form. Errors are exceptions: cfgen.errors.UserError (bad config or input:
+the CLI's exit 2) and RunFailed (more than pipeline.max_failure_fraction of the samples failed:
+exit 1; `check=False` skips that check, for a caller that reports first, as the CLI does). The CLI (cli.py) is a thin layer over these functions, so both write the same shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cfgen.config import Config
+from cfgen.errors import ConfigError, RunFailed
+
+ConfigLike = str | Path | Config
+
+
+def load_config(config: ConfigLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a pipeline TOML with overrides and check what can be checked before any work starts."""
+    from cfgen.config import load_config as load_toml
+    from cfgen.data.sources import load_class_names
+    from cfgen.targets import resolve_fixed_target
+
+    if isinstance(config, Config):
+        if overrides:
+            raise ConfigError("overrides apply to a TOML path; edit a loaded Config's fields directly")
+        cfg = config
+    else:
+        cfg = load_toml(Path(config), list(overrides))
+    try:
+        resolve_fixed_target(cfg.guide.target, load_class_names(cfg))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def run_dir(cfg: Config, out: str | Path | None = None) -> Path:
+    """The run directory: `out`, else runs/<pipeline.name>."""
+    return Path(out) if out is not None else Path("runs") / cfg.pipeline.name
+
+
+def check_failures(cfg: Config, out: Path, stage) -> None:
+    """RunFailed when more than pipeline.max_failure_fraction of a stage's inputs failed."""
+    from cfgen.stages.common import failure_summary
+
+    summary = failure_summary(stage, out)
+    if summary["count"] and summary["failed"] / summary["count"] > cfg.pipeline.max_failure_fraction:
+        reasons = ", ".join(f"{k} x{v}" for k, v in summary["errors"].items())
+        raise RunFailed(f"{stage.folder}: {summary['failed']} of {summary['count']} samples failed "
+                        f"(> pipeline.max_failure_fraction={cfg.pipeline.max_failure_fraction}): {reasons}")
+
+
+def invert(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,
+           check: bool = True) -> Path:
+    """Stage 1 (abduction) into OUT/invert/; returns that folder."""
+    from cfgen.contract import INVERT
+    from cfgen.stages.invert import run_invert
+
+    cfg = load_config(config, overrides)
+    folder = run_invert(cfg, run_dir(cfg, out), overwrite=overwrite)
+    if check:
+        check_failures(cfg, run_dir(cfg, out), INVERT)
+    return folder
+
+
+def guide(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,
+          check: bool = True) -> Path:
+    """Stage 2 (action + prediction) into OUT/guide/; returns that folder."""
+    from cfgen.contract import GUIDE
+    from cfgen.stages.guide import run_guide
+
+    cfg = load_config(config, overrides)
+    folder = run_guide(cfg, run_dir(cfg, out), overwrite=overwrite)
+    if check:
+        check_failures(cfg, run_dir(cfg, out), GUIDE)
+    return folder
+
+
+def pack(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,
+         check: bool = True) -> dict | None:
+    """Stage 3 into OUT/pairs/; returns stats.json's content (None on the ranks of a launch that do not merge)."""
+    from cfgen.contract import PAIRS
+    from cfgen.stages.pack import run_pack
+
+    cfg = load_config(config, overrides)
+    stats = run_pack(cfg, run_dir(cfg, out), overwrite=overwrite)
+    if check:
+        check_failures(cfg, run_dir(cfg, out), PAIRS)
+    return stats
+
+
+def run(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,
+        check: bool = True) -> dict | None:
+    """invert, guide and pack in order, the models loaded once and the run directory locked across the three;
+    returns stats.json's content."""
+    from cfgen.contract import PAIRS
+    from cfgen.models.loading import load_models
+    from cfgen.runstate import run_lock
+    from cfgen.stages.guide import run_guide
+    from cfgen.stages.invert import run_invert
+    from cfgen.stages.pack import run_pack
+
+    cfg = load_config(config, overrides)
+    folder = run_dir(cfg, out)
+    with run_lock(folder, cfg):  # held across the three stages: no other process slips in between
+        models = load_models(cfg)
+        run_invert(cfg, folder, overwrite=overwrite, models=models)
+        run_guide(cfg, folder, overwrite=overwrite, models=models)
+        stats = run_pack(cfg, folder, overwrite=overwrite)
+    if check:
+        check_failures(cfg, folder, PAIRS)
+    return stats
