@@ -38,10 +38,24 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+"""Without --verbose: the libraries' own bars ("Loading weights") and advice stay quiet; cfgen's bars and
+errors are unaffected. Set before transformers / diffusers are imported, which read them at import."""
+
+
 @app.callback()
 def _main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                        help="Print the version and exit.")] = False):
+                                                        help="Print the version and exit.")] = False,
+                  verbose: Annotated[bool, typer.Option("--verbose", help="Also show the progress bars and "
+                                                        "warnings of transformers, diffusers and torch.")] = False):
     """Generate factual/counterfactual image pairs as WebDataset shards."""
+    if not verbose:
+        import warnings
+
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        for lib in ("transformers", "diffusers", "torch", "huggingface_hub", "accelerate", "webdataset"):
+            warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
 train_app = typer.Typer(help="Train the embedded models on the configured dataset.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 

@@ -226,3 +226,20 @@ def test_python_api_writes_the_same_shards_as_the_cli(tmp_path):
     with pytest.raises(UserError, match="guide.sclae"):
         api.run(DIGITS, out=tmp_path / "bad", overrides=["guide.sclae=2"])
     assert api.load_config(DIGITS, ["guide.target=all"]).guide.target == "all"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_bars_are_quiet_unless_verbose(tmp_path, verbose):
+    """transformers' and diffusers' own progress bars ("Loading weights") and advice are off unless --verbose."""
+    import os
+
+    code = ("import sys; from cfgen.cli import app\n"
+            "try:\n    app(standalone_mode=False, prog_name='cfgen', args=sys.argv[1:])\nexcept Exception:\n    pass\n"
+            "import cfgen.models.loading, transformers, diffusers\n"
+            "print(transformers.utils.logging.is_progress_bar_enabled(), diffusers.utils.logging.is_progress_bar_enabled())")
+    args = (["--verbose"] if verbose else []) + ["verify", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+                                                             "DIFFUSERS_VERBOSITY")}
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == ("True True" if verbose else "False False"), out.stderr

@@ -14,11 +14,13 @@ hides their differences from the stages. Bring your own models: README.
 from __future__ import annotations
 
 import inspect
+import os
 from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.utils import logging as diffusers_logging
 
 from cfgen.config import Config, guidance_gradient
 from cfgen.device import pick_device, pick_dtype, use_gpu_math
@@ -28,6 +30,9 @@ from cfgen.models.latent import LatentCodec, text_condition
 from cfgen.models.predictors import CLIP_STATS, ClipZeroShot, HFImageClassifier, ImagePreprocess, label_columns
 from cfgen.models.runtime import Models
 from cfgen.models.weights import check_weights, component_dir, pipeline_root, read_json, resolve_dir
+
+if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # the CLI without --verbose (cli.QUIET_ENV); transformers
+    diffusers_logging.disable_progress_bar()                # reads the variable itself, diffusers does not
 
 
 def _from_pretrained(cls, path: Path, **kwargs):

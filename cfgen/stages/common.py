@@ -93,12 +93,33 @@ def damage(stage: Stage, run_dir: Path, index: int) -> str | None:
     return None
 
 
+class _Progress:
+    """The live bar of the running stage, counted in samples: `advance` is called from inside a shard's
+    batch loop, which `run_shards` does not see (a side channel, so `process` keeps its one argument)."""
+    bar: tqdm | None = None
+
+
+def advance(samples: int) -> None:
+    """Count `samples` more input samples done in the current shard (a no-op outside run_shards)."""
+    if _Progress.bar is not None:
+        _Progress.bar.update(samples)
+
+
+def upstream_rows(stage: Stage, run_dir: Path) -> Callable[[int], int]:
+    """Shard i's sample count as the stage before wrote it (its parquet's row count, no data read)."""
+    import pyarrow.parquet as pq
+
+    return lambda i: pq.ParquetFile(stage.rows(run_dir, i)).metadata.num_rows
+
+
 def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
-               process: Callable[[int], list[dict]]) -> list[int]:
+               process: Callable[[int], list[dict]], sizes: Callable[[int], int] | None = None) -> list[int]:
     """Run `process` on this rank's unfinished shards; returns the indices it processed.
 
     The caller has claimed the stage folder (runstate.claim: same fingerprint, or --overwrite emptied
-    it). A finished shard whose files were damaged since is said so and redone.
+    it). A finished shard whose files were damaged since is said so and redone. `sizes(i)` is shard i's
+    number of input samples: the bar (rank 0's) then counts samples, with rate and ETA, as `process`
+    calls `advance`; at the end one line gives counts, samples/s and time.
     """
     out_dir = stage.dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,19 +139,50 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     if distributed.world_size() > 1 and not mine:
         tqdm.write(f"{desc}: none of the {len(indices)} shard(s) is this rank's; waiting for the others",
                    file=sys.stderr)
-    for i in tqdm(todo, desc=desc, unit="shard", position=distributed.rank(), disable=not todo):
-        start = time.perf_counter()
-        rows = process(i)
-        if cfg.pipeline.fail_fast:
-            bad = next((r for r in rows if r["status"] == "failed"), None)
-            if bad is not None:
-                raise FailFast(f"{stage.name} shard {i}: sample {bad['id']} ({bad['origin']}): {bad['error']}")
-        atomic_write_rows(stage.rows(run_dir, i), rows, ROW_SCHEMA)
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "rejected")}
-        # The marker is written last: its presence means the tar and parquet are complete.
-        atomic_write_json(stage.marker(run_dir, i), {
-            "shard": i, "count": len(rows), **counts, "seconds": time.perf_counter() - start,
-            "sha256": file_digest(stage.tar(run_dir, i))})
+    expected = {i: sizes(i) for i in todo} if sizes is not None else {i: 1 for i in todo}
+    bar = tqdm(total=sum(expected.values()), desc=desc, unit="sample" if sizes is not None else "shard",
+               disable=not todo or not distributed.is_main(), dynamic_ncols=True, smoothing=0.1)
+    totals = {"ok": 0, "failed": 0, "rejected": 0}
+    began = time.perf_counter()
+    _Progress.bar = bar if sizes is not None else None
+    try:
+        for i in todo:
+            before = bar.n
+            start = time.perf_counter()
+            _one_shard(stage, cfg, run_dir, i, process, start, totals)
+            bar.update(max(0, expected[i] - (bar.n - before)))  # samples the batches did not count
+    finally:
+        _Progress.bar = None
+        bar.close()
+    if todo and distributed.is_main():
+        seconds = time.perf_counter() - began
+        n = sum(expected.values()) if sizes is not None else sum(totals.values())
+        tqdm.write(f"{desc}: {n} input samples in {len(todo)} shard(s) -> {totals['ok']} ok, {totals['failed']} failed"
+                   + (f", {totals['rejected']} rejected" if totals["rejected"] else "")
+                   + f"; {n / max(seconds, 1e-9):.1f} samples/s, {seconds:.0f} s", file=sys.stderr)
+    _finish(stage, run_dir, indices, out_dir)
+    return todo
+
+
+def _one_shard(stage: Stage, cfg: Config, run_dir: Path, i: int, process: Callable[[int], list[dict]],
+               start: float, totals: dict) -> None:
+    """process(i), then its rows and, last, its marker."""
+    rows = process(i)
+    if cfg.pipeline.fail_fast:
+        bad = next((r for r in rows if r["status"] == "failed"), None)
+        if bad is not None:
+            raise FailFast(f"{stage.name} shard {i}: sample {bad['id']} ({bad['origin']}): {bad['error']}")
+    atomic_write_rows(stage.rows(run_dir, i), rows, ROW_SCHEMA)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "rejected")}
+    # The marker is written last: its presence means the tar and parquet are complete.
+    atomic_write_json(stage.marker(run_dir, i), {
+        "shard": i, "count": len(rows), **counts, "seconds": time.perf_counter() - start,
+        "sha256": file_digest(stage.tar(run_dir, i))})
+    for k, v in counts.items():
+        totals[k] += v
+
+
+def _finish(stage: Stage, run_dir: Path, indices: list[int], out_dir: Path) -> None:
     # Every rank waits here, a rank with no shard of its own included (more ranks than shards): the next
     # stage reads every rank's shards. Then rank 0 must see them all -- it will not, on several machines
     # whose run directories are not one shared filesystem; say so rather than merge a part.
@@ -141,4 +193,3 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
             raise ShardError(f"{stage.name}: after every rank finished, {len(missing)} of {len(indices)} shard(s) "
                              f"are missing from {out_dir} (first: {stage.stem(missing[0])}); with several "
                              "machines the run directory must be one shared filesystem")
-    return todo

@@ -41,7 +41,8 @@ from cfgen.models.runtime import Models
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
 from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
-from cfgen.stages.common import config_grid, finished_inputs, mark_unread, run_shards, samples_until_error
+from cfgen.stages.common import (advance, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
+                                 upstream_rows)
 from cfgen.targets import choose_target_sets, resolve_fixed_target, targets_per_image
 from cfgen.tensors import to_model_space, to_uint8
 
@@ -302,9 +303,10 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
                 res = guide_batch(models, cfg, classes, grid, factual, np.stack([n for _, _, n in good]),
                                   [r["label"] for r in batch_rows], [r["seed"] for r in batch_rows])
                 writer.submit(write, tar, batch_rows, factual, res)
+                advance(len(good))
         mark_unread(rows, seen, broken)
         # one row per pair; a factual image that never reached the guided path keeps its own (failed) row
         return [pair for r in rows for pair in pairs_of.get(r["id"], [r])]
 
-    run_shards(GUIDE, cfg, run_dir, indices, process)
+    run_shards(GUIDE, cfg, run_dir, indices, process, sizes=upstream_rows(INVERT, run_dir))
     return GUIDE.dir(run_dir)

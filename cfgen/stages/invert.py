@@ -32,7 +32,7 @@ from cfgen.errors import InputError
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
 from cfgen.runstate import claim, run_lock
 from cfgen.shards import atomic_tar, npy_bytes, npy_load, read_samples, sample_digest
-from cfgen.stages.common import config_grid, run_shards
+from cfgen.stages.common import advance, config_grid, run_shards
 from cfgen.targets import sample_seed
 from cfgen.tensors import to_model_space
 
@@ -91,6 +91,7 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
                 rows.extend(row for row, _ in decoded)
                 good = [(row, px) for row, px in decoded if px is not None]
                 if not good:
+                    advance(len(decoded))
                     continue
                 x0 = to_model_space(torch.from_numpy(np.stack([px for _, px in good]))).to(models.device)
                 u = invert(models.eps, models.encode(x0), models.alphas_cumprod, grid).cpu().numpy()
@@ -101,9 +102,11 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
                         continue
                     done.append((row, px, noise))
                 writer.submit(write, tar, done)
+                advance(len(decoded))
         return rows
 
-    run_shards(INVERT, cfg, run_dir, list(range(n_shards)), process)
+    run_shards(INVERT, cfg, run_dir, list(range(n_shards)), process,
+               sizes=lambda i: len(refs[i * size:(i + 1) * size]))
     return INVERT.dir(run_dir)
 
 

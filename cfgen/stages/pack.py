@@ -39,7 +39,8 @@ from cfgen.metrics import mean
 from cfgen.quality import edit_within_recon, gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, atomic_write_json, read_rows, sample_digest
-from cfgen.stages.common import error_reason, finished_inputs, mark_unread, run_shards, samples_until_error, stage_rows
+from cfgen.stages.common import (advance, error_reason, finished_inputs, mark_unread, run_shards, samples_until_error,
+                                 stage_rows, upstream_rows)
 
 
 def run_pack(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict | None:
@@ -64,6 +65,7 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
             broken: list[str] = []
             seen: set[str] = set()
             for sample in samples_until_error(GUIDE.tar(run_dir, index), broken):
+                advance(1)
                 row = by_id.get(sample["__key__"])
                 if row is None or row["status"] != "ok":
                     continue
@@ -103,7 +105,7 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
         mark_unread(rows, seen, broken)
         return rows
 
-    run_shards(PAIRS, cfg, run_dir, indices, process)  # ends on a barrier: every rank's shards are written
+    run_shards(PAIRS, cfg, run_dir, indices, process, sizes=upstream_rows(GUIDE, run_dir))  # ends on a barrier: every rank's shards are written
     return merge(run_dir) if distributed.is_main() else None
 
 
