@@ -76,6 +76,15 @@ def test_run_writes_pairs_and_evaluate_reads_them(tmp_path):
                 "--set", "guide.scale=3")
     assert out.returncode == 0, out.stderr
     assert "pairs: 24 of 24 inputs" in out.stdout
+    # progress counts samples (24, one shard), and each stage closes with one line of counts, rate and time
+    import re
+
+    err = out.stderr.replace("\r", "\n")
+    assert re.search(r"guide: +\d+%.*\| 24/24 \[.*sample/s\]", err)
+    for stage in ("invert", "guide", "pack"):
+        assert re.search(rf"^{stage}: 24 input samples in 1 shard\(s\) -> 24 ok, 0 failed; [\d.]+ samples/s, \d+ s$",
+                         err, flags=re.M), err[-2000:]
+    assert "Loading weights" not in err
     import tomllib
 
     resolved = tomllib.loads((run_dir / "pairs" / "config.toml").read_text())
