@@ -162,9 +162,12 @@ def _summary(stats: dict) -> str:
                  f"{stats['truth_closer_rate']:.3f}; ")
     mean_cld = stats.get("mean_cld")
     cld = f"; mean cld {mean_cld:.3f}" if mean_cld is not None and not math.isnan(mean_cld) else ""
+    p_cf = f" (mean p(y*) {stats['mean_p_cf']:.3f})" if stats.get("mean_p_cf") is not None else ""
+    seconds = stats.get("seconds") or {}
+    timing = ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())) if seconds else ""
     out = (f"pairs: {stats['pairs']} of {stats['count']} inputs (failed {stats['failed']}, "
-           f"rejected {stats['rejected']}); flip rate {stats['flip_rate']:.3f}; {truth}mean l1 {stats['mean_l1']:.4f}; "
-           f"mean recon_l1 {stats['mean_recon_l1']:.4f}{cld} -> {stats['pairs_dir']}")
+           f"rejected {stats['rejected']}); flip rate {stats['flip_rate']:.3f}{p_cf}; {truth}mean l1 {stats['mean_l1']:.4f}; "
+           f"mean recon_l1 {stats['mean_recon_l1']:.4f}{cld}{timing} -> {stats['pairs_dir']}")
     within = stats.get("edit_within_recon_rate")
     if within is not None and within > EDIT_WITHIN_RECON_WARN_RATE:  # nan (no pairs) compares False
         out += (f"\nwarning: {within:.0%} of pairs changed the image no more than the s = 0 round trip does "

@@ -151,6 +151,11 @@ def test_edit_within_recon_and_the_summary_warning():
     old = {k: v for k, v in stats.items() if k not in ("mean_cld", "edit_within_recon_rate")}
     assert _summary(old) == ("pairs: 10 of 10 inputs (failed 0, rejected 0); flip rate 1.000; mean l1 0.0500; "
                              "mean recon_l1 0.0100 -> runs/x/pairs")     # stats.json of an older run
+    # p(y*) beside the flip rate (a flip at p 0.41 is not a confident one), and the stage timings
+    full = _summary({**stats, "mean_p_cf": 0.41, "seconds": {"invert": 11.4, "guide": 73.2, "pack": 2.0}})
+    assert full.splitlines()[0] == ("pairs: 10 of 10 inputs (failed 0, rejected 0); flip rate 1.000 (mean p(y*) 0.410); "
+                                    "mean l1 0.0500; mean recon_l1 0.0100; mean cld 0.900; invert 11 s, guide 73 s, "
+                                    "pack 2 s -> runs/x/pairs")
 
 
 def test_gate_values_are_validated():
