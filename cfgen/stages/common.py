@@ -119,7 +119,7 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     The caller has claimed the stage folder (runstate.claim: same fingerprint, or --overwrite emptied
     it). A finished shard whose files were damaged since is said so and redone. `sizes(i)` is shard i's
     number of input samples: the bar (rank 0's) then counts samples, with rate and ETA, as `process`
-    calls `advance`; at the end one line gives counts, samples/s and time.
+    calls `advance`; at the end each rank gives one line of counts, samples/s and time.
     """
     out_dir = stage.dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     finally:
         _Progress.bar = None
         bar.close()
-    if todo and distributed.is_main():
+    if todo:  # every rank says what it did (the bar is rank 0's only)
         seconds = time.perf_counter() - began
         n = sum(expected.values()) if sizes is not None else sum(totals.values())
         tqdm.write(f"{desc}: {n} input samples in {len(todo)} shard(s) -> {totals['ok']} ok, {totals['failed']} failed"
