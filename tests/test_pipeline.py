@@ -263,3 +263,27 @@ def test_several_targets_per_image_keep_the_contract(tmp_path, target, top_k, pe
 
     ev = evaluate_pairs(run_dir)
     assert ev["pairs"] == 5 * per_image and ev["factual_images"] == 5
+
+
+def test_pairs_folder_opens_as_a_folder_with_its_dataset_card(digits_run, tmp_path):
+    """RUN/pairs/README.md (a Hugging Face dataset card): load_dataset(folder), streamed or not, reads the
+    tars only -- each pair once, not the manifest or stats beside them -- with the class names as a
+    ClassLabel and K.json as a struct; the card says how the pairs were made."""
+    from datasets import load_dataset
+
+    run_dir, stats = digits_run
+    folder = run_dir / "pairs"
+    ds = load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == stats["pairs"] == 40
+    assert sorted(ds.column_names) == sorted(PAIR_MEMBERS)
+    assert ds.features["cls"].names == CLASS_NAMES and ds.features["cf.cls"].names == CLASS_NAMES
+    metas = ds["json"]
+    assert len({m["id"] for m in metas}) == 40 and all(m["factual_id"] == m["id"] for m in metas)
+    for row in ds.select(range(5)):
+        assert ds.features["cf.cls"].int2str(row["cf.cls"]) == row["json"]["cf_label_name"]
+        assert row["png"].size == (8, 8)
+    streamed = list(load_dataset(str(folder), split="train", streaming=True))
+    assert len(streamed) == 40 and sorted(s["json"]["id"] for s in streamed) == sorted(m["id"] for m in metas)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "license" in card.split("---")[1]
+    assert "| localized edits | x0 (threshold 0.4" in card and f"| pairs | {stats['pairs']} |" in card

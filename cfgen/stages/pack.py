@@ -34,7 +34,8 @@ from cfgen.cld import References
 from cfgen.config import Config
 from cfgen.contract import GUIDE, INVERT, PAIRS, ROW_SCHEMA, pair_json
 from cfgen.data.images import decode_image
-from cfgen.data.sources import list_samples, open_source
+from cfgen.card import card_text
+from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.metrics import mean
 from cfgen.quality import edit_within_recon, gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
@@ -106,7 +107,7 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
         return rows
 
     run_shards(PAIRS, cfg, run_dir, indices, process, sizes=upstream_rows(GUIDE, run_dir))  # ends on a barrier: every rank's shards are written
-    return merge(run_dir) if distributed.is_main() else None
+    return merge(run_dir, cfg) if distributed.is_main() else None
 
 
 def cld_references(cfg: Config, run_dir: Path, indices: list[int]) -> References:
@@ -135,8 +136,8 @@ def _stage_seconds(stage, run_dir: Path) -> float:
     return sum(json.loads(stage.marker(run_dir, i).read_text())["seconds"] for i in stage.finished(run_dir))
 
 
-def merge(run_dir: Path) -> dict:
-    """manifest.parquet, sizes.json and stats.json from the finished pair shards."""
+def merge(run_dir: Path, cfg: Config) -> dict:
+    """manifest.parquet, sizes.json, stats.json and the dataset card (README.md) from the finished pair shards."""
     out_dir = PAIRS.dir(run_dir)
     indices = PAIRS.finished(run_dir)
     rows = stage_rows(PAIRS, run_dir)
@@ -185,5 +186,9 @@ def merge(run_dir: Path) -> dict:
             "mean_outside_change": mean(r["outside_change"] for r in ok),
         })
     atomic_write_json(out_dir / "stats.json", stats)
+    card = out_dir / "README.md"
+    tmp = card.with_name(card.name + ".tmp")
+    tmp.write_text(card_text(cfg, load_class_names(cfg), stats))
+    tmp.replace(card)
     return stats
 

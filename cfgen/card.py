@@ -1,0 +1,97 @@
+"""The dataset card written beside the pair shards: RUN/pairs/README.md, Hugging Face's format.
+
+Its YAML header is what `datasets.load_dataset(RUN/pairs)` reads: the data files are the pair tars
+only (the manifest and stats beside them are not rows), and the features name every member with its
+type, the class indices as a ClassLabel with the run's class names and K.json as a struct of
+contract.PAIR_FIELDS. Its body says how the pairs were made and what the run measured. The license
+is left to the user (the factual images keep their source's). No timings: the same run writes the
+same card.
+"""
+
+from __future__ import annotations
+
+import json
+
+from cfgen.config import Config
+from cfgen.contract import PAIR_FIELDS, PAIRS
+
+HF_DTYPES = {str: "string", int: "int64", float: "float64", bool: "bool"}
+
+
+def _class_label(names: list[str]) -> list[str]:
+    lines = ["    dtype:", "      class_label:", "        names:"]
+    return lines + [f"          '{i}': {json.dumps(n)}" for i, n in enumerate(names)]
+
+
+def card_yaml(class_names: list[str]) -> str:
+    lines = ["---", "# license: set this to the license of your source images and models", "configs:",
+             "- config_name: default", "  data_files:", "  - split: train", f'    path: "{PAIRS.prefix}-*.tar"',
+             "dataset_info:", "  features:"]
+    for member in PAIRS.members:
+        lines.append(f"  - name: {member}")
+        if member.endswith("png"):
+            lines.append("    dtype: image")
+        elif member.endswith("txt"):
+            lines.append("    dtype: string")
+        elif member.endswith("cls"):
+            lines += _class_label(class_names)
+        else:  # json
+            lines.append("    struct:")
+            for name, typ in PAIR_FIELDS.items():
+                lines += [f"    - name: {name}", f"      dtype: {HF_DTYPES[typ]}"]
+    return "\n".join(lines + ["---", ""])
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def card_text(cfg: Config, class_names: list[str], stats: dict) -> str:
+    """The whole README.md."""
+    g, inv, p, m = cfg.guide, cfg.invert, cfg.pack, cfg.model
+    ladder = " -> ".join(f"{s:g}" for s in [g.scale, *g.escalation])
+    mask = "off (the whole image)" if g.mask == "off" else (
+        f"{g.mask} (threshold {g.mask_threshold:g}, dilation {g.mask_dilation}, blur {g.mask_blur}, "
+        f"start {g.mask_start:g}): outside it a counterfactual is the factual image")
+    figures = {k: stats[k] for k in ("count", "pairs", "failed", "rejected", "flip_rate", "mean_p_cf", "mean_l1",
+                                     "mean_recon_l1", "mean_changed_fraction", "mean_mask_fraction",
+                                     "oracle_flip_rate", "truth_closer_rate", "mean_outside_change", "mean_cld")
+               if stats.get(k) is not None}
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in figures.items())
+    body = f"""# {cfg.pipeline.name}: factual / counterfactual image pairs (cfgen)
+
+Each sample is a pair: `png` (the factual image), `txt` (its caption), `cls` (its class), `cf.png`,
+`cf.txt`, `cf.cls` (the counterfactual) and `json` (per-pair metadata: {", ".join(PAIR_FIELDS)}).
+Classes: {", ".join(f"{i} {n}" for i, n in enumerate(class_names))}.
+
+    from datasets import load_dataset
+    pairs = load_dataset("path/to/this/folder", split="train")           # or streaming=True
+    pairs.features["cf.cls"].int2str(pairs[0]["cf.cls"])                  # the class name
+
+`manifest.parquet` beside the shards has one row per pair (and per failed input) with the quality
+columns; `stats.json` the run's summary; `sizes.json` the pairs per shard (open_clip).
+
+## How the pairs were made
+
+cfgen: DDIM inversion of each image to its noise (abduction), then the reverse DDIM path from
+that noise steered by a classifier's gradient toward the counterfactual class (action and
+prediction).
+
+| setting | value |
+|---|---|
+| source | {cfg.data.source} |
+| diffusion model | {m.unet} ({m.kind}) |
+| predictor | {m.predictor}, gradient {m.gradient} |
+| inversion | {inv.steps} DDIM steps to t_inv = {inv.t_inv:g} |
+| target | {g.target}{f", top {g.top_k}" if g.top_k > 1 else ""} |
+| guidance scales | {ladder}, each pair keeps the first with p(y*) >= {g.confidence:g} |
+| localized edits | {mask} |
+| gates | require_flip {p.require_flip}, min p(y*) {p.min_p_cf:g}, max L1 {p.max_l1:g}, max recon L1 {p.max_recon_l1:g} |
+
+## What the run measured
+
+| figure | value |
+|---|---|
+{rows}
+"""
+    return card_yaml(class_names) + body
