@@ -57,43 +57,36 @@ def check_failures(cfg: Config, out: Path, stage) -> None:
                         f"(> pipeline.max_failure_fraction={cfg.pipeline.max_failure_fraction}): {reasons}")
 
 
+def _stage(config: ConfigLike, out, overrides, overwrite: bool, check: bool, name: str):
+    """One stage by name (invert, guide or pack): its run_* function, then the failure check."""
+    from cfgen import contract
+    from cfgen.stages import guide as guide_stage, invert as invert_stage, pack as pack_stage
+
+    runner, stage = {"invert": (invert_stage.run_invert, contract.INVERT), "guide": (guide_stage.run_guide, contract.GUIDE),
+                     "pack": (pack_stage.run_pack, contract.PAIRS)}[name]
+    cfg = load_config(config, overrides)
+    result = runner(cfg, run_dir(cfg, out), overwrite=overwrite)
+    if check:
+        check_failures(cfg, run_dir(cfg, out), stage)
+    return result
+
+
 def invert(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,
            check: bool = True) -> Path:
     """Stage 1 (abduction) into OUT/invert/; returns that folder."""
-    from cfgen.contract import INVERT
-    from cfgen.stages.invert import run_invert
-
-    cfg = load_config(config, overrides)
-    folder = run_invert(cfg, run_dir(cfg, out), overwrite=overwrite)
-    if check:
-        check_failures(cfg, run_dir(cfg, out), INVERT)
-    return folder
+    return _stage(config, out, overrides, overwrite, check, "invert")
 
 
 def guide(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,
           check: bool = True) -> Path:
     """Stage 2 (action + prediction) into OUT/guide/; returns that folder."""
-    from cfgen.contract import GUIDE
-    from cfgen.stages.guide import run_guide
-
-    cfg = load_config(config, overrides)
-    folder = run_guide(cfg, run_dir(cfg, out), overwrite=overwrite)
-    if check:
-        check_failures(cfg, run_dir(cfg, out), GUIDE)
-    return folder
+    return _stage(config, out, overrides, overwrite, check, "guide")
 
 
 def pack(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,
          check: bool = True) -> dict | None:
     """Stage 3 into OUT/pairs/; returns stats.json's content (None on the ranks of a launch that do not merge)."""
-    from cfgen.contract import PAIRS
-    from cfgen.stages.pack import run_pack
-
-    cfg = load_config(config, overrides)
-    stats = run_pack(cfg, run_dir(cfg, out), overwrite=overwrite)
-    if check:
-        check_failures(cfg, run_dir(cfg, out), PAIRS)
-    return stats
+    return _stage(config, out, overrides, overwrite, check, "pack")
 
 
 def run(config: ConfigLike, out: str | Path | None = None, overrides=(), overwrite: bool = False,

@@ -235,13 +235,13 @@ def _train_out(cfg: Config, out: Path | None, component: str) -> Path:
     return path
 
 
-TrainOut = "Output dir (default: runs/<pipeline.name>/models/{}; the models the config uses are only replaced " \
+TRAIN_OUT_HELP = "Output dir (default: runs/<pipeline.name>/models/{}; the models the config uses are only replaced " \
            "when --out names them)."
 
 
 @train_app.command("diffusion")
 def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
-                        out: Annotated[Optional[Path], typer.Option(help=TrainOut.format("diffusion"))] = None):
+                        out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("diffusion"))] = None):
     """Train the UNet2DModel noise predictor; writes OUT/unet and OUT/scheduler."""
     from cfgen.models.training import train_diffusion
 
@@ -253,7 +253,7 @@ def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
 
 @train_app.command("classifier")
 def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
-                         out: Annotated[Optional[Path], typer.Option(help=TrainOut.format("classifier"))] = None):
+                         out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("classifier"))] = None):
     """Train the noise-aware classifier p(y|x_t,t); prints held-out accuracy by t."""
     import json
 
@@ -267,7 +267,7 @@ def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
 
 @train_app.command("vlm")
 def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
-                  out: Annotated[Optional[Path], typer.Option(help=TrainOut.format("vlm"))] = None):
+                  out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("vlm"))] = None):
     """Train the embedded VLM's image tower against frozen MiniLM caption embeddings (LiT)."""
     import json
 

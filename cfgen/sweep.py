@@ -29,13 +29,14 @@ import torch
 from cfgen.cld import References, batch_cld
 from cfgen.config import Config
 from cfgen.contract import INVERT
-from cfgen.diffusion import MASK_SOURCES
 from cfgen.data.sources import list_samples, load_class_names, open_source
+from cfgen.diffusion import MASK_SOURCES, inversion_trajectory
 from cfgen.errors import ConfigError, InputError
 from cfgen.evaluate import fit_judge, flat
 from cfgen.metrics import l1, mean
 from cfgen.quality import changed_fraction, edit_within_recon, pair_quality
 from cfgen.shards import atomic_write_json
+from cfgen.tensors import to_model_space
 
 ESCALATION = "escalation"
 
@@ -147,9 +148,6 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
         src = np.concatenate([p.source + i for p, i in zip(parts, range(0, len(metas), bs))])
         return (src, cat("cf"), cat("scale"), cat("p_cf"), cat("flipped"), cat("targets"), cat("recon"),
                 cat("mask_fraction"))
-
-    from cfgen.diffusion import inversion_trajectory
-    from cfgen.tensors import to_model_space
 
     trajectories = {}  # batch start -> the factual inversion trajectory of the pairs, shared by the variants
 

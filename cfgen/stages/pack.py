@@ -39,7 +39,7 @@ from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.metrics import mean
 from cfgen.quality import edit_within_recon, gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
-from cfgen.shards import atomic_tar, atomic_write_json, read_rows, sample_digest
+from cfgen.shards import atomic_tar, atomic_write_bytes, atomic_write_json, read_rows, sample_digest
 from cfgen.stages.common import (advance, error_reason, finished_inputs, mark_unread, run_shards, samples_until_error,
                                  stage_rows, upstream_rows)
 
@@ -186,9 +186,6 @@ def merge(run_dir: Path, cfg: Config) -> dict:
             "mean_outside_change": mean(r["outside_change"] for r in ok),
         })
     atomic_write_json(out_dir / "stats.json", stats)
-    card = out_dir / "README.md"
-    tmp = card.with_name(card.name + ".tmp")
-    tmp.write_text(card_text(cfg, load_class_names(cfg), stats))
-    tmp.replace(card)
+    atomic_write_bytes(out_dir / "README.md", card_text(cfg, load_class_names(cfg), stats).encode())
     return stats
 
