@@ -6,9 +6,12 @@ A run directory holds one folder per stage; each stage writes numbered shards:
     RUN/guide/guide-<i:06d>.tar      K.png  K.cf.png  K.recon.png  K.json (action + prediction)
     RUN/pairs/pairs-<i:06d>.tar      PAIR_MEMBERS, K.json = PAIR_FIELDS  (the public contract)
 
-and beside each tar `<stem>.parquet` (one ROW_SCHEMA row per input sample, failures
-included) and `<stem>_stats.json` (written last: the shard is done). The pairs folder also
-gets `manifest.parquet`, `stats.json` and `sizes.json` from the merge (stages/pack.py).
+and, out of the readers' way in `<folder>/_state/`, each tar's `<stem>.parquet` (one ROW_SCHEMA row
+per input sample, failures included) and `<stem>_stats.json` (written last: the shard is done),
+with the stage's `fingerprint.json` (runstate.py). The leading underscore is what pyarrow's and
+Hugging Face's folder readers skip, so a reader of RUN/pairs sees each pair once: in the tars, and
+in the `manifest.parquet`, `stats.json`, `sizes.json` and dataset card `README.md` that the merge
+writes beside them (stages/pack.py).
 Readers of the pairs (verify, tune, evaluate, any consumer) and the stages that write them
 take the names, members and fields from here. Nothing here imports torch.
 """
@@ -21,9 +24,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-CONTRACT_VERSION = 3
-"""Bumped whenever a member, a K.json field or the manifest schema changes (2: manifest column sha256;
-3: K.json and manifest factual_id, several pairs per factual image; manifest mask_fraction)."""
+CONTRACT_VERSION = 4
+"""Bumped whenever a member, a K.json field, the manifest schema or the folder layout changes (2: manifest
+column sha256; 3: K.json and manifest factual_id, several pairs per factual image; manifest mask_fraction;
+4: per-shard parquet, done markers and fingerprint in <folder>/_state/)."""
+STATE = "_state"
+"""The sub-folder of every stage folder that holds its bookkeeping (per-shard rows, done markers, fingerprint)."""
 
 
 @dataclass(frozen=True)
@@ -44,17 +50,21 @@ class Stage:
     def tar(self, run_dir: Path, index: int) -> Path:
         return self.dir(run_dir) / f"{self.stem(index)}.tar"
 
+    def state(self, run_dir: Path) -> Path:
+        """`<folder>/_state`: the bookkeeping, where no folder reader counts it as data."""
+        return self.dir(run_dir) / STATE
+
     def rows(self, run_dir: Path, index: int) -> Path:
-        return self.dir(run_dir) / f"{self.stem(index)}.parquet"
+        return self.state(run_dir) / f"{self.stem(index)}.parquet"
 
     def marker(self, run_dir: Path, index: int) -> Path:
         """`<stem>_stats.json`, written last: its presence means the tar and the parquet are complete."""
-        return self.dir(run_dir) / f"{self.stem(index)}_stats.json"
+        return self.state(run_dir) / f"{self.stem(index)}_stats.json"
 
     def finished(self, run_dir: Path) -> list[int]:
         """Indices of the shards whose done marker exists, sorted."""
         out = []
-        for p in self.dir(run_dir).glob(f"{self.prefix}-*_stats.json"):
+        for p in self.state(run_dir).glob(f"{self.prefix}-*_stats.json"):
             num = p.name[len(self.prefix) + 1: -len("_stats.json")]
             if num.isdigit():
                 out.append(int(num))

@@ -1,6 +1,6 @@
 """What a run directory remembers of how it was made, and who may write to it.
 
-Each stage folder holds `fingerprint.json`, written before its first shard: the config
+Each stage folder holds `_state/fingerprint.json`, written before its first shard: the config
 keys that determine the stage's output (its own and its upstream stages'), the class
 list, a digest of the input sample list (ids, labels, origins, and each file's size and
 mtime), a digest of every model directory it reads, and the contract version. A re-run
@@ -157,12 +157,15 @@ def claim(stage: Stage, cfg: Config, run_dir: Path, overwrite: bool = False, ref
     """
     new = fingerprint(stage, cfg, refs)
     folder = stage.dir(run_dir)
-    path = folder / FINGERPRINT
+    path = stage.state(run_dir) / FINGERPRINT
     if overwrite:
         if distributed.is_main() and folder.exists():
             shutil.rmtree(folder)
         distributed.barrier()
     else:
+        if (folder / FINGERPRINT).is_file() or any(folder.glob(f"{stage.prefix}-*_stats.json")):
+            raise RunStateError(f"{stage.name}: {folder} was made by an older cfgen (its bookkeeping beside the tars, "
+                                "before contract v4); re-run with --overwrite to redo this stage, or use another --out")
         old = _read(path)
         if old is None and stage.finished(run_dir):
             raise RunStateError(f"{stage.name}: {folder} holds finished shards but no {FINGERPRINT} (made by an "
@@ -180,7 +183,7 @@ def claim(stage: Stage, cfg: Config, run_dir: Path, overwrite: bool = False, ref
         from cfgen.config import write_resolved
         from cfgen.shards import atomic_write_json
 
-        folder.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, folder)
         atomic_write_json(path, new)
 
@@ -188,7 +191,7 @@ def claim(stage: Stage, cfg: Config, run_dir: Path, overwrite: bool = False, ref
 def require_upstream(stage: Stage, cfg: Config, run_dir: Path, refs: list | None = None) -> None:
     """The input stage's shards were made with what this config says (else: which command to re-run).
     `refs`: list_samples(cfg) when the caller has it already (it also claims its own stage with them)."""
-    old = _read(stage.dir(run_dir) / FINGERPRINT)
+    old = _read(stage.state(run_dir) / FINGERPRINT)
     if old is None:
         return  # nothing finished there: the caller reports the missing shards
     changed = differences(old, fingerprint(stage, cfg, refs))

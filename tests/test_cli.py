@@ -132,7 +132,7 @@ def test_invert_loads_no_predictor(tmp_path):
     out = cfgen("invert", "--config", DIGITS, "--out", str(tmp_path / "run"), "--set", "data.limit=4",
                 "--set", "model.classifier=/nonexistent/classifier")
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "run" / "invert" / "invert-000000_stats.json").is_file()
+    assert (tmp_path / "run" / "invert" / "_state" / "invert-000000_stats.json").is_file()
 
 
 def test_run_loads_each_model_once(tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def test_interrupt_says_how_to_resume(tmp_path, sig, code):
             "--set", "invert.steps=10", "--set", "data.shard_size=20"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 300
-    while not list((run / "invert").glob("*_stats.json")) and time.time() < deadline:
+    while not list((run / "invert" / "_state").glob("*_stats.json")) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)

@@ -287,3 +287,33 @@ def test_pairs_folder_opens_as_a_folder_with_its_dataset_card(digits_run, tmp_pa
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "license" in card.split("---")[1]
     assert "| localized edits | x0 (threshold 0.4" in card and f"| pairs | {stats['pairs']} |" in card
+
+
+def test_every_reader_of_the_pairs_folder_counts_each_pair_once(digits_run):
+    """The folder holds the tars and the files a reader asks for by name, and nothing a folder reader would
+    take for data: webdataset on a brace list, open_clip's sizes.json, pyarrow.dataset and pandas on the
+    manifest, and pyarrow.dataset on the folder itself (skipping what is not parquet) each see 40 pairs once.
+    The per-shard bookkeeping lives in `_state/`, which pyarrow's discovery skips (its leading underscore)."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import webdataset as wds
+
+    run_dir, stats = digits_run
+    folder = run_dir / "pairs"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", "_state", "config.toml", "manifest.parquet", "sizes.json", "stats.json",
+         "pairs-000000.tar", "pairs-000001.tar", "pairs-000002.tar"])
+    samples = list(wds.WebDataset(str(folder / "pairs-{000000..000002}.tar"), shardshuffle=False).decode("pil"))
+    ids = [json.loads(s["json"])["id"] if isinstance(s["json"], bytes) else s["json"]["id"] for s in samples]
+    assert len(ids) == len(set(ids)) == 40
+    assert all(s["json"]["label_name"] == CLASS_NAMES[s["cls"]] for s in samples)
+    assert sum(json.loads((folder / "sizes.json").read_text()).values()) == 40
+    manifest = folder / "manifest.parquet"
+    assert pads.dataset(manifest).count_rows() == 40
+    frame = pd.read_parquet(manifest)
+    assert len(frame) == frame["id"].nunique() == 40 and set(frame["id"]) == set(ids)
+    assert set(frame["label_name"]) <= set(CLASS_NAMES)
+    assert pads.dataset(folder, format="parquet", exclude_invalid_files=True).count_rows() == 40
+    # the bookkeeping is all there, per shard, where the stages and resume read it
+    assert sorted(p.name for p in (folder / "_state").iterdir()) == sorted(
+        ["fingerprint.json"] + [f"pairs-00000{i}{s}" for i in range(3) for s in (".parquet", "_stats.json")])

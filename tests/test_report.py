@@ -97,7 +97,7 @@ def test_sweep_rows_and_table(shapes_report):
     assert {r["mask"] for r in sweep["rows"]} == {"x0 tau=0.2"}
     assert all(0.0 < r["mean_mask_fraction"] <= 1.0 for r in sweep["rows"])
     assert "| mean CLD |" in table[1]
-    assert not (run_dir / "invert").joinpath("invert-000002_stats.json").exists()  # the run's shards untouched
+    assert not (run_dir / "invert" / "_state").joinpath("invert-000002_stats.json").exists()  # the run's shards untouched
 
 
 def test_report_without_a_sweep_says_how_to_get_one(shapes_report, tmp_path):

@@ -227,7 +227,7 @@ def _invert_then(tmp_path: Path, damage, checksums: bool = True) -> tuple[dict, 
     cfg = load_config(DIGITS, SMALL + ["data.limit=20", "data.shard_size=10"])
     run_invert(cfg, tmp_path)
     if not checksums:
-        rows_path = tmp_path / "invert" / "invert-000000.parquet"
+        rows_path = tmp_path / "invert" / "_state" / "invert-000000.parquet"
         rows = pq.read_table(rows_path)
         blank = pa.nulls(rows.num_rows, rows.schema.field("sha256").type)
         pq.write_table(rows.set_column(rows.schema.get_field_index("sha256"), "sha256", blank), rows_path)
@@ -400,13 +400,13 @@ def test_disk_full_stops_cleanly_and_keeps_finished_shards(tmp_path, monkeypatch
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "No space left on device while writing" in err and "re-run the same command to resume" in err
-    done = sorted(p.name for p in (tmp_path / "invert").glob("*_stats.json"))
+    done = sorted(p.name for p in (tmp_path / "invert" / "_state").glob("*_stats.json"))
     assert done == ["invert-000000_stats.json"]  # the finished shard stays valid
     assert len(list(shards.read_samples(tmp_path / "invert" / "invert-000000.tar"))) == 8
     # resume: the same command finishes the rest
     monkeypatch.setattr("cfgen.stages.common.atomic_write_rows", real)
     main()  # returns normally: success
-    assert len(list((tmp_path / "invert").glob("*_stats.json"))) == 3
+    assert len(list((tmp_path / "invert" / "_state").glob("*_stats.json"))) == 3
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -428,7 +428,7 @@ def test_fail_fast_stops_at_the_first_error(dirty_run):
                  *[a for o in _manifest_overrides(root, root / "manifest.csv") for a in ("--set", o)])
     assert out.returncode == 1
     assert "cfgen: failed: invert shard 0: sample bomb" in out.stderr
-    assert not list((root / "fast" / "invert").glob("*_stats.json"))  # that shard is not committed
+    assert not list((root / "fast" / "invert" / "_state").glob("*_stats.json"))  # that shard is not committed
 
 
 # ----------------------------------------------------------------------------- verify

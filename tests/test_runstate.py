@@ -99,7 +99,7 @@ def test_overwrite_starts_the_stage_afresh(finished_run, tmp_path, capsys):
     code, _, err = cli(capsys, "guide", "--config", DIGITS, "--out", str(run), "--overwrite",
                        sets=FAST + ["guide.target=random"])
     assert code == 0, err
-    rows = pq.read_table(run / "guide" / "guide-000000.parquet").to_pylist()
+    rows = pq.read_table(run / "guide" / "_state" / "guide-000000.parquet").to_pylist()
     assert {r["target_strategy"] for r in rows} == {"random"}
     # pack now refuses: its input was remade with other settings, and its own shards say closest
     code, _, err = cli(capsys, "pack", "--config", DIGITS, "--out", str(run), sets=FAST + ["guide.target=random"])
@@ -109,7 +109,7 @@ def test_overwrite_starts_the_stage_afresh(finished_run, tmp_path, capsys):
 def test_killed_guide_then_other_settings_never_mixes(finished_run, tmp_path, capsys):
     """A guide run killed after its first shard, re-run with other settings: refused, not mixed."""
     run = copy_run(finished_run, tmp_path / "run")
-    (run / "guide" / "guide-000001_stats.json").unlink()  # what a kill before the marker leaves
+    (run / "guide" / "_state" / "guide-000001_stats.json").unlink()  # what a kill before the marker leaves
     before = tree(run)
     code, _, err = cli(capsys, "guide", "--config", DIGITS, "--out", str(run), sets=FAST + ["guide.scale=8"])
     assert code == 2 and "guide.scale 2.0 -> 8.0" in one_error_line(err)
@@ -117,6 +117,27 @@ def test_killed_guide_then_other_settings_never_mixes(finished_run, tmp_path, ca
     code, _, err = cli(capsys, "guide", "--config", DIGITS, "--out", str(run))  # the same settings: resumes
     assert code == 0, err
     assert tree(run)["guide/guide-000001.tar"] == tree(finished_run)["guide/guide-000001.tar"]
+
+
+def test_a_run_in_the_layout_before_contract_v4_is_refused_then_redone(finished_run, tmp_path, capsys):
+    """A run directory whose bookkeeping lies beside the tars (cfgen before contract v4) is refused in one
+    line and left as it was; --overwrite redoes it in today's layout."""
+    run = copy_run(finished_run, tmp_path / "run")
+    for stage in ("invert", "guide", "pairs"):
+        for p in (run / stage / "_state").iterdir():
+            p.rename(run / stage / p.name)
+        (run / stage / "_state").rmdir()
+    before = tree(run)
+    code, _, err = cli(capsys, "run", "--config", DIGITS, "--out", str(run))
+    assert code == 2
+    assert one_error_line(err) == (f"cfgen: error: invert: {run / 'invert'} was made by an older cfgen (its "
+                                   "bookkeeping beside the tars, before contract v4); re-run with --overwrite to "
+                                   "redo this stage, or use another --out")
+    assert tree(run) == before
+    code, _, err = cli(capsys, "run", "--config", DIGITS, "--out", str(run), "--overwrite")
+    assert code == 0, err
+    assert not list((run / "pairs").glob("*_stats.json")) and (run / "pairs" / "_state" / "fingerprint.json").is_file()
+    assert tree(run)["pairs/pairs-000000.tar"] == tree(finished_run)["pairs/pairs-000000.tar"]
 
 
 def test_other_shard_size_is_refused(finished_run, tmp_path, capsys):
@@ -311,7 +332,7 @@ def test_an_altered_intermediate_is_caught(finished_run, tmp_path, capsys):
     _rewrite_member(tar, "digits-00000", "noise.npy", buf.getvalue())
     code, _, err = cli(capsys, "guide", "--config", DIGITS, "--out", str(run), "--overwrite")
     assert code == 0, err
-    rows = {r["id"]: r for r in pq.read_table(run / "guide" / "guide-000000.parquet").to_pylist()}
+    rows = {r["id"]: r for r in pq.read_table(run / "guide" / "_state" / "guide-000000.parquet").to_pylist()}
     assert rows["digits-00000"]["status"] == "failed"
     assert rows["digits-00000"]["error"] == "damaged input sample: its checksum differs from invert-000000.parquet"
     assert rows["digits-00001"]["status"] == "ok"

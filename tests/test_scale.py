@@ -102,7 +102,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
            *_sets(SMALL + overrides)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    marker = run_dir / "guide" / "guide-000001_stats.json"
+    marker = run_dir / "guide" / "_state" / "guide-000001_stats.json"
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -127,7 +127,7 @@ def test_half_written_temporary_is_never_read(tmp_path, stage):
     run_dir = tmp_path / "run"
     run_pipeline(run_dir)
     prefix = stage
-    done = run_dir / stage / f"{prefix}-000001_stats.json"
+    done = run_dir / stage / "_state" / f"{prefix}-000001_stats.json"
     done.unlink()  # shard 1 looks unfinished...
     (run_dir / stage / f"{prefix}-000001.tar.tmp").write_bytes(b"half a tar")  # ...with a torn temp file
     before = _tars(run_dir)

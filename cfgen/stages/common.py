@@ -122,7 +122,7 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     calls `advance`; at the end each rank gives one line of counts, samples/s and time.
     """
     out_dir = stage.dir(run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stage.state(run_dir).mkdir(parents=True, exist_ok=True)
     mine = distributed.my_shards(indices)
     for i in mine:
         if stage.marker(run_dir, i).is_file() and (why := damage(stage, run_dir, i)):
@@ -130,7 +130,7 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
             stage.marker(run_dir, i).unlink()
     todo = [i for i in mine if not stage.marker(run_dir, i).is_file()]
     for i in todo:  # leftovers of a killed run: never read, removed before the shard is redone
-        for p in out_dir.glob(f"{stage.stem(i)}*.tmp"):
+        for p in [*out_dir.glob(f"{stage.stem(i)}*.tmp"), *stage.state(run_dir).glob(f"{stage.stem(i)}*.tmp")]:
             p.unlink(missing_ok=True)
     skipped = len(mine) - len(todo)
     if skipped:
