@@ -120,7 +120,7 @@ class ModelConfig:
     """Allow pickle weights (.bin/.pt), which can run code when loaded; CLI --trust-checkpoint."""
     kind: ModelKind = "auto"
     """'pixel' (the UNet denoises images), 'latent' (invert and guide VAE latents) or 'auto': latent when
-    model.vae is set or the UNet's pipeline directory has vae/ (README, Bring your own models)."""
+    model.vae is set or the UNet's pipeline directory has vae/ (docs/models.md)."""
     vae: str = ""
     """Directory of a diffusers AutoencoderKL (latent models); '' = vae/ beside the UNet in its pipeline directory."""
     text_encoder: str = ""

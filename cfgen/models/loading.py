@@ -5,7 +5,7 @@ layout: `unet/` + `scheduler/`, or a bare `UNet2DModel` directory; a Stable
 Diffusion layout with `vae/`, `text_encoder/`, `tokenizer/`) works exactly like
 the small models shipped for the embedded default. Which files are accepted is
 weights.py's policy; the loaded networks are handed to runtime.Models, which
-hides their differences from the stages. Bring your own models: README.
+hides their differences from the stages. Bring your own models: docs/models.md.
 
     models = load_models(cfg)                      # UNet, scheduler, VAE, condition, predictor
     models = load_models(cfg, predictor=False)     # what invert needs: no predictor

@@ -8,7 +8,7 @@ image folder or manifest trains models for that data. The diffusion model is
 a plain diffusers `UNet2DModel` trained with the epsilon objective on a DDIM
 schedule; the classifier sees x_t = sqrt(a_t) x0 + sqrt(1-a_t) n at uniformly
 drawn t, which is what makes it usable as p(y | x_t, t) during guidance.
-For a latent model (model.kind, README "Bring your own models") the
+For a latent model (model.kind, docs/models.md) the
 classifier is trained on the VAE latents the guidance walks, and on the noise
 levels of the pipeline's own scheduler (model.scheduler) whenever it exists.
 """
