@@ -93,6 +93,12 @@ def test_run_writes_pairs_and_evaluate_reads_them(tmp_path):
     ev = cfgen("evaluate", str(run_dir))
     assert ev.returncode == 0, ev.stderr
     assert "flip rate by the judge" in ev.stdout
+    # the figures stay where `cfgen report` reads them, outside the pairs folder
+    import json
+
+    judge = json.loads((run_dir / "evaluate" / "judge.json").read_text())
+    assert f"flip rate by the judge                  {judge['oracle_flip_rate']:.3f}" in ev.stdout
+    assert judge["pairs"] == 24 and len(judge["manifest_sha256"]) == 64
 
 
 def test_bench_prints_its_figures_and_a_consistent_json_last_line():
