@@ -177,10 +177,13 @@ def _summary(stats: dict) -> str:
 
 @app.command()
 def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")]):
-    """Judge the pairs with an independent clean classifier; compare l1 with the nearest real image."""
-    from cfgen.evaluate import evaluate_pairs, format_report
+    """Judge the pairs with an independent clean classifier; compare l1 with the nearest real image.
+    Also writes RUN/evaluate/judge.json, which `cfgen report` shows."""
+    from cfgen.evaluate import evaluate_pairs, format_report, write_result
 
-    typer.echo(format_report(evaluate_pairs(run_dir)))
+    result = evaluate_pairs(run_dir)
+    typer.echo(format_report(result))
+    typer.echo(f"-> {write_result(run_dir, result)} (shown by `cfgen report`)")
 
 
 @app.command()

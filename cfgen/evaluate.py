@@ -11,6 +11,8 @@ Reads RUN/pairs/*.tar with webdataset (as any consumer would) and reports:
   factual image to its nearest *real* image of the target class (a
   counterfactual that changes less than swapping in the closest real example
   of y* is a minimal edit, not a replacement).
+The figures are also written to RUN/evaluate/judge.json (with the digest of the manifest they
+were measured on), where `cfgen report` finds them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ import numpy as np
 from cfgen.contract import PAIRS
 from cfgen.data.images import decode_png
 from cfgen.errors import InputError
+from cfgen.shards import atomic_write_json, file_digest
+
+
+def result_path(run_dir: Path) -> Path:
+    """Where `cfgen evaluate` leaves its figures: outside pairs/, which readers open as a dataset."""
+    return Path(run_dir) / "evaluate" / "judge.json"
+
+
+def manifest_digest(run_dir: Path) -> str | None:
+    """sha256 of RUN/pairs/manifest.parquet: a re-pack changes it, so a reader can tell stale figures."""
+    manifest = PAIRS.dir(run_dir) / "manifest.parquet"
+    return file_digest(manifest) if manifest.is_file() else None
+
+
+def write_result(run_dir: Path, result: dict) -> Path:
+    path = result_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {**result, "manifest_sha256": manifest_digest(run_dir)})
+    return path
 
 
 def fit_judge(images: np.ndarray, labels):

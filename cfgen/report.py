@@ -1,59 +1,56 @@
 """`cfgen report RUN_DIR`: a self-contained HTML page on the quality of a run's pairs.
 
+    cfgen evaluate runs/shapes                       # optional: the independent judge (RUN/evaluate/judge.json)
     cfgen sweep  --config pipelines/shapes.toml      # optional: the flip-rate-vs-scale curve
     cfgen report runs/shapes                         # -> runs/shapes/report/report.html
 
-Reads RUN/pairs (manifest.parquet, stats.json, config.toml), RUN/guide (the
-images, rejected pairs and s = 0 reconstructions included) and, if present,
-RUN/sweep/sweep.json and RUN/tune/metrics.json (`cfgen tune`: the prompt-learning
-table, base / novel / HM / worst-group and the paired differences to each
-learner's baseline). Writes into RUN/report/:
-    report.html        headline figures, contact sheets, plots; relative links only, no
-                       scripts, no network: it opens from file://
-    cards/*.png        one strip per pair: factual | counterfactual | |difference|
-                       (| true counterfactual where the causal model is known)
-    histograms.png     distributions of the per-pair metrics
+Reads RUN/pairs (manifest.parquet, stats.json, config.toml), RUN/guide (the images, rejected pairs and
+s = 0 reconstructions included) and, if present, RUN/evaluate/judge.json, RUN/sweep/sweep.json and
+RUN/tune/metrics.json (`cfgen tune`'s table). Writes into RUN/report/ (replacing an old one):
+    report.html        relative links only, no scripts, no network: it opens from file://
+    cards/             one image per card panel; images above THUMB_PX a side stored as a downscaled JPEG
+    histograms.png     the per-pair metrics (written vs rejected) and edit L1 against round-trip L1
     confusion.png      factual class -> target class (and, with an oracle, target -> oracle's class)
     flip_vs_scale.png  flip rate vs guidance scale, from the sweep
-Contact sheets: one pair per (factual, target) class pair (its median-L1
-example), the best and the worst pairs (where the truth is known: best = the
-oracle-valid, truth-closer pairs with the smallest L1 to the true
-counterfactual, worst = the largest; else best = flipped with the smallest L1,
-worst = lowest p(y*)).
+The page, top to bottom: warnings; the figures (the independent judge's flip rate beside the guiding
+predictor's), the judge, time per stage, pairs not written by reason, pairs per scale; per-class
+counts; histograms; contact sheets; rejected pairs; failed inputs; sweep; confusion; tune.
+Each card: factual | s = 0 reconstruction | counterfactual | |difference| (| true counterfactual where
+the causal model is known), every panel DISPLAY_PX wide whatever the resolution. Contact sheets: one
+pair per (factual, target) class pair (its median-L1 example), the best and the worst pairs (where the
+truth is known: best = the oracle-valid, truth-closer pairs with the smallest L1 to the true
+counterfactual, worst = the largest; else best = flipped with the smallest L1, worst = lowest p(y*)).
+
+This module reads the run and computes; report_plots draws the figures and report_html formats.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cfgen import report_html as H
+from cfgen import report_plots
 from cfgen.config import Config, load_config
 from cfgen.contract import GUIDE, PAIRS
 from cfgen.data.images import decode_image
 from cfgen.data.sources import open_source
 from cfgen.errors import InputError
+from cfgen.quality import EDIT_WITHIN_RECON_WARN_RATE
 from cfgen.shards import read_samples
 
-ZOOM = 6            # card pixels per image pixel (nearest neighbour)
-SHEET_SIZE = 8      # pairs in the best / worst sheets
-HIST_COLUMNS = ("l1", "l2", "recon_l1", "p_cf", "changed_fraction", "mask_fraction", "cld", "truth_l1",
-                "outside_change")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+SHEET_SIZE = 8          # pairs in the best / worst sheets
+CLASS_PAIR_CARDS = 60   # at most this many class-pair cards (1,000 classes would give thousands)
+REJECTED_CARDS = 16     # rejected pairs shown with their images; the rest are listed
+THUMB_PX = 2 * H.DISPLAY_PX
+"""Larger images are stored downscaled to this side (twice the display size: sharp on HiDPI screens), so a
+512 px run's report stays small; smaller ones keep their own PNG bytes, pixel for pixel."""
 
 
 def diff_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,15 +61,24 @@ def diff_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (colormaps["inferno"](d)[:, :, :3] * 255).round().astype(np.uint8)
 
 
-def card(panels: list[np.ndarray]) -> Image.Image:
-    """Panels (H, W, 1|3 uint8) side by side with one white column between them, zoomed ZOOM times."""
-    rgb = [np.repeat(p, 3, axis=2) if p.shape[2] == 1 else p for p in panels]
-    gap = np.full((rgb[0].shape[0], 1, 3), 255, dtype=np.uint8)
-    row = [rgb[0]]
-    for p in rgb[1:]:
-        row += [gap, p]
-    img = Image.fromarray(np.concatenate(row, axis=1))
-    return img.resize((img.width * ZOOM, img.height * ZOOM), Image.Resampling.NEAREST)
+def thumbnail(arr: np.ndarray) -> tuple[Image.Image, bool]:
+    """The image to store for a card panel, and whether the browser must enlarge it (then pixelated, so
+    an 8 px digit shows its pixels instead of a blur)."""
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    if max(img.size) > THUMB_PX:
+        img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+    return img, max(img.size) < H.DISPLAY_PX
+
+
+def _save_panel(arr: np.ndarray, folder: Path, stem: str) -> tuple[str, bool]:
+    img, pixelated = thumbnail(arr)
+    if img.size[0] < arr.shape[1]:  # downscaled: already not the original pixels, so JPEG's loss is moot
+        name = f"{stem}.jpg"
+        img.convert("RGB").save(folder / name, quality=85)
+    else:
+        name = f"{stem}.png"
+        img.save(folder / name)
+    return name, pixelated
 
 
 def _load(run_dir: Path) -> tuple[Config, list[dict], dict]:
@@ -97,6 +103,8 @@ def _images(cfg: Config, run_dir: Path, wanted: list[dict]) -> dict[str, dict]:
     size, ch = cfg.data.image_size, cfg.data.channels
     out = {}
     for shard, ids in by_shard.items():
+        if not GUIDE.tar(run_dir, shard).is_file():
+            continue
         for s in read_samples(GUIDE.tar(run_dir, shard)):
             if s["__key__"] in ids:
                 out[s["__key__"]] = {k: decode_image(s[m], size, ch)
@@ -107,14 +115,6 @@ def _images(cfg: Config, run_dir: Path, wanted: list[dict]) -> dict[str, dict]:
             if r["id"] in out:
                 out[r["id"]]["truth"] = causal.true_counterfactual(r["origin"], r["cf_label"])
     return out
-
-
-def _fmt(v, spec=".3f") -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return format(v, spec) if isinstance(v, float) else str(v)
 
 
 def select(rows: list[dict], has_truth: bool) -> dict[str, list[dict]]:
@@ -138,175 +138,145 @@ def select(rows: list[dict], has_truth: bool) -> dict[str, list[dict]]:
         flipped = sorted((r for r in guided if r["flipped"]), key=lambda r: (r["l1"], r["id"]))
         best = flipped[:SHEET_SIZE]
         worst = sorted(guided, key=lambda r: (r["p_cf"], r["id"]))[:SHEET_SIZE]
-    return {"class_pairs": class_pairs, "best": best, "worst": worst}
+    rejected = sorted((r for r in guided if r["status"] == "rejected"), key=lambda r: r["id"])[:REJECTED_CARDS]
+    return {"class_pairs": class_pairs[:CLASS_PAIR_CARDS], "best": best, "worst": worst, "rejected": rejected}
 
 
-def _histograms(rows: list[dict], path: Path) -> list[str]:
-    plt = _plt()
-    guided = [r for r in rows if r["l1"] is not None]
-    cols = [c for c in HIST_COLUMNS if any(r.get(c) is not None for r in guided)]
-    fig, axes = plt.subplots(1 + (len(cols) - 1) // 4, 4, figsize=(14, 3.2 * (1 + (len(cols) - 1) // 4)))
-    axes = np.atleast_1d(axes).ravel()
-    for ax, col in zip(axes, cols):
-        ok = [r[col] for r in guided if r["status"] == "ok" and r.get(col) is not None]
-        rej = [r[col] for r in guided if r["status"] == "rejected" and r.get(col) is not None]
-        ax.hist([ok, rej] if rej else [ok], bins=30, stacked=True, color=["#3b6ea8", "#d9534f"][:2 if rej else 1],
-                label=["written", "rejected"][:2 if rej else 1])
-        ax.set_title(col)
-        if rej:
-            ax.legend(fontsize=8)
-    for ax in axes[len(cols):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return cols
+# ----------------------------------------------------------------------------- figures, computed
+
+def judge_result(run_dir: Path) -> dict | None:
+    """`cfgen evaluate`'s figures (RUN/evaluate/judge.json), with "stale": true when the pairs were packed
+    again since; None when the judge has not been run."""
+    from cfgen.evaluate import manifest_digest, result_path
+
+    path = result_path(run_dir)
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    result["stale"] = result.get("manifest_sha256") != manifest_digest(run_dir)
+    return result
 
 
-def _confusion(rows: list[dict], classes: list[str], has_truth: bool, path: Path) -> None:
-    plt = _plt()
-    k = len(classes)
-    guided = [r for r in rows if r["cf_label"] is not None]
-    mats = [("factual class -> target class", "factual", "target",
-             [(r["label"], r["cf_label"]) for r in guided])]
-    if has_truth:
-        mats.append(("target class -> oracle's class", "target", "oracle",
-                     [(r["cf_label"], r["oracle_label"]) for r in guided if r["oracle_label"] is not None]))
-    side = max(4.0, 0.45 * k + 2)
-    fig, axes = plt.subplots(1, len(mats), figsize=(side * len(mats), side))
-    for ax, (title, ylab, xlab, pairs) in zip(np.atleast_1d(axes), mats):
-        m = np.zeros((k, k), dtype=int)
-        for a, b in pairs:
-            m[a, b] += 1
-        ax.imshow(m, cmap="Blues")
-        for i in range(k):
-            for j in range(k):
-                if m[i, j]:
-                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if m[i, j] > m.max() / 2 else "black")
-        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(k), classes, fontsize=8)
-        ax.set_xlabel(xlab)
-        ax.set_ylabel(ylab)
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def headline(stats: dict, judge: dict | None, run_dir: Path) -> list[tuple[str, str, str]]:
+    """(figure, value, meaning) rows: counts, then validity, then size of the edit, then minimality."""
+    n = stats["count"]
+    share = (lambda k: f"{stats[k]} ({stats[k] / n:.0%})") if n else (lambda k: str(stats[k]))
+    rows = [("inputs", str(n), "samples read from the data source"),
+            ("pairs written", share("pairs"), "in the pair shards; the figures below are over these"),
+            ("rejected", share("rejected"), "guided, but failed a pack gate (listed below)"),
+            ("failed", share("failed"), "an error before a pair existed (listed below)"),
+            ("flip rate, guiding predictor", H.fmt(stats.get("flip_rate")),
+             "share whose counterfactual the guiding predictor puts in the target class"),
+            ("mean p(y*)", H.fmt(stats.get("mean_p_cf")),
+             "guiding predictor's probability of the target class on the counterfactual")]
+    if judge is None:
+        rows.append(("flip rate, independent judge", "not measured", f"run `cfgen evaluate {run_dir}`"))
+    else:
+        note = "an SVM fitted on the factual images, not the guiding predictor"
+        if judge["stale"]:
+            note += f"; STALE: measured before the last pack, run `cfgen evaluate {run_dir}` again"
+        rows.append(("flip rate, independent judge", H.fmt(judge.get("oracle_flip_rate")), note))
+    if "oracle_flip_rate" in stats:  # the source knows its causal model
+        rows += [("flip rate, renderer oracle", H.fmt(stats["oracle_flip_rate"]),
+                  "share the causal model's renderer reads as the target class"),
+                 ("closer to the true counterfactual", H.fmt(stats["truth_closer_rate"]),
+                  "L1 to the truth below L1 to the factual image"),
+                 ("mean L1 to the true counterfactual", H.fmt(stats["mean_truth_l1"], ".4f"), "0–1 intensity"),
+                 ("within the round-trip bound", H.fmt(stats["within_recon_bound_rate"]),
+                  "L1 to the truth ≤ round-trip L1 (DiCap Cor. 3.4, per pair)"),
+                 ("mean change outside the causal region", H.fmt(stats["mean_outside_change"]),
+                  "share of pixels there changed by > 0.1")]
+    rows += [("mean edit L1", H.fmt(stats.get("mean_l1"), ".4f"), "factual → counterfactual, mean |Δ| per pixel, 0–1"),
+             ("mean round-trip L1 (s = 0)", H.fmt(stats.get("mean_recon_l1"), ".4f"),
+              "factual → its unguided reconstruction: the model's own noise floor"),
+             ("edits within the round-trip error", H.fmt(stats.get("edit_within_recon_rate")),
+              "share with edit L1 ≤ round-trip L1: maybe noise, not an edit"),
+             ("mean edit L2", H.fmt(stats.get("mean_l2"), ".4f"), "root-mean-square difference, 0–1"),
+             ("mean pixels changed", H.fmt(stats.get("mean_changed_fraction")), "share changed by > 0.1")]
+    if "mean_mask_fraction" in stats:
+        rows.append(("mean edit mask", H.fmt(stats["mean_mask_fraction"]), "share of the image guidance could touch"))
+    rows.append(("mean CLD", H.fmt(stats.get("mean_cld")), "counterfactual latent divergence, lower is better"))
+    return rows
 
 
-def _sweep_plot(sweep: dict, path: Path) -> None:
-    plt = _plt()
-    first = sweep["rows"][0].get("mask", "off") if sweep["rows"] else "off"  # one curve set: the first mask variant
-    rows = [r for r in sweep["rows"] if r["scale"] != "escalation" and r.get("mask", "off") == first]
-    s = [r["scale"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(s, [r["flip_rate"] for r in rows], "o-", label="flip rate (guiding predictor)")
-    ax.plot(s, [r["oracle_flip_rate"] for r in rows], "s-", label="flip rate (independent oracle)")
-    if rows and rows[0].get("truth_closer_rate") is not None:
-        ax.plot(s, [r["truth_closer_rate"] for r in rows], "^-", label="closer to the true counterfactual")
-    ax.set_xscale("symlog", base=2, linthresh=1)
-    ax.set_xlabel(f"guidance scale s (no escalation; mask {first})")
-    ax.set_ylabel("rate")
-    ax.set_ylim(0, 1.02)
-    ax2 = ax.twinx()
-    ax2.plot(s, [r["mean_l1"] for r in rows], "k--", label="mean L1 (right axis)")
-    ax2.set_ylabel("mean L1 factual -> counterfactual")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower right")
-    ax.set_title(f"{sweep['pipeline']}: {sweep['samples']} samples, t_inv={sweep['t_inv']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1300px; }
-h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; }
-table.stats td, table.stats th { padding: 3px 12px; border-bottom: 1px solid #eee; text-align: left; }
-.sheet { display: flex; flex-wrap: wrap; gap: 14px; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; font-size: 12px; background: #fafafa; }
-.card img { display: block; image-rendering: pixelated; margin-bottom: 4px; }
-.card .rej { color: #c9302c; font-weight: bold; }
-.legend { color: #555; font-size: 13px; }
-img.plot { max-width: 100%; }
-"""
-
-
-def _card_html(r: dict, img: str, classes: list[str], has_truth: bool) -> str:
-    lines = [f"<b>{html.escape(r['id'])}</b>",
-             f"{html.escape(classes[r['label']])} &rarr; {html.escape(classes[r['cf_label']])}",
-             f"p(y*) {_fmt(r['p_cf'])} &middot; L1 {_fmt(r['l1'], '.4f')} &middot; s {_fmt(r['guidance_scale'], 'g')}",
-             f"CLD {_fmt(r.get('cld'))}"]
-    if has_truth:
-        oracle = classes[r["oracle_label"]] if r["oracle_label"] is not None else "n/a"
-        lines.append(f"vs truth L1 {_fmt(r['truth_l1'], '.4f')} &middot; oracle: {html.escape(oracle)}")
-    if r["status"] != "ok":
-        lines.append(f"<span class='rej'>{html.escape(r['status'])}: {html.escape(r['error'] or '')}</span>")
-    return f"<div class='card'><img src='{img}' alt='{html.escape(r['id'])}'>" + "<br>".join(lines) + "</div>"
-
-
-def _stats_table(stats: dict) -> str:
-    keys = ("count", "pairs", "failed", "rejected", "errors", "rejected_by_gate", "flip_rate", "oracle_flip_rate",
-            "truth_closer_rate", "within_recon_bound_rate", "mean_truth_l1", "mean_outside_change", "mean_l1",
-            "mean_l2", "mean_recon_l1", "edit_within_recon_rate", "mean_cld", "mean_p_cf", "mean_changed_fraction",
-            "per_scale")
+def warnings(stats: dict) -> list[str]:
+    within = stats.get("edit_within_recon_rate")
     out = []
-    for k in keys:
-        if k in stats:
-            v = stats[k]
-            text = json.dumps(v) if isinstance(v, dict) else _fmt(v, ".4f")
-            out.append(f"<tr><th>{k}</th><td>{html.escape(text)}</td></tr>")
-    return "<table class='stats'>" + "".join(out) + "</table>"
+    if not stats.get("pairs"):
+        out.append("no pair was written: every input failed or was rejected (see the lists below).")
+    elif within is not None and within > EDIT_WITHIN_RECON_WARN_RATE:  # the end-of-run summary's threshold
+        out.append(f"{within:.0%} of the written pairs changed the image no more than the s = 0 round trip does "
+                   f"(edit L1 ≤ round-trip L1; warned above {EDIT_WITHIN_RECON_WARN_RATE:.0%}): they may be "
+                   "reconstruction noise, not edits. See 'edit vs round-trip error' under the histograms.")
+    return out
 
 
-def _sweep_table(sweep: dict) -> str:
-    head = ("mask", "scale", "flip (predictor)", "flip (oracle)", "mean L1", "changed", "mask share",
-            "error vs truth", "closer to truth", "outside change", "mean CLD")
-    body = []
-    for r in sweep["rows"]:
-        scale = "+".join(f"{s:g}" for s in r["ladder"]) if r["scale"] == "escalation" else f"{r['scale']:g}"
-        cells = [r.get("mask", "off"), scale, _fmt(r["flip_rate"]), _fmt(r["oracle_flip_rate"]),
-                 _fmt(r["mean_l1"], ".4f"), _fmt(r["mean_changed_fraction"]), _fmt(r.get("mean_mask_fraction")),
-                 _fmt(r["mean_truth_l1"], ".4f"), _fmt(r["truth_closer_rate"]), _fmt(r["mean_outside_change"]),
-                 _fmt(r.get("mean_cld"))]
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return ("<table class='stats'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body)
-            + "</table>")
+def class_counts(rows: list[dict], classes: list[str]) -> list[dict]:
+    """Per factual class (those with any row; inputs that failed before they had a class under "(no label)"):
+    written / rejected / failed counts, the written pairs per target class, their flip rate and mean p(y*)."""
+    out = []
+    groups = [(name, [r for r in rows if r["label"] == c]) for c, name in enumerate(classes)]
+    # inputs that failed before they had a class (a folder source writes -1 for a file it could not place)
+    groups.append(("(no label)", [r for r in rows if r["label"] not in range(len(classes))]))
+    for name, mine in groups:
+        if not mine:
+            continue
+        ok = [r for r in mine if r["status"] == "ok"]
+        out.append({"class": name, "written": len(ok),
+                    "rejected": sum(r["status"] == "rejected" for r in mine),
+                    "failed": sum(r["status"] == "failed" for r in mine),
+                    "targets": Counter(r["cf_label"] for r in ok),
+                    "flip_rate": float(np.mean([r["flipped"] for r in ok])) if ok else None,
+                    "mean_p_cf": float(np.mean([r["p_cf"] for r in ok])) if ok else None})
+    return out
 
 
-def _ci(d: dict | None) -> str:
-    if d is None:
-        return ""
-    if d.get("low") is None:
-        return f"{d['mean']:+.3f}"
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+def not_written(rows: list[dict]) -> list[tuple[str, str, int]]:
+    """(status, reason, count): failures by the error's reason, rejections by gate (a pair failing two
+    gates counts under each, as stats.json's rejected_by_gate)."""
+    from cfgen.stages.common import error_reason
+
+    counts = Counter()
+    for r in rows:
+        if r["status"] == "failed":
+            counts[("failed", error_reason(r["error"]))] += 1
+        elif r["status"] == "rejected":
+            for gate in (r["error"] or "").split("; "):
+                counts[("rejected", error_reason(gate))] += 1
+    return [(s, reason, n) for (s, reason), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1], kv[0][1]))]
 
 
-def tune_section(metrics: dict) -> str:
-    """The `cfgen tune` table (RUN/tune/metrics.json) as HTML."""
-    from cfgen.tune.protocol import METRICS
+def scale_counts(rows: list[dict]) -> list[tuple[float, int, float]]:
+    """(guidance scale, written pairs, their flip rate): how far up the escalation ladder pairs went."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok" and r["guidance_scale"] is not None:
+            by[r["guidance_scale"]].append(r["flipped"])
+    return [(s, len(v), float(np.mean(v))) for s, v in sorted(by.items())]
 
-    p = metrics["protocol"]
-    where = f"the '{p['eval_split']}' split" if p["eval_split"] else "every sample that is not a shot"
-    hp = p.get("hyperparameters", {})
-    legend = (f"Evaluation on {where} of the data source: {p['eval_images']} images, {len(p['cells'])} (group, class) "
-              f"cells; base classes {p['base']}, novel {p['novel']}; {p['shots']} shots per base class from "
-              f"{p['shot_pool']} pairs outside it; mean ± std over seeds {p['seeds']}. Δ: paired difference to the "
-              f"learner's baseline (lambda = 0, same seed, shots, init and batch order), mean [95% t interval]. "
-              f"Hyper-parameters {hp.get('selection', '')}: lam {hp.get('lam')}, epochs {hp.get('epochs')} "
-              f"(CoCoOp {hp.get('cocoop_epochs')}), lr {hp.get('lr')}.")
-    head = ["method", "base", "novel", "HM", "worst-group", "Δ worst-group", "Δ HM", "s/seed"]
-    body = []
-    for r in (metrics["rows"][k] for k in metrics["order"]):
-        delta = r.get("delta") or {}
-        cells = [r["label"]] + [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in METRICS]
-        cells += [_ci(delta.get("worst_group")), _ci(delta.get("hm")), f"{r['seconds']['mean']:.1f}"]
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return ("<h2>Prompt tuning (cfgen tune)</h2>"
-            f"<p class='legend'>{html.escape(legend)}</p><table class='stats'><tr>"
-            + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
 
+def _write_cards(out: Path, cfg: Config, run_dir: Path, wanted: list[dict], classes: list[str],
+                 has_truth: bool) -> dict[str, str]:
+    """Each wanted pair's card HTML, its panel images written under out/cards/."""
+    images = _images(cfg, run_dir, wanted)
+    cards = {}
+    for i, r in enumerate(sorted(wanted, key=lambda r: r["id"])):
+        im = images.get(r["id"])
+        if im is None:
+            continue  # not in the guide shards (a damaged shard): listed, not drawn
+        panels = [("factual", im["factual"], "factual"), ("recon", im["recon"], "round trip s = 0"),
+                  ("cf", im["cf"], "counterfactual"), ("diff", diff_image(im["factual"], im["cf"]), "|difference|")]
+        if has_truth:
+            panels.append(("truth", im["truth"], "true counterfactual"))
+        html_panels = []
+        for key, arr, caption in panels:
+            name, pixelated = _save_panel(arr, out / "cards", f"{i:04d}-{key}")
+            html_panels.append({"src": f"cards/{name}", "caption": caption, "pixelated": pixelated})
+        cards[r["id"]] = H.pair_card(r, html_panels, classes, has_truth)
+    return cards
+
+
+# ----------------------------------------------------------------------------- the page
 
 def write_report(run_dir: Path) -> Path:
     """Write RUN/report/ (replacing an old one); returns the path of report.html."""
@@ -316,6 +286,7 @@ def write_report(run_dir: Path) -> Path:
     cfg, rows, stats = _load(run_dir)
     classes = load_class_names(cfg)
     has_truth = any(r.get("truth_l1") is not None for r in rows)
+    judge = judge_result(run_dir)
     out = run_dir / "report"
     if out.exists():
         shutil.rmtree(out)
@@ -323,56 +294,73 @@ def write_report(run_dir: Path) -> Path:
 
     sheets = select(rows, has_truth)
     wanted = {r["id"]: r for sheet in sheets.values() for r in sheet}
-    images = _images(cfg, run_dir, list(wanted.values()))
-    card_files = {}
-    for i, (rid, r) in enumerate(sorted(wanted.items())):
-        im = images[rid]
-        panels = [im["factual"], im["cf"], diff_image(im["factual"], im["cf"])]
-        if has_truth:
-            panels.append(im["truth"])
-        name = f"cards/card-{i:04d}.png"
-        card(panels).save(out / name)
-        card_files[rid] = name
+    cards = _write_cards(out, cfg, run_dir, list(wanted.values()), classes, has_truth)
 
-    _histograms(rows, out / "histograms.png")
-    _confusion(rows, classes, has_truth, out / "confusion.png")
+    gates = {"p_cf": cfg.pack.min_p_cf, "l1": cfg.pack.max_l1, "recon_l1": cfg.pack.max_recon_l1}
+    report_plots.save(report_plots.histogram_figure(rows, gates), out / "histograms.png")
+    report_plots.save(report_plots.confusion_figure(rows, classes, has_truth), out / "confusion.png")
     sweep_path = run_dir / "sweep" / "sweep.json"
     sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
     if sweep:
-        _sweep_plot(sweep, out / "flip_vs_scale.png")
+        report_plots.save(report_plots.sweep_figure(sweep), out / "flip_vs_scale.png")
 
-    panels = "factual | counterfactual | |difference|" + (" | true counterfactual" if has_truth else "")
+    name = H.esc(cfg.pipeline.name)
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>cfgen report: {name}</title>"
+              f"<style>{H.CSS}</style></head><body>"), f"<h1>cfgen report: {name}</h1>",
+             H.legend(f"{run_dir.resolve()} · source {cfg.data.source}, {cfg.data.image_size} px · t_inv "
+                      f"{cfg.invert.t_inv}, {cfg.invert.steps} steps, target '{cfg.guide.target}', scales "
+                      f"{' → '.join(f'{s:g}' for s in [cfg.guide.scale, *cfg.guide.escalation])}, confidence "
+                      f"{cfg.guide.confidence} · gates: p(y*) ≥ {cfg.pack.min_p_cf}, L1 ≤ {cfg.pack.max_l1}, "
+                      f"round-trip L1 ≤ {cfg.pack.max_recon_l1}")]
+    parts += [H.warning(w) for w in warnings(stats)]
+    parts += ["<h2>Figures</h2><div class='row'>",
+              H.box("The written pairs", H.figures_table(headline(stats, judge, run_dir))),
+              "<div>", H.judge_box(judge, run_dir), H.timing_box(stats),
+              H.counts_boxes(not_written(rows), scale_counts(rows)), "</div></div>"]
+    parts += ["<h2>Per class</h2>",
+              H.legend("Rows: the factual class. Counts of inputs by outcome; flip rate and mean p(y*) over the "
+                       "written pairs; then the written pairs per target class."),
+              H.class_table(class_counts(rows, classes), classes)]
+    parts += ["<h2>Metric histograms</h2>",
+              H.legend("Blue: written pairs, red: rejected; dashed: a pack gate inside the data's range. Last "
+                       "panel: a pair on or below the diagonal changed the image no more than the unguided "
+                       "round trip does."),
+              "<img class='plot' src='histograms.png' alt='histograms'>"]
+
+    panel_legend = ("Each card: factual | s = 0 round trip (the model's reconstruction without guidance) | "
+                    "counterfactual | |counterfactual − factual| (max over channels, black 0 .. yellow 1)"
+                    + (" | true counterfactual" if has_truth else "") + f"; every image shown {H.DISPLAY_PX} px.")
     if has_truth:
         best_by = "valid for the oracle and closer to the truth, smallest L1 to the true counterfactual"
         worst_by = "largest L1 to the true counterfactual"
     else:
         best_by, worst_by = "flipped pairs with the smallest L1", "the lowest p(y*)"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>cfgen report: {html.escape(cfg.pipeline.name)}"
-             f"</title><style>{CSS}</style></head><body>",
-             f"<h1>cfgen report: {html.escape(cfg.pipeline.name)}</h1>",
-             f"<p class='legend'>{html.escape(str(run_dir.resolve()))} &middot; source <b>{html.escape(cfg.data.source)}</b>"
-             f" &middot; t_inv {cfg.invert.t_inv}, {cfg.invert.steps} steps, target '{html.escape(cfg.guide.target)}',"
-             f" scales {html.escape(str([cfg.guide.scale, *cfg.guide.escalation]))}, confidence {cfg.guide.confidence}"
-             f" &middot; gates: p(y*) &ge; {cfg.pack.min_p_cf}, L1 &le; {cfg.pack.max_l1},"
-             f" recon L1 &le; {cfg.pack.max_recon_l1}</p>",
-             "<h2>Figures</h2>", _stats_table(stats)]
-    tune_metrics = run_dir / "tune" / "metrics.json"
-    if tune_metrics.is_file():
-        parts.append(tune_section(json.loads(tune_metrics.read_text())))
-    for key, title in (("class_pairs", "One pair per class pair (the median-L1 example)"),
+    n_class_pairs = len({(r["label"], r["cf_label"]) for r in rows
+                         if r["cf_label"] is not None and r["l1"] is not None and r["status"] == "ok"})
+    capped = f" (the first {CLASS_PAIR_CARDS} of {n_class_pairs})" if n_class_pairs > CLASS_PAIR_CARDS else ""
+    for key, title in (("class_pairs", f"One pair per class pair (the median-L1 example){capped}"),
                        ("best", f"Best {SHEET_SIZE}: {best_by}"), ("worst", f"Worst {SHEET_SIZE}: {worst_by}")):
-        parts.append(f"<h2>{html.escape(title)}</h2><p class='legend'>Each card: {html.escape(panels)}"
-                     " (difference: max over channels, black 0 .. yellow 1).</p><div class='sheet'>")
-        parts += [_card_html(r, card_files[r["id"]], classes, has_truth) for r in sheets[key]]
+        parts += [f"<h2>{H.esc(title)}</h2>", H.legend(panel_legend), "<div class='sheet'>"]
+        parts += [cards[r["id"]] for r in sheets[key] if r["id"] in cards]
         parts.append("</div>")
+
+    parts += [f"<h2>Rejected pairs ({stats['rejected']})</h2>",
+              H.legend("Guided, but not written: they failed a pack gate (pack.min_p_cf, max_l1, max_recon_l1, "
+                       f"require_flip). The first {REJECTED_CARDS} with their images, then all of them listed.")]
+    if sheets["rejected"]:
+        parts += ["<div class='sheet'>"] + [cards[r["id"]] for r in sheets["rejected"] if r["id"] in cards] + ["</div>"]
+    parts += [H.rejected_list(rows, classes), f"<h2>Failed inputs ({stats['failed']})</h2>", H.failed_list(rows)]
+
     parts.append("<h2>Flip rate vs guidance scale</h2>")
     if sweep:
-        parts += ["<img class='plot' src='flip_vs_scale.png' alt='flip rate vs scale'>", _sweep_table(sweep)]
+        parts += ["<img class='plot' src='flip_vs_scale.png' alt='flip rate vs scale'>", H.sweep_table(sweep)]
     else:
-        parts.append("<p class='legend'>No sweep yet: run <code>cfgen sweep --config CONFIG --out RUN</code>"
-                     " and then the report again.</p>")
-    parts += ["<h2>Metric histograms</h2><img class='plot' src='histograms.png' alt='histograms'>",
-              "<h2>Confusion</h2><img class='plot' src='confusion.png' alt='confusion'>", "</body></html>"]
+        parts.append(H.legend("No sweep yet: run `cfgen sweep --config CONFIG --out RUN` and then the report again."))
+    parts.append("<h2>Confusion</h2><img class='plot' src='confusion.png' alt='confusion'>")
+    tune_metrics = run_dir / "tune" / "metrics.json"
+    if tune_metrics.is_file():
+        parts.append(H.tune_section(json.loads(tune_metrics.read_text())))
+    parts.append("</body></html>")
     page = out / "report.html"
     page.write_text("\n".join(parts), encoding="utf-8")
     return page
