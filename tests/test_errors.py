@@ -124,7 +124,10 @@ def test_interrupt_says_how_to_resume(tmp_path, sig, code):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "cfgen", "run", "--config", DIGITS, "--out", str(run), "--set", "data.limit=200",
             "--set", "invert.steps=10", "--set", "data.shard_size=20"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # Ctrl-C in a foreground shell: a suite started as a background job passes SIGINT on ignored, and cfgen
+    # (rightly) keeps an ignored SIGINT ignored, so the child gets the default disposition back first
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not list((run / "invert" / "_state").glob("*_stats.json")) and time.time() < deadline:
         time.sleep(0.2)
