@@ -58,6 +58,7 @@ class PipelineConfig:
 class DataConfig:
     source: str = "digits"
     """'digits' (scikit-learn's handwritten digits), 'shapes' (synthetic, known causal model: cfgen/data/shapes.py),
+    'shapes-text' (shapes captioned over a concept graph: cfgen/data/shapes_text.py),
     'folder' (root/<class>/<image>, any format PIL decodes) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES."""
     root: str = ""
     """Dataset root: the image folder, or the directory that manifest paths are relative to."""
@@ -88,13 +89,13 @@ class DataConfig:
     max_image_pixels: int = 89_478_485
     """Images with more pixels than this are refused as decompression bombs (PIL's default)."""
     shapes_count: int = 3000
-    """source='shapes': how many images the renderer draws (indices 0..N-1; every fifth is test)."""
+    """source='shapes' and 'shapes-text': how many images the renderer draws (indices 0..N-1; every fifth is test)."""
     shapes_spurious: float = 0.9
     """source='shapes': in the train split, the probability that the class follows the environment
     (the background cue); the test split draws the class independently of it."""
     shapes_classes: int = 3
-    """source='shapes': K, the number of classes (the first K of circle, square, triangle, diamond,
-    cross, ring, star, saltire) and of environments (background tints); 3 is the original dataset."""
+    """source='shapes' and 'shapes-text': K, the number of classes (the first K of circle, square, triangle,
+    diamond, cross, ring, star, saltire) and of environments (background tints); 3 is the original dataset."""
     shapes_scale: float = 1.0
     """source='shapes': object size, as a multiple of the original (radius 0.24-0.29 of the image side)."""
 
