@@ -269,8 +269,9 @@ class ConceptGraph:
         for c in self.concepts:
             self._check_value(c, state[c])
 
-    def do(self, state: dict[str, str], concept: str, value: str) -> Intervention:
-        """do(concept = value) on `state`, propagated to the descendants (see the module docstring)."""
+    def do(self, state: dict[str, str], concept: str, value: str, propagate: bool = True) -> Intervention:
+        """do(concept = value) on `state`, propagated to the descendants (see the module docstring).
+        propagate=False changes the concept alone, as an edit that ignores the graph would."""
         self._check_concept(concept)
         self._check_value(concept, value)
         self.check_state(state)
@@ -279,7 +280,7 @@ class ConceptGraph:
         if state[concept] != value:
             after[concept] = value
             edits.append(Edit(concept, state[concept], value, INTERVENED))
-        below = self.descendants(concept)
+        below = self.descendants(concept) if propagate else set()
         for c in self.order:
             if c not in below:
                 continue
@@ -314,6 +315,11 @@ class ConceptGraph:
         self._check_concept(concept)
         if value not in self.domains[concept]:
             raise ConfigError(f"{concept}: {value!r} is not one of its values ({', '.join(self.domains[concept])})")
+
+
+def class_concept(graph: ConceptGraph, classes: list[str]) -> str | None:
+    """The concept whose values are the class names (shapes-text: shape), if any: its value is the class."""
+    return next((c for c in graph.concepts if set(graph.domains[c]) == set(classes)), None)
 
 
 def _topological(names: list[str], parents: dict[str, list[str]], fail) -> tuple[str, ...]:
