@@ -122,8 +122,9 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
     return merge(run_dir, cfg) if distributed.is_main() else None
 
 
-def concept_stats(ok: list[dict]) -> dict:
-    """The concept checks' rates, over all pairs and per intervened concept (the comparison table's rows)."""
+def concept_stats(ok: list[dict], class_concept: str | None) -> dict:
+    """The concept checks' rates, over all pairs and per intervened concept (the comparison table's rows;
+    a classifier pair's do(label) counts as its class concept's)."""
     def rates(rows: list[dict]) -> dict:
         return {"pairs": len(rows), "intervened_rate": rate(r["intervened_ok"] for r in rows),
                 "descendants_rate": rate(r["descendants_ok"] for r in rows),
@@ -131,7 +132,7 @@ def concept_stats(ok: list[dict]) -> dict:
                 "mean_truth_l1": mean(r["truth_l1"] for r in rows), "mean_l1": mean(r["l1"] for r in rows)}
     by: dict[str, list[dict]] = {}
     for r in ok:
-        by.setdefault(json.loads(r["edits"])["target_concept_name"], []).append(r)
+        by.setdefault(intervened(r, class_concept)[0], []).append(r)
     return {"all": rates(ok), **{c: rates(rows) for c, rows in sorted(by.items())}}
 
 
@@ -221,7 +222,8 @@ def merge(run_dir: Path, cfg: Config) -> dict:
             "mean_outside_change": mean(r["outside_change"] for r in ok),
         })
     if any(r["intervened_ok"] is not None for r in ok):  # a concept graph checks each do() (shapes-text)
-        stats["concepts"] = concept_stats(ok)
+        graph = getattr(open_source(cfg).causal, "graph", None)
+        stats["concepts"] = concept_stats(ok, concept_of_class(graph, load_class_names(cfg)) if graph else None)
     atomic_write_json(out_dir / "stats.json", stats)
     atomic_write_bytes(out_dir / "README.md", card_text(cfg, load_class_names(cfg), stats).encode())
     return stats
