@@ -39,6 +39,7 @@ Predictor = Literal["noise_aware", "hf_classifier", "clip_zero_shot"]
 TuneBackend = Literal["embedded", "transformers"]
 Learner = Literal["coop", "coop_csc", "cocoop"]
 Objective = Literal["dicap", "cfvlm"]
+TextEncoderName = Literal["", "minilm"]
 CfSource = Literal["generated", "true", "nearest"]
 """Which image plays x^cf in the counterfactual objectives (cfgen/tune/cfsources.py)."""
 
@@ -242,6 +243,11 @@ class TrainDiffusionConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    text_encoder: TextEncoderName = ""
+    """'' = an unconditional UNet2DModel; 'minilm' = a UNet2DConditionModel attending to the frozen MiniLM's
+    token states of each sample's caption (cfgen/models/text.py)."""
+    caption_dropout: float = 0.1
+    """With a text encoder: share of training captions replaced by '' (classifier-free guidance's '' branch)."""
 
 
 @dataclass
@@ -536,6 +542,8 @@ def validate(cfg: Config) -> None:
         need(t.steps > 0 and t.batch_size > 0 and t.lr > 0,
              f"train.{section}: steps, batch_size and lr must be > 0")
     need(0.0 < cfg.train.classifier.test_fraction < 1.0, "train.classifier.test_fraction must be in (0, 1)")
+    need(0.0 <= cfg.train.diffusion.caption_dropout < 1.0,
+         f"train.diffusion.caption_dropout must be in [0, 1), got {cfg.train.diffusion.caption_dropout}")
     _validate_model(cfg, need)
     _validate_tune(cfg, need)
 
