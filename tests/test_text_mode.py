@@ -233,3 +233,49 @@ def test_bad_graphs_and_concepts_are_one_line_errors_before_work(models_dir, tmp
     assert out.returncode == 2 and len(lines) == 1 and "'weather'" in lines[0], out.stderr
     out = _cli(tmp_path, cfg_path, "guide.target=closest")
     assert out.returncode == 2 and "guide.target = 'all' or 'random'" in out.stderr
+
+
+def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):
+    """A Stable Diffusion layout (latent UNet2DConditionModel, VAE, CLIP text encoder and tokenizer) on disk:
+    text mode needs only the config. CLIP's states attend to their padding (no zero rows), the latent
+    path decodes the counterfactual, and the pairs keep the contract."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cfgen.data.shapes_text import graph
+    from cfgen.models.classifier import NoiseAwareClassifier
+    from cfgen.random_models import bpe_tokenizer
+
+    g = graph()
+    words = sorted({w for c in g.concepts for phrase in g.domains[c].values() for w in phrase.split()} | {"on"})
+    sd = tmp_path / "sd"
+    torch.manual_seed(0)
+    tokenizer = bpe_tokenizer(words, model_max_length=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    unet.save_pretrained(sd / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=4, layers_per_block=1, sample_size=16, scaling_factor=4.0).save_pretrained(sd / "vae")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(sd / "text_encoder")
+    tokenizer.save_pretrained(sd / "tokenizer")
+    DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False).save_pretrained(sd / "scheduler")
+    NoiseAwareClassifier(in_channels=4, num_classes=3, sample_size=8, channels=(8, 8),
+                         groups=4).save_pretrained(sd / "classifier")
+    cfg = _config(tmp_path, tmp_path, model={"unet": str(sd / "unet"), "scheduler": str(sd / "scheduler"),
+                                             "classifier": str(sd / "classifier")},
+                  text={"intervene": ["shape"]})
+    stats = _run(cfg, tmp_path / "run")
+    pairs = _pairs(tmp_path / "run")
+    assert stats["pairs"] == len(pairs) == 8 and stats["concepts"]["shape"]["pairs"] == 8
+    for s in pairs.values():
+        meta = json.loads(s["json"])
+        assert list(meta) == list(PAIR_FIELDS) and _img(s["cf.png"]).shape == (16, 16, 3)
+        assert s["cf.txt"].decode() == g.caption(json.loads(meta["edits"])["final_concept_states"])

@@ -29,7 +29,7 @@ from cfgen.config import Config, guidance_gradient
 from cfgen.device import pick_device, pick_dtype, use_gpu_math
 from cfgen.errors import ConfigError, ModelLoadError
 from cfgen.models.classifier import NoiseAwareClassifier
-from cfgen.models.latent import LatentCodec, text_condition
+from cfgen.models.latent import LatentCodec, PromptEncoder
 from cfgen.models.predictors import CLIP_STATS, ClipZeroShot, HFImageClassifier, ImagePreprocess, label_columns
 from cfgen.models.runtime import Models
 from cfgen.models.text import TEXT_ENCODER_FILE, CaptionEncoder
@@ -125,24 +125,22 @@ def load_tokenizer(path: Path):
 
 
 def load_condition(cfg: Config, unet: torch.nn.Module,
-                   device: torch.device) -> tuple[torch.Tensor | None, CaptionEncoder | None]:
-    """(encoder states (1, L, D) of model.prompt, the caption encoder of a UNet cfgen trained) for a
-    UNet2DConditionModel; (None, None) for an unconditional UNet. A text_encoder.json beside unet/ names
-    cfgen's frozen encoder (models/text.py); otherwise the transformers text_encoder/ and tokenizer/."""
+                   device: torch.device) -> tuple[torch.Tensor | None, CaptionEncoder | PromptEncoder | None]:
+    """(encoder states (1, L, D) of model.prompt, the caption encoder) for a UNet2DConditionModel; (None,
+    None) for an unconditional UNet. A text_encoder.json beside unet/ names cfgen's frozen encoder
+    (models/text.py); otherwise the transformers text_encoder/ and tokenizer/ (a Stable Diffusion layout)."""
     if not isinstance(unet, UNet2DConditionModel):
         return None, None
     if unet.config.addition_embed_type is not None or unet.config.class_embed_type is not None:
         raise ModelLoadError("UNet2DConditionModel with added (SDXL-style) or class conditioning is not supported")
     marker = pipeline_root(cfg.path(cfg.model.unet)) / TEXT_ENCODER_FILE
-    text = None
     if not cfg.model.text_encoder and marker.is_file():
         text = CaptionEncoder.from_file(marker)
-        cond = text.states([cfg.model.prompt])
     else:
         path = resolve_dir(component_dir(cfg, cfg.model.text_encoder, "text_encoder"), "text_encoder", "config.json")
         encoder = _transformers_model(path, cfg.model.trust_checkpoint, "AutoModel", by_architecture=True).eval()
-        tokenizer = load_tokenizer(component_dir(cfg, cfg.model.tokenizer, "tokenizer"))
-        cond = text_condition(encoder, tokenizer, cfg.model.prompt, torch.device("cpu"))
+        text = PromptEncoder(encoder, load_tokenizer(component_dir(cfg, cfg.model.tokenizer, "tokenizer")))
+    cond = text.states([cfg.model.prompt])
     if cond.shape[-1] != unet.config.cross_attention_dim:
         raise ModelLoadError(f"text encoder width {cond.shape[-1]} != the UNet's cross_attention_dim "
                              f"{unet.config.cross_attention_dim}")

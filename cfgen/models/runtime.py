@@ -21,7 +21,7 @@ import torch
 
 from cfgen.diffusion import eps_from_output, x0_estimate
 from cfgen.errors import ModelLoadError
-from cfgen.models.latent import LatentCodec
+from cfgen.models.latent import LatentCodec, PromptEncoder
 from cfgen.models.text import CaptionEncoder, padding_mask
 
 
@@ -36,7 +36,8 @@ class Models:
     channels_last: bool = False
     vae: LatentCodec | None = None       # latent models: images <-> model space; None = pixel model
     cond: torch.Tensor | None = None     # (1, L, D) text condition of a UNet2DConditionModel
-    text: CaptionEncoder | None = None   # its caption encoder, for a UNet trained by cfgen (text_encoder.json)
+    text: CaptionEncoder | PromptEncoder | None = None  # captions -> states of a UNet2DConditionModel:
+                                         # cfgen's MiniLM (text_encoder.json) or a Stable Diffusion layout's
     prediction_type: str = "epsilon"     # what the UNet predicts (the scheduler's prediction_type)
     clean: bool = False                  # the predictor is a clean classifier, applied to D(x0-estimate)
     gradient: str = "unet"               # 'noisy' (noise-aware only), 'unet' or 'x0' (config.guidance_gradient)
@@ -55,10 +56,10 @@ class Models:
         return self.alphas_cumprod[t].float().view(-1, 1, 1, 1)
 
     def text_states(self, captions: list[str]) -> torch.Tensor:
-        """(N, L, D) encoder states of N captions on the device, zero rows = padding (models/text.py)."""
+        """(N, L, D) encoder states of N captions on the device (cfgen's MiniLM: zero rows = padding)."""
         if self.text is None:
-            raise ModelLoadError("text_states needs a text-conditioned UNet trained by cfgen (text_encoder.json "
-                                 "beside its unet/)")
+            raise ModelLoadError("captions need a text-conditioned UNet (a UNet2DConditionModel); model.unet is "
+                                 "unconditional")
         return self.text.states(captions).to(self.device)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:

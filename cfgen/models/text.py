@@ -68,6 +68,11 @@ class CaptionEncoder:
         path.write_text(json.dumps(self.describe(), indent=2) + "\n", encoding="utf-8")
         return path
 
+    @property
+    def tokenizer(self):
+        """The tokenizer `states` uses (csg.token_positions finds a concept's words with it)."""
+        return self.model.tokenizer
+
     @torch.no_grad()
     def states(self, captions: list[str]) -> torch.Tensor:
         """(N, L, D) last hidden states, L the longest caption's token count; padding rows are zero."""

@@ -129,7 +129,7 @@ def text_guide_batch(models: Models, cfg: Config, graph: ConceptGraph, classes: 
     # every caption of the batch encoded once, to one length (zero rows pad: models/text.py)
     texts = sorted(set(captions) | {y for ps in prompts for y, _ in ps})
     rows = dict(zip(texts, models.text_states(texts)))
-    tokenizer = models.text.model.tokenizer
+    tokenizer = models.text.tokenizer
     length = next(iter(rows.values())).shape[0]
     eps = lambda x, t, emb: models.eps(x, t, emb)  # noqa: E731  (csg's TextEpsFn)
     Y = torch.stack([rows[c] for c in captions])
