@@ -31,6 +31,7 @@ GradientKind = Literal["noisy", "unet", "x0"]
 MaskSource = Literal["x0", "gradient"]
 GuideMask = Literal["off", MaskSource]
 GuideMode = Literal["classifier", "text"]
+TextMaskRule = Literal["quantile", "relative"]
 """How guidance takes grad log p(y*): cfgen/diffusion.py's GRADIENTS."""
 Gradient = Literal["auto", GradientKind]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -211,7 +212,11 @@ class TextConfig:
     edit_scale: float = 2.0
     """s_e: weight of each masked edit term s_e * M_c * (eps(Y_c) - eps(Y))."""
     threshold: float = 0.5
-    """lambda: each concept's masks keep the top 1 - lambda of the pixels (its cross-attention and its edit term)."""
+    """lambda: each concept's masks (its cross-attention and its edit term) keep the top 1 - lambda of the
+    pixels ('quantile') or the pixels at >= lambda x the largest value ('relative')."""
+    mask_rule: TextMaskRule = "quantile"
+    """'quantile' (LEDITS++, FM-CGM: a fixed share of the image per concept) or 'relative' (the share follows
+    the concept: a background edit gets the whole background)."""
     warmup: int = 0
     """Reverse steps run without edit guidance first (the layout at high noise)."""
     intersect: bool = True

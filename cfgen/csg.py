@@ -64,6 +64,7 @@ from cfgen.diffusion import EpsFn, Trajectory, ddim_step, eps_from_output, inver
 TextEpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """eps(x_t, t, emb) -> predicted noise; t a (N,) long tensor, emb (N, L, D) encoder states of N captions."""
 EDIT_REFERENCES = ("uncond", "base")
+MASK_RULES = ("quantile", "relative")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class CSGParams:
     attn_factors: tuple[int, ...] = ()  # M1 from cross-attention maps of side x's side / f, f in these;
                                         # () = every cross-attention layer (LEDITS++ on SD: (4,), 16x16 of 64x64)
     edit_reference: str = "uncond"  # d_c = eps(Y_c) - eps(∅) ('uncond', Eq. 10) or - eps(Y) ('base')
+    mask_rule: str = "quantile"     # 'quantile': keep the top 1 - lambda of the pixels (LEDITS++, a fixed
+                                    # area); 'relative': keep v >= lambda * max v (an area that follows the
+                                    # concept: a background edit gets the background, a shape edit the shape)
 
     def __post_init__(self):
         if not (math.isfinite(self.edit_scale) and self.edit_scale >= 0):
@@ -92,6 +96,8 @@ class CSGParams:
             raise ValueError(f"guidance_scale (w) must be finite and >= 0, got {self.guidance_scale}")
         if any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.attn_factors):
             raise ValueError(f"attn_factors must be ints >= 1, got {self.attn_factors!r}")
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
         if self.edit_reference not in EDIT_REFERENCES:
             raise ValueError(f"edit_reference must be one of {EDIT_REFERENCES}, got {self.edit_reference!r}")
 
@@ -328,6 +334,13 @@ def attention_map(maps: Sequence[torch.Tensor], tokens: Sequence[int] | torch.Te
     return smooth(total / len(maps))
 
 
+def relative_mask(v: torch.Tensor, lam: float) -> torch.Tensor:
+    """(B, 1, H, W) values -> v >= lambda x each sample's largest: the share kept follows how the concept
+    spreads (cfgen's rule, as its classifier path's EditMask), where the quantile fixes it."""
+    peak = v.flatten(1).amax(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+    return v >= lam * peak.view(-1, *([1] * (v.dim() - 1)))
+
+
 def quantile_mask(v: torch.Tensor, lam: float) -> torch.Tensor:
     """(B, 1, H, W) values -> v >= their lambda-quantile over each sample's pixels: about 1 - lambda of them.
     Why a quantile, not a fixed level: the scale of |d_c| and of attention varies with t, prompt and model;
@@ -363,6 +376,7 @@ def csg_reverse(eps: TextEpsFn, reference: Trajectory, caption: torch.Tensor, ed
         raise ValueError("the empty caption's encoder states (uncond) are needed for w != 1 or for "
                          "edit_reference 'uncond'")
     keep = layer_lengths(size, params.attn_factors)
+    region = quantile_mask if params.mask_rule == "quantile" else relative_mask
     masks = torch.zeros((B, len(edits), *size), dtype=torch.bool, device=x.device)
     steps = len(grid) - 1
     for k, (t_cur, t_prev) in enumerate(zip(grid[:0:-1], grid[-2::-1])):
@@ -390,10 +404,10 @@ def csg_reverse(eps: TextEpsFn, reference: Trajectory, caption: torch.Tensor, ed
                 d = (e_ref - e_c) if edit.reverse else (e_c - e_ref)
                 # M2 per concept from its own |d_c| (LEDITS++; FM-CGM's M^2 is one mask, read off per concept
                 # here so that each descendant's edit is confined to where its own prompt acts).
-                m = quantile_mask(d.abs().sum(dim=1, keepdim=True), lam)
+                m = region(d.abs().sum(dim=1, keepdim=True), lam)
                 if params.intersect:
                     rows = slice((first + c) * B, (first + c + 1) * B)
-                    m = m & quantile_mask(attention_map(store.maps, edit.tokens, size, rows), lam)
+                    m = m & region(attention_map(store.maps, edit.tokens, size, rows), lam)
                 masks[:, c] = m[:, 0]
                 e_hat = e_hat + params.edit_scale * m.to(d.dtype) * d
         if store is not None:

@@ -47,7 +47,8 @@ STAGE_KEYS = {
               ("guide", "top_k"), ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence"), ("guide", "mask"),
               ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"), ("guide", "mask_start"),
               ("text", "intervene"), ("text", "propagate"), ("text", "csg"), ("text", "edit_scale"),
-              ("text", "threshold"), ("text", "warmup"), ("text", "intersect"), ("text", "preserve")],
+              ("text", "threshold"), ("text", "warmup"), ("text", "intersect"), ("text", "preserve"),
+              ("text", "mask_rule")],
     "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
              ("pack", "max_recon_l1")],
 }

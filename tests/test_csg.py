@@ -151,6 +151,30 @@ def test_noise_mask_keeps_one_minus_lambda_of_the_pixels(unet):
     assert torch.allclose(share, torch.full_like(share, 0.3), atol=1 / 64)
 
 
+def test_relative_mask_follows_the_concepts_spread(unet):
+    """'relative' keeps v >= lambda * max v: a concept spread over 3/4 of the image (a background) keeps
+    3/4 of it, one on 1/16 (an object) keeps 1/16, where a quantile would keep the same share of both."""
+    from cfgen.csg import relative_mask
+
+    wide = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    wide[..., 2:, :] = 1.0
+    small = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    small[..., :2, :2] = 2.0
+    v = torch.cat([wide, small]) + 0.01  # a floor below lambda * max: not kept
+    share = relative_mask(v, 0.2).flatten(1).double().mean(1)
+    assert share.tolist() == [0.75, 4 / 64]
+    assert torch.equal(relative_mask(v, 0.0), torch.ones_like(v, dtype=torch.bool))
+    # inside the reverse, the rule is the one CSGParams names
+    eps = text_eps(unet, ALPHAS)
+    grid = timestep_grid(1000, 3, 0.6)
+    params = CSGParams(edit_scale=1.0, threshold=0.3, intersect=False, mask_rule="relative")
+    ref = abduct(eps, X0, Y, ALPHAS, grid, params)
+    out = csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1])], ALPHAS, grid, params, EMPTY)
+    assert out.masks.any() and not out.masks.all()
+    with pytest.raises(ValueError, match="mask_rule"):
+        CSGParams(mask_rule="otsu")
+
+
 def test_smoothing_is_ledits_gaussian():
     from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion import LeditsGaussianSmoothing
 

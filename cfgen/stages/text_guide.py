@@ -102,7 +102,7 @@ def csg_params(cfg: Config) -> CSGParams:
     t = cfg.text
     if t.csg:
         return CSGParams(edit_scale=t.edit_scale, threshold=t.threshold, warmup=t.warmup, intersect=t.intersect,
-                         preserve=t.preserve, edit_reference="base")
+                         preserve=t.preserve, edit_reference="base", mask_rule=t.mask_rule)
     # Y' alone, everywhere: e^ = eps(Y) + r_i + (eps(Y') - eps(Y)) = eps(Y') + r_i, no mask, nothing kept
     return CSGParams(edit_scale=1.0, threshold=0.0, intersect=False, preserve=False, edit_reference="base")
 
