@@ -57,7 +57,28 @@ def card_text(cfg: Config, class_names: list[str], stats: dict) -> str:
                                      "mean_recon_l1", "mean_changed_fraction", "mean_mask_fraction",
                                      "oracle_flip_rate", "truth_closer_rate", "mean_outside_change", "mean_cld")
                if stats.get(k) is not None}
+    for concept, r in stats.get("concepts", {}).items():  # text interventions, judged by the concept oracle
+        figures[f"do({concept}): intervened / descendants / non-descendants as the graph says"] = " / ".join(
+            "n/a" if r[k] is None or r[k] != r[k] else f"{r[k]:.3f}"
+            for k in ("intervened_rate", "descendants_rate", "non_descendants_rate"))
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in figures.items())
+    t = cfg.text
+    guided = (f"| guidance scales | {ladder}, each pair keeps the first with p(y*) >= {g.confidence:g} |\n"
+              f"| localized edits | {mask} |") if g.mode == "classifier" else (
+        f"| interventions | do() on {', '.join(t.intervene)}, {g.target} values; graph "
+        f"{'propagates' if t.propagate else 'not used'} |\n"
+        f"| CSG | {'on' if t.csg else 'off'}: edit scale {t.edit_scale:g}, {t.mask_rule} masks at {t.threshold:g}, "
+        f"intersect {t.intersect}, preserve {t.preserve}, warm-up {t.warmup} |")
+    how = ("cfgen: DDIM inversion of each image to its noise (abduction), then the reverse DDIM path from\n"
+           "that noise steered by a classifier's gradient toward the counterfactual class (action and\n"
+           "prediction).") if g.mode == "classifier" else (
+        "cfgen, text mode (FM-CGM): DDIM inversion of each image under its caption (abduction); do(concept =\n"
+        f"value) on the caption's concepts {', '.join(t.intervene)}"
+        f"{', propagated to their descendants by the concept graph' if t.propagate else ' alone (no graph)'}"
+        " (action);\nthe reverse path under the edited caption"
+        f"{f' with Causal Semantic Guidance (edit scale {t.edit_scale:g}, {t.mask_rule} masks at {t.threshold:g})' if t.csg else ''}"
+        " (prediction). `cf.txt` is the edited caption;\n`json.edits` records the intervention and each "
+        "propagated change.")
     body = f"""# {cfg.pipeline.name}: factual / counterfactual image pairs (cfgen)
 
 Each sample is a pair: `png` (the factual image), `txt` (its caption), `cls` (its class), `cf.png`,
@@ -73,9 +94,7 @@ columns; `stats.json` the run's summary; `sizes.json` the pairs per shard (open_
 
 ## How the pairs were made
 
-cfgen: DDIM inversion of each image to its noise (abduction), then the reverse DDIM path from
-that noise steered by a classifier's gradient toward the counterfactual class (action and
-prediction).
+{how}
 
 | setting | value |
 |---|---|
@@ -84,8 +103,7 @@ prediction).
 | predictor | {m.predictor}, gradient {m.gradient} |
 | inversion | {inv.steps} DDIM steps to t_inv = {inv.t_inv:g} |
 | target | {g.target}{f", top {g.top_k}" if g.top_k > 1 else ""} |
-| guidance scales | {ladder}, each pair keeps the first with p(y*) >= {g.confidence:g} |
-| localized edits | {mask} |
+{guided}
 | gates | require_flip {p.require_flip}, min p(y*) {p.min_p_cf:g}, max L1 {p.max_l1:g}, max recon L1 {p.max_recon_l1:g} |
 
 ## What the run measured

@@ -245,7 +245,8 @@ TRAIN_OUT_HELP = "Output dir (default: runs/<pipeline.name>/models/{}; the model
 @train_app.command("diffusion")
 def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
                         out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("diffusion"))] = None):
-    """Train the UNet2DModel noise predictor; writes OUT/unet and OUT/scheduler."""
+    """Train the UNet noise predictor; writes OUT/unet and OUT/scheduler (a text-conditioned one, with
+    train.diffusion.text_encoder, also OUT/text_encoder.json and OUT/metrics.json)."""
     from cfgen.models.training import train_diffusion
 
     cfg = _load(config, set)

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-CONTRACT_VERSION = 4
+CONTRACT_VERSION = 5
 """Bumped whenever a member, a K.json field, the manifest schema or the folder layout changes (2: manifest
 column sha256; 3: K.json and manifest factual_id, several pairs per factual image; manifest mask_fraction;
-4: per-shard parquet, done markers and fingerprint in <folder>/_state/)."""
+4: per-shard parquet, done markers and fingerprint in <folder>/_state/; 5: K.json and manifest intervention and
+edits, manifest caption, cf_caption and the concept checks of text interventions)."""
 STATE = "_state"
 """The sub-folder of every stage folder that holds its bookkeeping (per-shard rows, done markers, fingerprint)."""
 
@@ -81,12 +82,14 @@ PAIR_FIELDS: dict[str, type] = {
     "id": str, "label": int, "label_name": str, "cf_label": int, "cf_label_name": str,
     "target_strategy": str, "guidance_scale": float, "t_inv": float, "steps": int, "seed": int,
     "p_cf": float, "flipped": bool, "l1": float, "l2": float, "recon_l1": float, "factual_id": str,
+    "intervention": str, "edits": str,
 }
 
 INVERT_FIELDS = ("id", "label", "label_name", "origin", "seed")
 """The manifest columns an invert sample's K.json carries (plus steps, t_inv and the DDIM grid)."""
 GUIDE_FIELDS = ("id", "label", "label_name", "cf_label", "cf_label_name", "target_strategy", "guidance_scale",
-                "seed", "p_cf", "flipped", "l1", "l2", "recon_l1", "factual_id")
+                "seed", "p_cf", "flipped", "l1", "l2", "recon_l1", "factual_id", "intervention", "edits", "caption",
+                "cf_caption")
 """The manifest columns a guide sample's K.json carries (plus steps and t_inv)."""
 
 
@@ -115,6 +118,10 @@ ROW_SCHEMA = pa.schema([
     ("l1", pa.float64()),
     ("l2", pa.float64()),
     ("recon_l1", pa.float64()),
+    ("intervention", pa.string()),          # do(concept=value): the class's for the classifier path
+    ("edits", pa.string()),                 # JSON, FM-CGM's manipulator record: the intervened and propagated changes
+    ("caption", pa.string()),               # K.txt: the factual caption
+    ("cf_caption", pa.string()),            # K.cf.txt: the counterfactual's (the edited caption, in text mode)
     ("mask_fraction", pa.float64()),        # share of the image a localized edit could touch (guide.mask; else null)
     # quality (cfgen/quality.py), filled by pack; the truth columns only where the causal model is known
     ("changed_fraction", pa.float64()),     # share of pixels changed visibly
@@ -126,6 +133,10 @@ ROW_SCHEMA = pa.schema([
     ("truth_closer", pa.bool_()),           # closer to the true counterfactual than to the factual
     ("within_recon_bound", pa.bool_()),     # truth_l1 <= recon_l1 (DiCap Cor. 3.4)
     ("outside_change", pa.float64()),       # share of pixels outside the causal region changed
+    # concept checks, where the source knows a concept graph and reads concepts back (shapes-text's oracle)
+    ("intervened_ok", pa.bool_()),          # the intervened concept reads as its new value
+    ("descendants_ok", pa.bool_()),         # every descendant reads as the graph says (null: it has none)
+    ("non_descendants_ok", pa.bool_()),     # every non-descendant reads as in the factual state
     ("sha256", pa.string()),                # shards.sample_digest of the sample as written to this stage's tar
 ])
 STATUSES = ("ok", "failed", "rejected")

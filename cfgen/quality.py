@@ -14,6 +14,13 @@ same exogenous factors:
 and, from the guide row's own l1 / recon_l1:
     edit_within_recon  l1 <= recon_l1: the edit is no larger than the model's s = 0 round-trip error,
                        so it may be reconstruction noise rather than an edit (`edit_within_recon`)
+When the causal model also knows a concept graph and reads concepts back from pixels (shapes-text's
+renderer oracle), every pair is checked against the TRUE intervention do(c = v) on the sample's concept
+state, propagated by the graph whatever the method knew of it (`concept_quality`):
+    intervened_ok      the intervened concept reads as v
+    descendants_ok     every descendant of c reads as the graph's mechanisms say (null: c has none)
+    non_descendants_ok every other concept reads as in the factual state (null: there is none)
+and truth_l1 / truth_closer / within_recon_bound are taken against the rendering under do(c = v).
 CLD, the per-pair minimality score against the run's real images, is in cfgen/cld.py.
 
 All images are uint8 (H, W, C); distances are in [0, 1] intensity units, as in cfgen.metrics.
@@ -113,6 +120,20 @@ def pair_quality(causal: CausalModel | None, origin: str, cf_label: int, factual
     if causal is not None:
         out.update(truth_metrics(factual, cf, recon, causal.renders(origin), causal.region(origin), cf_label))
     return out
+
+
+def concept_quality(causal, origin: str, concept: str, value: str, factual: np.ndarray, cf: np.ndarray,
+                    recon: np.ndarray) -> dict:
+    """The concept checks of one pair under the true do(concept = value) (module docstring)."""
+    truth, iv = causal.intervene(origin, concept, value)
+    read = causal.read_concepts(cf)
+    desc, others = causal.graph.descendants(concept), causal.graph.non_descendants(concept)
+    truth_l1 = l1(cf, truth)
+    return {"intervened_ok": read[concept] == iv.after[concept],
+            "descendants_ok": all(read[d] == iv.after[d] for d in desc) if desc else None,
+            "non_descendants_ok": all(read[n] == iv.before[n] for n in others) if others else None,
+            "truth_l1": truth_l1, "truth_closer": truth_l1 < l1(cf, factual),
+            "within_recon_bound": within_recon_bound(truth_l1, l1(factual, recon))}
 
 
 def rate(values) -> float:

@@ -41,10 +41,14 @@ STAGE_KEYS = {
                ("data", "channels"), ("data", "shard_size"), ("data", "limit"), ("data", "repeat"),
                ("data", "max_image_pixels"), ("data", "shapes_count"), ("data", "shapes_spurious"),
                ("data", "shapes_classes"), ("data", "shapes_scale"), ("data", "only_classes"), ("data", "class_limit"),
-               ("model", "kind"), ("model", "prompt"), ("model", "dtype"), ("invert", "steps"), ("invert", "t_inv")],
+               ("model", "kind"), ("model", "prompt"), ("model", "dtype"), ("invert", "steps"), ("invert", "t_inv"),
+               ("guide", "mode")],
     "guide": [("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
               ("guide", "top_k"), ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence"), ("guide", "mask"),
-              ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"), ("guide", "mask_start")],
+              ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"), ("guide", "mask_start"),
+              ("text", "intervene"), ("text", "propagate"), ("text", "csg"), ("text", "edit_scale"),
+              ("text", "threshold"), ("text", "warmup"), ("text", "intersect"), ("text", "preserve"),
+              ("text", "mask_rule")],
     "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
              ("pack", "max_recon_l1")],
 }
@@ -91,6 +95,8 @@ def _model_dirs(stage: Stage, cfg: Config) -> dict[str, Path]:
            "model.text_encoder": component_dir(cfg, m.text_encoder, "text_encoder"),
            "model.tokenizer": component_dir(cfg, m.tokenizer, "tokenizer")}
     if ORDER.index(stage) >= 1:
+        if cfg.text.graph:
+            out["text.graph"] = cfg.path(cfg.text.graph)
         if m.predictor == "noise_aware":
             out["model.classifier"] = cfg.path(m.classifier)
         else:
@@ -104,7 +110,7 @@ def _inputs_digest(cfg: Config, refs: list | None) -> dict:
     h = hashlib.sha256()
     refs = list_samples(cfg) if refs is None else refs
     for r in refs:
-        h.update(f"{r.id}\t{r.label}\t{r.origin}\t{r.error}\t{r.stamp}\n".encode("utf-8", "backslashreplace"))
+        h.update(f"{r.id}\t{r.label}\t{r.origin}\t{r.error}\t{r.stamp}\t{r.caption}\n".encode("utf-8", "backslashreplace"))
     return {"count": len(refs), "digest": h.hexdigest()}
 
 

@@ -19,16 +19,17 @@ import torch
 from tqdm import tqdm
 
 from cfgen.config import Config
+from cfgen.data.base import SampleRef
 from cfgen.data.sources import list_samples, split_ids
 from cfgen.errors import InputError
 from cfgen.tensors import to_model_space
 
 
-def load_arrays(cfg: Config, split: str | None = None,
-                groups: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_arrays(cfg: Config, split: str | None = None, groups: list[str] | None = None,
+                refs: list[SampleRef] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All decodable samples as model-space tensors; undecodable ones are skipped and counted.
 
-    `groups`, when given, is filled with each kept sample's `SampleRef.group`.
+    `groups`, when given, is filled with each kept sample's `SampleRef.group`; `refs` with the SampleRef itself.
     """
     images, labels, ids, skipped = [], [], [], 0
     for ref in tqdm(list_samples(cfg, split=split), desc="load", leave=False):
@@ -44,6 +45,8 @@ def load_arrays(cfg: Config, split: str | None = None,
         ids.append(ref.id)
         if groups is not None:
             groups.append(ref.group)
+        if refs is not None:
+            refs.append(ref)
     if not images:
         raise InputError("no usable training images in the configured dataset")
     if skipped:

@@ -15,10 +15,12 @@ PAIR_FIELDS = {
     "id": str, "label": int, "label_name": str, "cf_label": int, "cf_label_name": str,
     "target_strategy": str, "guidance_scale": float, "t_inv": float, "steps": int, "seed": int,
     "p_cf": float, "flipped": bool, "l1": float, "l2": float, "recon_l1": float, "factual_id": str,
+    "intervention": str, "edits": str,
 }
 """README, Output contract: K.json has these keys, in this order, with these types, in every sample."""
 
-MANIFEST_COLUMNS = ("id", "factual_id", "shard", "origin", "status", "error")
+MANIFEST_COLUMNS = ("id", "factual_id", "shard", "origin", "status", "error", "intervention", "edits", "caption",
+                    "cf_caption")
 """README: manifest.parquet has one row per pair (and per input that failed before guide) with (at least)
 these columns."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -46,6 +46,10 @@ class SampleRef:
     stamp: str = ""
     """What changes when the input changes without changing its name (files: size and mtime), for the
     run fingerprint (runstate.py); '' for generated samples, which depend on their index alone."""
+    concepts: dict[str, str] = field(default_factory=dict)
+    """The sample's concept state, concept -> value, where the source knows one (shapes-text); else {}."""
+    caption: str = ""
+    """The sample's own caption (shapes-text: its concept graph's template); '' = pack.caption of its class."""
 
 
 class CausalModel:

@@ -227,8 +227,13 @@ def shape_mask(label: int, cx: float, cy: float, radius: float, x: np.ndarray, y
 
 def coverage(label: int, f: Factors, size: int) -> np.ndarray:
     """Anti-aliased alpha (size, size) in [0, 1] of the object of class `label`."""
+    return coverage_at(label, f.cx, f.cy, f.radius, size)
+
+
+def coverage_at(label: int, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
+    """`coverage` of a shape placed by hand (unit coordinates): what an oracle matches a mask against."""
     x, y = _grid(size, SUPERSAMPLE)
-    m = shape_mask(label, f.cx, f.cy, f.radius, x, y).astype(np.float64)
+    m = shape_mask(label, cx, cy, radius, x, y).astype(np.float64)
     return m.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 

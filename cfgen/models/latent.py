@@ -55,14 +55,21 @@ class LatentCodec(nn.Module):
         return self.vae.decode(x / self.scaling_factor + self.shift_factor).sample
 
 
-@torch.no_grad()
-def text_condition(text_encoder: nn.Module, tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
-    """The encoder states (1, L, D) a UNet2DConditionModel attends to, for one fixed caption.
+class PromptEncoder:
+    """A Stable Diffusion layout's text encoder and tokenizer (transformers) as captions -> the encoder
+    states (N, L, D) a UNet2DConditionModel attends to (model.prompt's, and text mode's captions).
 
-    Tokenized as diffusers' Stable Diffusion pipeline does: padded to the
-    tokenizer's maximum length (capped at the encoder's position table), last
-    hidden state of the text encoder.
+    Tokenized as diffusers' Stable Diffusion pipeline does: padded to the tokenizer's maximum length
+    (capped at the encoder's position table), last hidden state of the text encoder. The UNet was
+    trained attending to the padding too, so no row is masked (models/text.py's padding_mask: None).
     """
-    length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
-    ids = tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0].float()
+
+    def __init__(self, text_encoder: nn.Module, tokenizer):
+        self.encoder, self.tokenizer = text_encoder, tokenizer
+        self.length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
+
+    @torch.no_grad()
+    def states(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.encoder(ids.to(self.encoder.device))[0].float()

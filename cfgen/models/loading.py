@@ -3,7 +3,10 @@
 A diffusers checkpoint directory a user has on disk (the `google/ddpm-*`
 layout: `unet/` + `scheduler/`, or a bare `UNet2DModel` directory; a Stable
 Diffusion layout with `vae/`, `text_encoder/`, `tokenizer/`) works exactly like
-the small models shipped for the embedded default. Which files are accepted is
+the small models shipped for the embedded default; a UNet2DConditionModel that
+`cfgen train diffusion` trained on the frozen MiniLM has text_encoder.json
+instead of text_encoder/ (models/text.py), and `Models.text_states(captions)`
+gives what its `Models.eps(x_t, t, states)` reads. Which files are accepted is
 weights.py's policy; the loaded networks are handed to runtime.Models, which
 hides their differences from the stages. Bring your own models: docs/models.md.
 
@@ -26,9 +29,10 @@ from cfgen.config import Config, guidance_gradient
 from cfgen.device import pick_device, pick_dtype, use_gpu_math
 from cfgen.errors import ConfigError, ModelLoadError
 from cfgen.models.classifier import NoiseAwareClassifier
-from cfgen.models.latent import LatentCodec, text_condition
+from cfgen.models.latent import LatentCodec, PromptEncoder
 from cfgen.models.predictors import CLIP_STATS, ClipZeroShot, HFImageClassifier, ImagePreprocess, label_columns
 from cfgen.models.runtime import Models
+from cfgen.models.text import TEXT_ENCODER_FILE, CaptionEncoder
 from cfgen.models.weights import check_weights, component_dir, pipeline_root, read_json, resolve_dir
 
 if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # the CLI without --verbose (cli.QUIET_ENV); transformers
@@ -120,20 +124,27 @@ def load_tokenizer(path: Path):
     return _from_pretrained(AutoTokenizer, path, trust_remote_code=False)
 
 
-def load_condition(cfg: Config, unet: torch.nn.Module, device: torch.device) -> torch.Tensor | None:
-    """Encoder states (1, L, D) of model.prompt for a UNet2DConditionModel; None for an unconditional UNet."""
+def load_condition(cfg: Config, unet: torch.nn.Module,
+                   device: torch.device) -> tuple[torch.Tensor | None, CaptionEncoder | PromptEncoder | None]:
+    """(encoder states (1, L, D) of model.prompt, the caption encoder) for a UNet2DConditionModel; (None,
+    None) for an unconditional UNet. A text_encoder.json beside unet/ names cfgen's frozen encoder
+    (models/text.py); otherwise the transformers text_encoder/ and tokenizer/ (a Stable Diffusion layout)."""
     if not isinstance(unet, UNet2DConditionModel):
-        return None
+        return None, None
     if unet.config.addition_embed_type is not None or unet.config.class_embed_type is not None:
         raise ModelLoadError("UNet2DConditionModel with added (SDXL-style) or class conditioning is not supported")
-    path = resolve_dir(component_dir(cfg, cfg.model.text_encoder, "text_encoder"), "text_encoder", "config.json")
-    encoder = _transformers_model(path, cfg.model.trust_checkpoint, "AutoModel", by_architecture=True).eval()
-    tokenizer = load_tokenizer(component_dir(cfg, cfg.model.tokenizer, "tokenizer"))
-    cond = text_condition(encoder, tokenizer, cfg.model.prompt, torch.device("cpu")).to(device)
+    marker = pipeline_root(cfg.path(cfg.model.unet)) / TEXT_ENCODER_FILE
+    if not cfg.model.text_encoder and marker.is_file():
+        text = CaptionEncoder.from_file(marker)
+    else:
+        path = resolve_dir(component_dir(cfg, cfg.model.text_encoder, "text_encoder"), "text_encoder", "config.json")
+        encoder = _transformers_model(path, cfg.model.trust_checkpoint, "AutoModel", by_architecture=True).eval()
+        text = PromptEncoder(encoder, load_tokenizer(component_dir(cfg, cfg.model.tokenizer, "tokenizer")))
+    cond = text.states([cfg.model.prompt])
     if cond.shape[-1] != unet.config.cross_attention_dim:
         raise ModelLoadError(f"text encoder width {cond.shape[-1]} != the UNet's cross_attention_dim "
                              f"{unet.config.cross_attention_dim}")
-    return cond
+    return cond.to(device), text
 
 
 def load_predictor(cfg: Config, classes: list[str]) -> tuple[torch.nn.Module, bool]:
@@ -215,7 +226,7 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     unet = load_unet(cfg.path(cfg.model.unet), trust).to(device, memory_format=fmt).eval().requires_grad_(False)
     scheduler = load_scheduler(cfg.path(cfg.model.scheduler))
     vae = load_codec(cfg, device)
-    cond = load_condition(cfg, unet, device)
+    cond, text = load_condition(cfg, unet, device)
     classifier, clean = None, cfg.model.predictor != "noise_aware"
     if predictor:
         classifier, clean = load_predictor(cfg, load_class_names(cfg))
@@ -253,5 +264,5 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
             vae.vae.decoder = torch.compile(vae.vae.decoder)
     return Models(unet=unet, alphas_cumprod=scheduler.alphas_cumprod.to(device, torch.float64),
                   classifier=classifier, device=device, dtype=dtype, channels_last=channels_last, vae=vae,
-                  cond=cond, prediction_type=scheduler.config.prediction_type, clean=clean,
+                  cond=cond, text=text, prediction_type=scheduler.config.prediction_type, clean=clean,
                   gradient=guidance_gradient(cfg.model))

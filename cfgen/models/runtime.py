@@ -3,6 +3,8 @@ noise-aware vs clean predictor, precision and memory layout.
 
     x = models.encode(images)          # pixel images in [-1, 1] -> model space (VAE latents or the images)
     e = models.eps(x_t, t)             # the noise estimate, fp32, whatever the UNet predicts
+    y = models.text_states(captions)   # cfgen's text UNet (models/text.py): (N, L, D) states of N captions
+    e = models.eps(x_t, t, y)          # ... and eps(x_t, t, y), y (1 or B, L, D); without y, model.prompt's
     logits = models.predict(images)    # the predictor on clean pixel images (closest, p_cf, flipped)
     classifier, gradient = models.guidance   # what diffusion.guided_reverse differentiates
     images = models.decode(x)
@@ -18,7 +20,9 @@ from typing import Callable
 import torch
 
 from cfgen.diffusion import eps_from_output, x0_estimate
-from cfgen.models.latent import LatentCodec
+from cfgen.errors import ModelLoadError
+from cfgen.models.latent import LatentCodec, PromptEncoder
+from cfgen.models.text import CaptionEncoder, padding_mask
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Models:
     channels_last: bool = False
     vae: LatentCodec | None = None       # latent models: images <-> model space; None = pixel model
     cond: torch.Tensor | None = None     # (1, L, D) text condition of a UNet2DConditionModel
+    text: CaptionEncoder | PromptEncoder | None = None  # captions -> states of a UNet2DConditionModel:
+                                         # cfgen's MiniLM (text_encoder.json) or a Stable Diffusion layout's
     prediction_type: str = "epsilon"     # what the UNet predicts (the scheduler's prediction_type)
     clean: bool = False                  # the predictor is a clean classifier, applied to D(x0-estimate)
     gradient: str = "unet"               # 'noisy' (noise-aware only), 'unet' or 'x0' (config.guidance_gradient)
@@ -49,14 +55,27 @@ class Models:
     def _a(self, t: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod[t].float().view(-1, 1, 1, 1)
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps(x_t, t) in fp32, whatever precision the UNet runs in (and whatever it was trained to predict)."""
+    def text_states(self, captions: list[str]) -> torch.Tensor:
+        """(N, L, D) encoder states of N captions on the device (cfgen's MiniLM: zero rows = padding)."""
+        if self.text is None:
+            raise ModelLoadError("captions need a text-conditioned UNet (a UNet2DConditionModel); model.unet is "
+                                 "unconditional")
+        return self.text.states(captions).to(self.device)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        """eps(x_t, t) in fp32, whatever precision the UNet runs in (and whatever it was trained to predict).
+
+        A UNet2DConditionModel reads `states` (1 or B, L, D), by default model.prompt's; zero rows in them
+        are padding, masked out of its cross-attention.
+        """
+        cond = self.cond if states is None else states
         with self._autocast():
-            if self.cond is None:
+            if cond is None:
                 out = self.unet(self._layout(x), t).sample.float()
             else:
-                cond = self.cond.expand(x.shape[0], -1, -1)
-                out = self.unet(self._layout(x), t, encoder_hidden_states=cond).sample.float()
+                cond = cond.expand(x.shape[0], -1, -1)
+                out = self.unet(self._layout(x), t, encoder_hidden_states=cond,
+                                encoder_attention_mask=padding_mask(cond)).sample.float()
         if out.shape[1] == 2 * x.shape[1]:  # learned variance (improved DDPM): the first half is the noise
             out = out[:, : x.shape[1]]
         if self.prediction_type != "epsilon":

@@ -32,7 +32,7 @@ import torch
 from cfgen.config import Config
 from cfgen.contract import GUIDE, GUIDE_FIELDS, INVERT
 from cfgen.data.images import decode_image, encode_png
-from cfgen.data.sources import list_samples, load_class_names
+from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.diffusion import EditMask, Trajectory, guided_reverse, inversion_trajectory, localized_reverse
 from cfgen.errors import ConfigError, InputError
 from cfgen.metrics import l1, l2
@@ -43,8 +43,18 @@ from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
 from cfgen.stages.common import (advance, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
                                  upstream_rows)
+from cfgen.stages.text_guide import (TextGuideResult, check_text_config, edits_json, intervention_text, load_graph,
+                                     pair_key, text_guide_batch)
 from cfgen.targets import choose_target_sets, resolve_fixed_target, targets_per_image
 from cfgen.tensors import to_model_space, to_uint8
+
+
+def class_intervention(label_name: str, cf_label_name: str) -> tuple[str, str]:
+    """(intervention, edits) of a classifier-path pair: do(label = y*), recorded as the text path records
+    a do(), with no propagated changes (the classifier path knows no graph)."""
+    record = {"target_concept_name": "label", "original_value": label_name, "new_value": cf_label_name,
+              "propagated_changes": [], "final_concept_states": {}}
+    return f"do(label={cf_label_name})", json.dumps(record, sort_keys=True)
 
 
 @torch.no_grad()
@@ -207,12 +217,20 @@ def run_guide(cfg: Config, run_dir: Path, overwrite: bool = False, models: Model
 
 def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -> Path:
     classes = load_class_names(cfg)
+    text = cfg.guide.mode == "text"
     try:
-        fixed = resolve_fixed_target(cfg.guide.target, classes)
+        fixed = None if text else resolve_fixed_target(cfg.guide.target, classes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    graph = load_graph(cfg, open_source(cfg)) if text else None
+    if graph is not None:
+        check_text_config(cfg, graph)
     indices = finished_inputs(INVERT, run_dir)
     refs = list_samples(cfg)  # the input list both fingerprints digest, listed once
+    concepts = {r.id: r.concepts for r in refs} if text else {}
+    if text and not all(concepts.values()):
+        raise ConfigError(f"guide.mode = 'text' needs each sample's concept state: data.source = "
+                          f"{cfg.data.source!r} gives none (shapes-text does)")
     require_upstream(INVERT, cfg, run_dir, refs)
     claim(GUIDE, cfg, run_dir, overwrite, refs)
     models = models or load_models(cfg)
@@ -258,23 +276,34 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
             good.append((row, pixels, noise))
         return good
 
-    per_image = targets_per_image(cfg.guide.target, cfg.guide.top_k, len(classes))
+    per_image = 0 if text else targets_per_image(cfg.guide.target, cfg.guide.top_k, len(classes))
 
-    def write(tar, batch_rows: list[dict], factual: np.ndarray, res: GuideResult) -> None:
+    def write(tar, batch_rows: list[dict], factual: np.ndarray, res: GuideResult | TextGuideResult) -> None:
         """Metrics, PNG encoding and tar writing (on the writer thread). With several targets per image each
-        factual row gives way to one row per pair, keyed <id>_to_<y*> (dot-free), in `pairs_of`."""
+        factual row gives way to one row per pair, keyed <id>_to_<y*> (dot-free), in `pairs_of`; in text
+        mode every pair is keyed <id>_do_<concept>_<value>."""
         for j, b in enumerate(res.source):
             y = int(res.targets[j])
-            row = batch_rows[b] if per_image == 1 else dict(batch_rows[b], id=f"{batch_rows[b]['id']}_to_{y}")
-            pairs_of.setdefault(batch_rows[b]["id"], []).append(row)
+            fid = batch_rows[b]["id"]
+            if text:
+                iv = res.interventions[j]
+                row = dict(batch_rows[b], id=pair_key(fid, iv), intervention=intervention_text(iv),
+                           edits=edits_json(iv), caption=res.captions[j], cf_caption=res.cf_captions[j])
+            else:
+                row = batch_rows[b] if per_image == 1 else dict(batch_rows[b], id=f"{fid}_to_{y}")
+                intervention, edits = class_intervention(batch_rows[b]["label_name"], classes[y])
+                row.update(intervention=intervention, edits=edits)
+            pairs_of.setdefault(fid, []).append(row)
             if not res.finite[j]:
                 row.update(status="failed", error="non-finite output from the UNet or the predictor")
                 continue
-            row.update(cf_label=y, cf_label_name=classes[y], guidance_scale=float(res.scale[j]),
+            masked = text and cfg.text.csg and cfg.text.preserve or not text and cfg.guide.mask != "off"
+            row.update(cf_label=y, cf_label_name=classes[y],
+                       guidance_scale=cfg.text.edit_scale if text else float(res.scale[j]),
                        p_cf=float(res.p_cf[j]), flipped=bool(res.flipped[j]),
                        l1=l1(factual[b], res.cf[j]), l2=l2(factual[b], res.cf[j]),
                        recon_l1=l1(factual[b], res.recon[j]),
-                       mask_fraction=float(res.mask_fraction[j]) if cfg.guide.mask != "off" else None)
+                       mask_fraction=float(res.mask_fraction[j]) if masked else None)
             meta = {k: row[k] for k in GUIDE_FIELDS}
             meta.update(t_inv=cfg.invert.t_inv, steps=cfg.invert.steps)
             sample = {"__key__": row["id"], "png": encode_png(factual[b]), "cf.png": encode_png(res.cf[j]),
@@ -300,8 +329,13 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
                     continue
                 batch_rows = [r for r, _, _ in good]
                 factual = np.stack([p for _, p, _ in good])
-                res = guide_batch(models, cfg, classes, grid, factual, np.stack([n for _, _, n in good]),
-                                  [r["label"] for r in batch_rows], [r["seed"] for r in batch_rows])
+                labels, seeds = [r["label"] for r in batch_rows], [r["seed"] for r in batch_rows]
+                if text:
+                    res = text_guide_batch(models, cfg, graph, classes, grid, factual,
+                                           [concepts[r["id"]] for r in batch_rows], labels, seeds)
+                else:
+                    res = guide_batch(models, cfg, classes, grid, factual, np.stack([n for _, _, n in good]),
+                                      labels, seeds)
                 writer.submit(write, tar, batch_rows, factual, res)
                 advance(len(good))
         mark_unread(rows, seen, broken)

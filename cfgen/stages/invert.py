@@ -24,7 +24,7 @@ import torch
 from cfgen.config import Config
 from cfgen.contract import INVERT, INVERT_FIELDS, make_row
 from cfgen.data.images import ImageDecodeError, decode_image, encode_png
-from cfgen.data.sources import list_samples, load_class_names
+from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.diffusion import invert
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
@@ -50,6 +50,11 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
         raise InputError(f"no input samples: data.source={cfg.data.source!r} lists none"
                          + (f" in split {cfg.data.use_split!r}" if cfg.data.use_split else ""))
     classes = load_class_names(cfg)
+    captions = {ref.id: ref.caption for ref in refs}
+    if cfg.guide.mode == "text":  # the graph and its concepts are checked before any work
+        from cfgen.stages.text_guide import check_text_config, load_graph
+
+        check_text_config(cfg, load_graph(cfg, open_source(cfg)))
     claim(INVERT, cfg, run_dir, overwrite, refs)
     models = models or load_models(cfg, predictor=False)
     grid = config_grid(cfg, models.num_train_timesteps)
@@ -94,7 +99,11 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
                     advance(len(decoded))
                     continue
                 x0 = to_model_space(torch.from_numpy(np.stack([px for _, px in good]))).to(models.device)
-                u = invert(models.eps, models.encode(x0), models.alphas_cumprod, grid).cpu().numpy()
+                eps = models.eps
+                if cfg.guide.mode == "text":  # abduction under each sample's own caption (cfgen/csg.py)
+                    states = models.text_states([captions[row["id"]] for row, _ in good])
+                    eps = lambda x, t: models.eps(x, t, states)  # noqa: E731
+                u = invert(eps, models.encode(x0), models.alphas_cumprod, grid).cpu().numpy()
                 done = []
                 for (row, px), noise in zip(good, u):
                     if not np.isfinite(noise).all():

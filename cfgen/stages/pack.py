@@ -37,7 +37,8 @@ from cfgen.data.images import decode_image
 from cfgen.card import card_text
 from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.metrics import mean
-from cfgen.quality import edit_within_recon, gate_failures, pair_quality, rate
+from cfgen.concepts import class_concept as concept_of_class
+from cfgen.quality import changed_fraction, concept_quality, edit_within_recon, gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, atomic_write_bytes, atomic_write_json, read_rows, sample_digest
 from cfgen.stages.common import (advance, error_reason, finished_inputs, mark_unread, run_shards, samples_until_error,
@@ -57,6 +58,8 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
     claim(PAIRS, cfg, run_dir, overwrite, refs)
     caption = cfg.pack.caption
     causal = open_source(cfg).causal
+    graph = getattr(causal, "graph", None)  # a causal model over concepts (shapes-text) checks each do()
+    class_concept = concept_of_class(graph, load_class_names(cfg)) if graph is not None else None
     references: list[References] = []  # read once, when the first shard needs them (not on a no-op rerun)
 
     def process(index: int) -> list[dict]:
@@ -83,7 +86,13 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
                 except (KeyError, ValueError) as exc:
                     row.update(status="failed", error=f"unreadable guide sample: {type(exc).__name__}: {exc}")
                     continue
-                row.update(pair_quality(causal, row["origin"], meta["cf_label"], factual, cf, recon))
+                concept, value = intervened(meta, class_concept)
+                if concept == class_concept or concept is None:  # a class change: the class renderings judge it
+                    row.update(pair_quality(causal, row["origin"], meta["cf_label"], factual, cf, recon))
+                else:
+                    row["changed_fraction"] = changed_fraction(factual, cf)
+                if concept is not None:
+                    row.update(concept_quality(causal, row["origin"], concept, value, factual, cf, recon))
                 row["edit_within_recon"] = edit_within_recon(row["l1"], row["recon_l1"])
                 if not references:
                     references.append(cld_references(cfg, run_dir, indices))
@@ -93,11 +102,14 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
                 if failed:
                     row.update(status="rejected", error="; ".join(failed))
                     continue
+                # text mode's own captions (the edited one for K.cf.txt), else pack.caption of each class
+                row["caption"] = meta.get("caption") or caption.format(label_name=meta["label_name"])
+                row["cf_caption"] = meta.get("cf_caption") or caption.format(label_name=meta["cf_label_name"])
                 pair = {
                     "__key__": meta["id"],
-                    "png": sample["png"], "txt": caption.format(label_name=meta["label_name"]).encode(),
+                    "png": sample["png"], "txt": row["caption"].encode(),
                     "cls": str(meta["label"]).encode(),
-                    "cf.png": sample["cf.png"], "cf.txt": caption.format(label_name=meta["cf_label_name"]).encode(),
+                    "cf.png": sample["cf.png"], "cf.txt": row["cf_caption"].encode(),
                     "cf.cls": str(meta["cf_label"]).encode(),
                     "json": pair_json(meta),
                 }
@@ -108,6 +120,30 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
 
     run_shards(PAIRS, cfg, run_dir, indices, process, sizes=upstream_rows(GUIDE, run_dir))  # ends on a barrier: every rank's shards are written
     return merge(run_dir, cfg) if distributed.is_main() else None
+
+
+def concept_stats(ok: list[dict], class_concept: str | None) -> dict:
+    """The concept checks' rates, over all pairs and per intervened concept (the comparison table's rows;
+    a classifier pair's do(label) counts as its class concept's)."""
+    def rates(rows: list[dict]) -> dict:
+        return {"pairs": len(rows), "intervened_rate": rate(r["intervened_ok"] for r in rows),
+                "descendants_rate": rate(r["descendants_ok"] for r in rows),
+                "non_descendants_rate": rate(r["non_descendants_ok"] for r in rows),
+                "mean_truth_l1": mean(r["truth_l1"] for r in rows), "mean_l1": mean(r["l1"] for r in rows)}
+    by: dict[str, list[dict]] = {}
+    for r in ok:
+        by.setdefault(intervened(r, class_concept)[0], []).append(r)
+    return {"all": rates(ok), **{c: rates(rows) for c, rows in sorted(by.items())}}
+
+
+def intervened(meta: dict, class_concept: str | None) -> tuple[str | None, str | None]:
+    """(concept, value) of a pair's do() for the concept checks: the text path's own; a classifier pair's
+    do(label = y*) is do(class concept = y*); (None, None) where the source knows no concept graph."""
+    if class_concept is None:
+        return None, None
+    record = json.loads(meta["edits"])
+    concept = record["target_concept_name"]
+    return (class_concept if concept == "label" else concept), record["new_value"]
 
 
 def cld_references(cfg: Config, run_dir: Path, indices: list[int]) -> References:
@@ -185,6 +221,9 @@ def merge(run_dir: Path, cfg: Config) -> dict:
             "mean_truth_l1": mean(r["truth_l1"] for r in ok),
             "mean_outside_change": mean(r["outside_change"] for r in ok),
         })
+    if any(r["intervened_ok"] is not None for r in ok):  # a concept graph checks each do() (shapes-text)
+        graph = getattr(open_source(cfg).causal, "graph", None)
+        stats["concepts"] = concept_stats(ok, concept_of_class(graph, load_class_names(cfg)) if graph else None)
     atomic_write_json(out_dir / "stats.json", stats)
     atomic_write_bytes(out_dir / "README.md", card_text(cfg, load_class_names(cfg), stats).encode())
     return stats

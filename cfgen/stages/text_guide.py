@@ -1,0 +1,178 @@
+"""The guide stage's compute for guide.mode = 'text': do(concept = value) on each sample's caption.
+
+    cfgen run --config pipelines/shapes-text.toml                              # graph + CSG
+    cfgen run --config pipelines/shapes-text.toml --set text.propagate=false --set text.csg=false
+
+FM-CGM's abduction -> action -> prediction, per factual image x0 with concept state S and caption Y:
+    abduction   the DDIM trajectory of x0 under Y (csg.abduct), u its end;
+    action      for each concept c of text.intervene and each value v (guide.target 'all': every other
+                value of c's domain; 'random': one, from the sample's seed): S' = graph.do(S, c, v), which
+                also changes c's descendants by the graph's mechanisms (text.propagate), Y' = caption(S');
+    prediction  CSG (text.csg): one edit per changed concept k, Y_k = caption(S with k set to S'[k]), its
+                term eps(Y_k) - eps(Y) masked where k's new words are attended to and where the term is
+                large, the rest of the image on x0's own trajectory (cfgen/csg.py); without CSG, the
+                reverse under Y' alone, unmasked: edit-friendly DDIM regeneration with the edited caption.
+Why Y_k differs from Y in k alone (csg's edit_reference 'base'): a small model trained on whole captions
+knows no lone concept phrases, and eps(Y_k) - eps(Y) is then the change of k and nothing else.
+
+The reconstruction stored beside each pair is decode(encode(x0)): the text path's round trip is exact
+by construction (csg.py's r_i), so all a reconstruction can lose is the codec's (none for pixel models).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cfgen.concepts import ConceptGraph, Intervention, class_concept
+from cfgen.config import Config
+from cfgen.csg import ConceptEdit, CSGParams, abduct, csg_reverse, recording_cross_attention, token_positions
+from cfgen.errors import ConfigError
+from cfgen.models.runtime import Models
+from cfgen.tensors import to_model_space, to_uint8
+
+
+def load_graph(cfg: Config, source) -> ConceptGraph:
+    """text.graph, or the source's own graph (shapes-text); a source with neither is a config error."""
+    if cfg.text.graph:
+        return ConceptGraph.load(cfg.path(cfg.text.graph))
+    graph = getattr(source.causal, "graph", None) if source.causal is not None else None
+    if graph is None:
+        raise ConfigError(f"guide.mode = 'text' needs text.graph (a concept graph JSON): data.source = "
+                          f"{cfg.data.source!r} has no graph of its own")
+    return graph
+
+
+def check_text_config(cfg: Config, graph: ConceptGraph) -> None:
+    """text.intervene names concepts of the graph (before any work)."""
+    unknown = [c for c in cfg.text.intervene if c not in graph.domains]
+    if unknown:
+        raise ConfigError(f"text.intervene: {', '.join(map(repr, unknown))} not in the concept graph "
+                          f"({', '.join(graph.concepts)})")
+
+
+def plan(graph: ConceptGraph, state: dict[str, str], concepts: list[str], target: str, seed: int,
+         propagate: bool) -> list[Intervention]:
+    """The interventions of one sample: per concept, every other value ('all') or one drawn from its seed."""
+    out = []
+    for k, concept in enumerate(concepts):
+        others = [v for v in graph.domains[concept] if v != state[concept]]
+        if not others:
+            continue
+        if target == "random":
+            others = [others[int(np.random.default_rng([seed, k]).integers(len(others)))]]
+        out += [graph.do(state, concept, v, propagate=propagate) for v in others]
+    return out
+
+
+def pair_key(factual_id: str, iv: Intervention) -> str:
+    """<id>_do_<concept>_<value>, dot-free (a webdataset key ends at its first dot)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{factual_id}_do_{iv.concept}_{iv.value}")
+
+
+def intervention_text(iv: Intervention) -> str:
+    return f"do({iv.concept}={iv.value})"
+
+
+def edits_json(iv: Intervention) -> str:
+    return json.dumps(iv.to_json(), sort_keys=True)
+
+
+@dataclass
+class TextGuideResult:
+    """Per pair, like guide.GuideResult: `source` indexes the batch's factual images."""
+    source: np.ndarray
+    interventions: list[Intervention]
+    captions: list[str]
+    cf_captions: list[str]
+    targets: np.ndarray      # cf_label: the class concept's value after the intervention (else the label)
+    recon: np.ndarray
+    cf: np.ndarray
+    p_cf: np.ndarray
+    flipped: np.ndarray
+    finite: np.ndarray
+    mask_fraction: np.ndarray  # share of the image the edit could touch (the union of the last masks)
+
+
+def csg_params(cfg: Config) -> CSGParams:
+    t = cfg.text
+    if t.csg:
+        return CSGParams(edit_scale=t.edit_scale, threshold=t.threshold, warmup=t.warmup, intersect=t.intersect,
+                         preserve=t.preserve, edit_reference="base", mask_rule=t.mask_rule)
+    # Y' alone, everywhere: e^ = eps(Y) + r_i + (eps(Y') - eps(Y)) = eps(Y') + r_i, no mask, nothing kept
+    return CSGParams(edit_scale=1.0, threshold=0.0, intersect=False, preserve=False, edit_reference="base")
+
+
+def _prompts(graph: ConceptGraph, iv: Intervention, csg: bool) -> list[tuple[str, str]]:
+    """(Y_k, the phrase of k's new value) per edit term: each changed concept (CSG), or Y' once."""
+    if not csg:
+        return [(graph.caption(iv.after), graph.phrase(iv.concept, iv.value))]
+    return [(graph.caption({**iv.before, e.concept: e.new}), graph.phrase(e.concept, e.new)) for e in iv.edits]
+
+
+@torch.no_grad()
+def text_guide_batch(models: Models, cfg: Config, graph: ConceptGraph, classes: list[str], grid: list[int],
+                     factual: np.ndarray, states: list[dict[str, str]], labels: list[int],
+                     seeds: list[int]) -> TextGuideResult:
+    """Interventions on a batch of factual images (uint8 (B, H, W, C)) with their concept states."""
+    params = csg_params(cfg)
+    cc = class_concept(graph, classes)
+    x0 = models.encode(to_model_space(torch.from_numpy(np.require(factual, requirements="W"))).to(models.device))
+    captions = [graph.caption(s) for s in states]
+    pairs = [(b, iv) for b, s in enumerate(states)
+             for iv in plan(graph, s, cfg.text.intervene, cfg.guide.target, seeds[b], cfg.text.propagate)]
+    prompts = [_prompts(graph, iv, cfg.text.csg) for _, iv in pairs]
+    # every caption of the batch encoded once, to one length (zero rows pad: models/text.py)
+    texts = sorted(set(captions) | {y for ps in prompts for y, _ in ps})
+    rows = dict(zip(texts, models.text_states(texts)))
+    tokenizer = models.text.tokenizer
+    length = next(iter(rows.values())).shape[0]
+    eps = lambda x, t, emb: models.eps(x, t, emb)  # noqa: E731  (csg's TextEpsFn)
+    Y = torch.stack([rows[c] for c in captions])
+    reference = abduct(eps, x0, Y, models.alphas_cumprod, grid, params)
+    recon = to_uint8(models.decode(x0))
+
+    n = len(pairs)
+    images = np.zeros((n, *factual.shape[1:]), dtype=np.uint8)
+    share = np.ones(n)
+    finite = np.ones(n, dtype=bool)
+    # one csg_reverse per number of edit terms (pairs of a call share it; a do() may change 1 or more concepts)
+    by_terms: dict[int, list[int]] = {}
+    for j, ps in enumerate(prompts):
+        by_terms.setdefault(len(ps), []).append(j)
+    for terms, js in by_terms.items():
+        for lo in range(0, len(js), cfg.guide.batch_size):
+            part = js[lo: lo + cfg.guide.batch_size]
+            src = torch.tensor([pairs[j][0] for j in part], device=models.device)
+            edits = []
+            for k in range(terms):
+                emb = torch.stack([rows[prompts[j][k][0]] for j in part])
+                tokens = torch.zeros(len(part), length, dtype=torch.bool)
+                for r, j in enumerate(part):
+                    tokens[r, token_positions(tokenizer, *prompts[j][k])] = True
+                edits.append(ConceptEdit(emb, tokens))
+            if params.intersect and params.edit_scale:
+                with recording_cross_attention(models.unet) as store:
+                    out = csg_reverse(eps, reference.select(src), Y[src], edits, models.alphas_cumprod, grid, params,
+                                      store=store)
+            else:
+                out = csg_reverse(eps, reference.select(src), Y[src], edits, models.alphas_cumprod, grid, params)
+            x = models.decode(out.x)
+            finite[part] = torch.isfinite(x).flatten(1).all(1).cpu().numpy()
+            images[part] = to_uint8(x)
+            share[part] = out.union.flatten(1).float().mean(1).cpu().numpy() if params.preserve else 1.0
+    cf_labels = np.array([classes.index(iv.after[cc]) if cc else labels[b] for b, iv in pairs], dtype=np.int64)
+    p_cf, flipped = np.full(n, np.nan), np.zeros(n, dtype=bool)
+    if n and models.classifier is not None:
+        probs = torch.softmax(models.predict(to_model_space(torch.from_numpy(images)).to(models.device)), dim=-1)
+        target = torch.from_numpy(cf_labels).to(probs.device)
+        p_cf = probs.gather(1, target[:, None]).squeeze(1).double().cpu().numpy()
+        flipped = (probs.argmax(1) == target).cpu().numpy()
+    src = np.array([b for b, _ in pairs], dtype=np.int64)
+    return TextGuideResult(src, [iv for _, iv in pairs], [captions[b] for b in src],
+                           [graph.caption(iv.after) for _, iv in pairs], cf_labels, recon[src], images, p_cf,
+                           flipped & finite, finite & np.isfinite(p_cf), share)

@@ -1,0 +1,281 @@
+"""guide.mode = 'text' (issue 13): do(concept = value) on captions through the concept graph, end to end.
+
+Tiny models saved to a temporary directory and loaded back by path, as a user's would be: a random
+UNet2DConditionModel on the real, frozen MiniLM's token states (text_encoder.json names it), a DDIM
+scheduler and a noise-aware classifier, on the captioned shapes (`shapes-text`, whose renderer is the
+oracle). What is checked is the contract and the bookkeeping of text pairs: keys, captions, the
+recorded intervention and propagated edits, the concept columns, the exact round trip with no edit,
+and the confinement of CSG edits; whether a trained model obeys the text is the benchmark's business.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tomli_w
+import torch
+from PIL import Image
+
+from contract_spec import PAIR_FIELDS, PAIR_MEMBERS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ["circle", "square", "triangle"]
+COLOUR_OF = {"circle": "red", "square": "blue", "triangle": "yellow"}   # the shipped graph's mechanism
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from cfgen.models.classifier import NoiseAwareClassifier
+    from cfgen.models.text import CaptionEncoder
+
+    root = tmp_path_factory.mktemp("text_models")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
+                                attention_head_dim=4, norm_num_groups=8)
+    with torch.no_grad():  # a fresh UNet's eps swings fast; scaled down it behaves like a trained one's
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    unet.save_pretrained(root / "unet")
+    DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(root / "scheduler")
+    CaptionEncoder().save(root)
+    NoiseAwareClassifier(in_channels=3, num_classes=3, sample_size=16, channels=(8, 8),
+                         groups=4).save_pretrained(root / "classifier")
+    return root
+
+
+def _config(models_dir: Path, tmp: Path, **sections):
+    from cfgen.config import load_config
+
+    table = {
+        "pipeline": {"name": "text"},
+        "data": {"source": "shapes-text", "classes": str(ROOT / "manifests/shapes/classes.txt"), "image_size": 16,
+                 "channels": 3, "shard_size": 3, "shapes_count": 40, "limit": 4},
+        "model": {"device": "cpu", "unet": str(models_dir / "unet"), "scheduler": str(models_dir / "scheduler"),
+                  "classifier": str(models_dir / "classifier")},
+        "invert": {"steps": 4, "t_inv": 0.5, "batch_size": 4},
+        "guide": {"mode": "text", "target": "all", "batch_size": 8},
+        "text": {"intervene": ["shape", "environment"], "edit_scale": 2.0, "threshold": 0.5},
+    }
+    for section, values in sections.items():
+        table.setdefault(section, {}).update(values)
+    path = tmp / "pipeline.toml"
+    path.write_text(tomli_w.dumps(table))
+    return load_config(path)
+
+
+def _run(cfg, run_dir: Path) -> dict:
+    from cfgen.stages.guide import run_guide
+    from cfgen.stages.invert import run_invert
+    from cfgen.stages.pack import run_pack
+
+    run_invert(cfg, run_dir)
+    run_guide(cfg, run_dir)
+    return run_pack(cfg, run_dir)
+
+
+def _pairs(run_dir: Path) -> dict[str, dict]:
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in (run_dir / "pairs").glob("pairs-*.tar"))
+    out = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        members = {k for k in s if not k.startswith("__")}
+        assert members == set(PAIR_MEMBERS), members
+        out[s["__key__"]] = s
+    return out
+
+
+def _img(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def text_run(models_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text_run")
+    cfg = _config(models_dir, tmp)
+    return tmp / "run", _run(cfg, tmp / "run")
+
+
+def test_every_intervention_is_a_pair_with_its_edited_caption_and_record(text_run):
+    from cfgen.data.shapes_text import graph, state
+
+    run_dir, stats = text_run
+    pairs = _pairs(run_dir)
+    # 4 images x (2 other shapes + 2 other environments)
+    assert stats["pairs"] == len(pairs) == 16
+    for key, s in pairs.items():
+        meta = json.loads(s["json"])
+        assert list(meta) == list(PAIR_FIELDS) and all(isinstance(meta[k], t) for k, t in PAIR_FIELDS.items())
+        fid = meta["factual_id"]
+        before = state(int(fid.split("-")[1]))
+        record = json.loads(meta["edits"])
+        concept, value = record["target_concept_name"], record["new_value"]
+        assert key == f"{fid}_do_{concept}_{value}" and meta["intervention"] == f"do({concept}={value})"
+        after = dict(before, **{concept: value})
+        if concept == "shape":  # the graph's edge: the colour follows the shape
+            after["colour"] = COLOUR_OF[value]
+            assert record["propagated_changes"] == [{"concept_name": "colour", "original_value": before["colour"],
+                                                     "new_value": COLOUR_OF[value], "reason": "propagated from shape"}]
+            assert meta["cf_label_name"] == value and meta["cf_label"] == SHAPES.index(value)
+        else:
+            assert record["propagated_changes"] == [] and meta["cf_label"] == meta["label"]
+        assert record["final_concept_states"] == after
+        assert s["txt"].decode() == graph().caption(before)
+        assert s["cf.txt"].decode() == graph().caption(after)
+
+
+def test_manifest_has_the_concept_checks_and_stats_their_rates(text_run):
+    run_dir, stats = text_run
+    rows = [r for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist() if r["status"] == "ok"]
+    assert len(rows) == 16
+    for r in rows:
+        assert r["intervened_ok"] is not None and r["non_descendants_ok"] is not None and r["truth_l1"] is not None
+        shape = json.loads(r["edits"])["target_concept_name"] == "shape"
+        assert (r["descendants_ok"] is not None) == shape  # environment has no descendants
+        assert r["caption"] and r["cf_caption"] and r["intervention"].startswith("do(")
+    c = stats["concepts"]
+    assert c["all"]["pairs"] == 16 and c["shape"]["pairs"] == c["environment"]["pairs"] == 8
+    assert c["shape"]["intervened_rate"] == np.mean([r["intervened_ok"] for r in rows
+                                                     if r["intervention"].startswith("do(shape")])
+
+
+def test_csg_edits_stay_inside_their_masks(text_run):
+    """With CSG the image outside the union of the concept masks IS the factual one: no pixel outside
+    the mask fraction can change (pixel model: the factual trajectory ends at the image itself)."""
+    run_dir, _ = text_run
+    rows = {r["id"]: r for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist()}
+    for key, s in _pairs(run_dir).items():
+        changed = (_img(s["png"]) != _img(s["cf.png"])).any(axis=2).mean()
+        assert 0 < rows[key]["mask_fraction"] < 1
+        assert changed <= rows[key]["mask_fraction"] + 1e-9
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_no_edit_gives_the_factual_image_back(models_dir, tmp_path, preserve):
+    """Same caption, no edit (s_e = 0): with preserve the factual trajectory is kept, byte for byte; without,
+    the reverse under the factual caption retraces the inversion (csg.py's r_i) up to float32 rounding,
+    which the uint8 image hides (tests/test_csg.py: 1e-12 in float64)."""
+    cfg = _config(models_dir, tmp_path, text={"intervene": ["size"], "edit_scale": 0.0, "preserve": preserve})
+    stats = _run(cfg, tmp_path / "run")
+    pairs = _pairs(tmp_path / "run")
+    assert stats["pairs"] == len(pairs) == 4
+    for s in pairs.values():
+        diff = np.abs(_img(s["png"]).astype(int) - _img(s["cf.png"]).astype(int))
+        assert diff.max() == 0 if preserve else diff.max() <= 1 and diff.mean() < 1e-3
+        assert json.loads(s["json"])["recon_l1"] == 0.0
+
+
+def test_without_the_graph_only_the_intervened_words_change(models_dir, tmp_path):
+    from cfgen.data.shapes_text import graph, state
+
+    cfg = _config(models_dir, tmp_path, text={"intervene": ["shape"], "propagate": False, "csg": False})
+    _run(cfg, tmp_path / "run")
+    for s in _pairs(tmp_path / "run").values():
+        meta = json.loads(s["json"])
+        before = state(int(meta["factual_id"].split("-")[1]))
+        record = json.loads(meta["edits"])
+        assert record["propagated_changes"] == []
+        assert s["cf.txt"].decode() == graph().caption(dict(before, shape=record["new_value"]))  # colour kept
+    rows = pq.read_table(tmp_path / "run" / "pairs" / "manifest.parquet").to_pylist()
+    assert all(r["mask_fraction"] is None for r in rows)  # unmasked regeneration
+
+
+def test_classifier_pairs_on_a_concept_source_record_do_label_and_get_concept_checks(models_dir, tmp_path):
+    cfg = _config(models_dir, tmp_path, guide={"mode": "classifier", "target": "closest", "scale": 2.0,
+                                               "escalation": [], "batch_size": 4})
+    stats = _run(cfg, tmp_path / "run")
+    for s in _pairs(tmp_path / "run").values():
+        meta = json.loads(s["json"])
+        assert meta["intervention"] == f"do(label={meta['cf_label_name']})"
+        assert json.loads(meta["edits"])["propagated_changes"] == []
+        assert s["txt"].decode() == f"a photo of the digit {meta['label_name']}."  # pack.caption, as before
+    assert stats["concepts"]["shape"]["pairs"] == stats["pairs"] == 4  # judged as do(shape = y*)
+
+
+def _cli(tmp_path: Path, cfg_path: Path, *sets: str):
+    args = [sys.executable, "-m", "cfgen", "run", "--config", str(cfg_path), "--out", str(tmp_path / "run")]
+    for s in sets:
+        args += ["--set", s]
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_bad_graphs_and_concepts_are_one_line_errors_before_work(models_dir, tmp_path):
+    _config(models_dir, tmp_path)
+    cfg_path = tmp_path / "pipeline.toml"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"concepts": [{"id": "c1", "name": "shape"}], "relationships": [{"id": "r1", "cause_id": "c1", '
+                   '"effect_id": "c9"}]}')
+    out = _cli(tmp_path, cfg_path, f"text.graph={bad}")
+    lines = [line for line in out.stderr.splitlines() if line.startswith("cfgen:")]
+    assert out.returncode == 2 and len(lines) == 1 and str(bad) in lines[0], out.stderr
+    assert not (tmp_path / "run" / "invert").exists()
+    out = _cli(tmp_path, cfg_path, 'text.intervene=["weather"]')
+    lines = [line for line in out.stderr.splitlines() if line.startswith("cfgen:")]
+    assert out.returncode == 2 and len(lines) == 1 and "'weather'" in lines[0], out.stderr
+    out = _cli(tmp_path, cfg_path, "guide.target=closest")
+    assert out.returncode == 2 and "guide.target = 'all' or 'random'" in out.stderr
+
+
+def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):
+    """A Stable Diffusion layout (latent UNet2DConditionModel, VAE, CLIP text encoder and tokenizer) on disk:
+    text mode needs only the config. CLIP's states attend to their padding (no zero rows), the latent
+    path decodes the counterfactual, and the pairs keep the contract."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cfgen.data.shapes_text import graph
+    from cfgen.models.classifier import NoiseAwareClassifier
+    from cfgen.random_models import bpe_tokenizer
+
+    g = graph()
+    words = sorted({w for c in g.concepts for phrase in g.domains[c].values() for w in phrase.split()} | {"on"})
+    sd = tmp_path / "sd"
+    torch.manual_seed(0)
+    tokenizer = bpe_tokenizer(words, model_max_length=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    unet.save_pretrained(sd / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=4, layers_per_block=1, sample_size=16, scaling_factor=4.0).save_pretrained(sd / "vae")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(sd / "text_encoder")
+    tokenizer.save_pretrained(sd / "tokenizer")
+    DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False).save_pretrained(sd / "scheduler")
+    NoiseAwareClassifier(in_channels=4, num_classes=3, sample_size=8, channels=(8, 8),
+                         groups=4).save_pretrained(sd / "classifier")
+    cfg = _config(tmp_path, tmp_path, model={"unet": str(sd / "unet"), "scheduler": str(sd / "scheduler"),
+                                             "classifier": str(sd / "classifier")},
+                  text={"intervene": ["shape"]})
+    stats = _run(cfg, tmp_path / "run")
+    pairs = _pairs(tmp_path / "run")
+    assert stats["pairs"] == len(pairs) == 8 and stats["concepts"]["shape"]["pairs"] == 8
+    for s in pairs.values():
+        meta = json.loads(s["json"])
+        assert list(meta) == list(PAIR_FIELDS) and _img(s["cf.png"]).shape == (16, 16, 3)
+        assert s["cf.txt"].decode() == g.caption(json.loads(meta["edits"])["final_concept_states"])
