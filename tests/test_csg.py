@@ -17,13 +17,7 @@ B, C, SIDE, TOKENS, WIDTH = 2, 4, 8, 7, 32
 ALPHAS = DDIMScheduler().alphas_cumprod.double()  # diffusers' default schedule: 1000 steps, linear betas
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny UNet: on a shared 2-core machine two intra-op threads make each op many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import tomli_w
 import torch
 from PIL import Image
 
+from conftest import run_stages, tame, write_config
 from cfgen.config import ConfigError, load_config
 from cfgen.diffusion import (clean_log_prob_grad, eps_from_output, guided_reverse, invert, log_prob_grad,
                              timestep_grid, x0_estimate)
@@ -59,19 +59,10 @@ def _tokenizer():
     return bpe_tokenizer(WORDS, model_max_length=16)
 
 
-def _tame(unet):
-    """Scale the output layer down 20x (eps std ~0.02). A freshly initialised UNet's eps swings so fast
-    with x and t that no DDIM round trip holds; a trained one varies slowly along an image's path."""
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(0.05)
-        unet.conv_out.bias.mul_(0.05)
-    return unet
-
-
 def _pixel_unet():
     from diffusers import UNet2DModel
 
-    return _tame(UNet2DModel(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+    return tame(UNet2DModel(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                              layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                              up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4))
 
@@ -82,7 +73,7 @@ def _save_sd(path: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _tokenizer()
-    _tame(UNet2DConditionModel(
+    tame(UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)).save_pretrained(path / "unet")
@@ -132,13 +123,7 @@ def _save_clip(path: Path) -> None:
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a shared 2-core machine two intra-op threads make each op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -179,21 +164,10 @@ def _config(zoo: Path, tmp: Path, model: dict, **sections):
         "guide": {"scale": 4.0, "escalation": [16.0], "batch_size": 3},
         "pack": {"caption": "a photo of a {label_name}."},
     }
-    for section, values in sections.items():
-        table.setdefault(section, {}).update(values)
-    path = tmp / "pipeline.toml"
-    path.write_text(tomli_w.dumps(table))
-    return load_config(path)
+    return write_config(tmp / "pipeline.toml", table, sections)
 
 
-def _run(cfg, run_dir: Path) -> dict:
-    from cfgen.stages.guide import run_guide
-    from cfgen.stages.invert import run_invert
-    from cfgen.stages.pack import run_pack
-
-    run_invert(cfg, run_dir)
-    run_guide(cfg, run_dir)
-    return run_pack(cfg, run_dir)
+_run = run_stages
 
 
 def _png(data: bytes) -> np.ndarray:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import tomli_w
 import torch
 from PIL import Image
 
+from conftest import run_stages, tame, write_config
 from contract_spec import PAIR_FIELDS, PAIR_MEMBERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +30,7 @@ SHAPES = ["circle", "square", "triangle"]
 COLOUR_OF = {"circle": "red", "square": "blue", "triangle": "yellow"}   # the shipped graph's mechanism
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +46,7 @@ def models_dir(tmp_path_factory) -> Path:
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
                                 attention_head_dim=4, norm_num_groups=8)
-    with torch.no_grad():  # a fresh UNet's eps swings fast; scaled down it behaves like a trained one's
-        unet.conv_out.weight.mul_(0.05)
-        unet.conv_out.bias.mul_(0.05)
-    unet.save_pretrained(root / "unet")
+    tame(unet).save_pretrained(root / "unet")
     DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(root / "scheduler")
     CaptionEncoder().save(root)
     NoiseAwareClassifier(in_channels=3, num_classes=3, sample_size=16, channels=(8, 8),
@@ -63,8 +55,6 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 def _config(models_dir: Path, tmp: Path, **sections):
-    from cfgen.config import load_config
-
     table = {
         "pipeline": {"name": "text"},
         "data": {"source": "shapes-text", "classes": str(ROOT / "manifests/shapes/classes.txt"), "image_size": 16,
@@ -75,21 +65,10 @@ def _config(models_dir: Path, tmp: Path, **sections):
         "guide": {"mode": "text", "target": "all", "batch_size": 8},
         "text": {"intervene": ["shape", "environment"], "edit_scale": 2.0, "threshold": 0.5},
     }
-    for section, values in sections.items():
-        table.setdefault(section, {}).update(values)
-    path = tmp / "pipeline.toml"
-    path.write_text(tomli_w.dumps(table))
-    return load_config(path)
+    return write_config(tmp / "pipeline.toml", table, sections)
 
 
-def _run(cfg, run_dir: Path) -> dict:
-    from cfgen.stages.guide import run_guide
-    from cfgen.stages.invert import run_invert
-    from cfgen.stages.pack import run_pack
-
-    run_invert(cfg, run_dir)
-    run_guide(cfg, run_dir)
-    return run_pack(cfg, run_dir)
+_run = run_stages
 
 
 def _pairs(run_dir: Path) -> dict[str, dict]:
@@ -255,10 +234,7 @@ def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
                                 attention_head_dim=4, norm_num_groups=4)
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(0.05)
-        unet.conv_out.bias.mul_(0.05)
-    unet.save_pretrained(sd / "unet")
+    tame(unet).save_pretrained(sd / "unet")
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                   norm_num_groups=4, layers_per_block=1, sample_size=16, scaling_factor=4.0).save_pretrained(sd / "vae")
