@@ -39,7 +39,10 @@ def write_shards(out: Path, rows: list[tuple[str, int, int, np.ndarray, np.ndarr
     for sid, y, ycf, x, xcf in rows:
         meta = {"id": sid, "label": y, "label_name": names[y], "cf_label": ycf, "cf_label_name": names[ycf],
                 "target_strategy": "closest", "guidance_scale": 2.0, "t_inv": 0.6, "steps": 25, "seed": 0,
-                "p_cf": 0.99, "flipped": True, "l1": 0.1, "l2": 0.2, "recon_l1": 0.01, "factual_id": sid}
+                "p_cf": 0.99, "flipped": True, "l1": 0.1, "l2": 0.2, "recon_l1": 0.01, "factual_id": sid,
+                "intervention": f"do(label={names[ycf]})",
+                "edits": json.dumps({"target_concept_name": "label", "original_value": names[y],
+                                     "new_value": names[ycf], "propagated_changes": [], "final_concept_states": {}})}
         samples.append({"__key__": sid, "png": _png(x), "txt": f"a photo of a {names[y]}.".encode(),
                         "cls": str(y).encode(), "cf.png": _png(xcf), "cf.txt": f"a photo of a {names[ycf]}.".encode(),
                         "cf.cls": str(ycf).encode(), "json": pair_json(meta)})
