@@ -67,8 +67,8 @@ def card_text(cfg: Config, class_names: list[str], stats: dict) -> str:
               f"| localized edits | {mask} |") if g.mode == "classifier" else (
         f"| interventions | do() on {', '.join(t.intervene)}, {g.target} values; graph "
         f"{'propagates' if t.propagate else 'not used'} |\n"
-        f"| CSG | {'on' if t.csg else 'off'}: edit scale {t.edit_scale:g}, {t.mask_rule} masks at {t.threshold:g}, "
-        f"intersect {t.intersect}, preserve {t.preserve}, warm-up {t.warmup} |")
+        f"| CSG | {'on' if t.csg else 'off'}: edit scale {t.edit_scale:g}, {t.edit_prompt} edit prompts, "
+        f"{t.mask_rule} masks at {t.threshold:g}, intersect {t.intersect}, preserve {t.preserve}, warm-up {t.warmup} |")
     how = ("cfgen: DDIM inversion of each image to its noise (abduction), then the reverse DDIM path from\n"
            "that noise steered by a classifier's gradient toward the counterfactual class (action and\n"
            "prediction).") if g.mode == "classifier" else (

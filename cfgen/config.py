@@ -32,6 +32,7 @@ MaskSource = Literal["x0", "gradient"]
 GuideMask = Literal["off", MaskSource]
 GuideMode = Literal["classifier", "text"]
 TextMaskRule = Literal["quantile", "relative"]
+TextEditPrompt = Literal["concept", "counterfactual"]
 """How guidance takes grad log p(y*): cfgen/diffusion.py's GRADIENTS."""
 Gradient = Literal["auto", GradientKind]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -211,6 +212,11 @@ class TextConfig:
     factual trajectory; False regenerates under the edited caption, unmasked (edit-friendly DDIM)."""
     edit_scale: float = 2.0
     """s_e: weight of each masked edit term s_e * M_c * (eps(Y_c) - eps(Y))."""
+    edit_prompt: TextEditPrompt = "concept"
+    """Y_c of each changed concept's term: 'concept' = the factual caption with c alone changed (FM-CGM's
+    per-concept terms, summed); 'counterfactual' = the whole edited caption Y' for every term (one direction,
+    each concept's own masks, the terms averaged where masks overlap): a model trained on captions that obey
+    the graph has never seen 'a red square', and its estimate under one is not an edit it learnt."""
     threshold: float = 0.5
     """lambda: each concept's masks (its cross-attention and its edit term) keep the top 1 - lambda of the
     pixels ('quantile') or the pixels at >= lambda x the largest value ('relative')."""

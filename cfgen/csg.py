@@ -20,6 +20,7 @@ Prediction, down the same grid from x_{t_S} = u; at the step t = t_i -> t_prev =
     M2_c = |d_c| >= q_lambda(|d_c|),  |.| summed over channels        where c's prompt moves the noise estimate
     M_c  = M1_c AND M2_c     (intersect, Eq. 11; else M2_c alone)
     e^   = e_b(x_t, t) + r_i + sum_c s_e * M_c * d_c                     (Eq. 9/12; the sum from step `warmup` on)
+           (combine 'mean': s_e * sum_c M_c d_c / max(1, sum_c M_c), the mean of the terms covering each pixel)
     x_{t_prev} = step(x_t, e^, a_t, a_{t_prev})
     preserve:  x_{t_prev} <- where(U, x_{t_prev}, x^f_{t_prev}),   U = OR_c M_c  (empty during warm-up)
 q_lambda(v) is the lambda-quantile of v over each sample's pixels, so a mask keeps about 1 - lambda of them.
@@ -30,6 +31,12 @@ so the round trip drifts with any real UNet. With r_i, an unedited reverse has x
 float rounding: the round trip is exact for any UNet and any w. It is the DDIM form of LEDITS++'s
 edit-friendly inversion, whose stored noise maps z_t play the part of r_i. An edit acts through the
 departure e_b(x_t) - e_b(x^f_t) and the masked d_c terms, nothing else.
+
+Why combine 'mean': when every term's prompt is the whole edited caption Y' (text.edit_prompt
+'counterfactual'), every d_c is the same d and only the masks differ; a sum would weigh d by the number
+of concepts whose masks overlap at a pixel (twice s_e on a recoloured shape, s_e on a resized one), the
+mean gives s_e * U * d: inside the union the sample follows Y' at one strength. Terms that hold one
+prompt tensor share its UNet rows (one forward gives the estimate and every term's attention maps).
 
 Why the factual caption as the base (FM-CGM's Eq. 12 writes Y_{C_i}, the intervened prompt): r_i is exact
 only for the caption the image was inverted under, and the intervened concept gets its own mask as an edit
@@ -65,6 +72,7 @@ TextEpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """eps(x_t, t, emb) -> predicted noise; t a (N,) long tensor, emb (N, L, D) encoder states of N captions."""
 EDIT_REFERENCES = ("uncond", "base")
 MASK_RULES = ("quantile", "relative")
+COMBINES = ("sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,10 @@ class CSGParams:
     mask_rule: str = "quantile"     # 'quantile': keep the top 1 - lambda of the pixels (LEDITS++, a fixed
                                     # area); 'relative': keep v >= lambda * max v (an area that follows the
                                     # concept: a background edit gets the background, a shape edit the shape)
+    combine: str = "sum"            # 'sum' of the masked terms (Eq. 12); 'mean': at each pixel the mean of the
+                                    # terms whose mask covers it, for terms that share one direction d (edit
+                                    # prompt Y' for every concept), whose sum would scale the edit by the
+                                    # number of masks that overlap there
 
     def __post_init__(self):
         if not (math.isfinite(self.edit_scale) and self.edit_scale >= 0):
@@ -98,6 +110,8 @@ class CSGParams:
             raise ValueError(f"attn_factors must be ints >= 1, got {self.attn_factors!r}")
         if self.mask_rule not in MASK_RULES:
             raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         if self.edit_reference not in EDIT_REFERENCES:
             raise ValueError(f"edit_reference must be one of {EDIT_REFERENCES}, got {self.edit_reference!r}")
 
@@ -378,12 +392,16 @@ def csg_reverse(eps: TextEpsFn, reference: Trajectory, caption: torch.Tensor, ed
     keep = layer_lengths(size, params.attn_factors)
     region = quantile_mask if params.mask_rule == "quantile" else relative_mask
     masks = torch.zeros((B, len(edits), *size), dtype=torch.bool, device=x.device)
+    # Terms that share one prompt tensor (edit_prompt 'counterfactual': Y' for every changed concept) share
+    # its UNet rows: one forward gives the estimate and the cross-attention maps of all their tokens.
+    prompts = list({id(e.emb): e.emb for e in edits}.values())
+    slot = [next(j for j, p in enumerate(prompts) if p is e.emb) for e in edits]  # edit c's row block
     steps = len(grid) - 1
     for k, (t_cur, t_prev) in enumerate(zip(grid[:0:-1], grid[-2::-1])):
         i = steps - k  # reference index of t_cur
         active = editing and k >= params.warmup
         need_uncond = w != 1 or (active and params.edit_reference == "uncond")
-        embs = ([uncond] if need_uncond else []) + [caption] + ([e.emb for e in edits] if active else [])
+        embs = ([uncond] if need_uncond else []) + [caption] + (prompts if active else [])
         if store is not None and active and params.intersect:
             store.start(keep)  # this step's forward: M1 reads the edit rows' maps
         out = _eps_rows(eps, x, t_cur, embs)
@@ -400,16 +418,21 @@ def csg_reverse(eps: TextEpsFn, reference: Trajectory, caption: torch.Tensor, ed
             # to the factual caption holds only what changed (the old value's removal included).
             e_ref = e_u if params.edit_reference == "uncond" else e_y
             first = 1 + int(need_uncond)  # row block of the first edit in the UNet call
-            for c, (edit, e_c) in enumerate(zip(edits, out)):
+            total, count = torch.zeros_like(e_hat), torch.zeros_like(e_hat[:, :1])
+            for c, edit in enumerate(edits):
+                e_c = out[slot[c]]
                 d = (e_ref - e_c) if edit.reverse else (e_c - e_ref)
                 # M2 per concept from its own |d_c| (LEDITS++; FM-CGM's M^2 is one mask, read off per concept
                 # here so that each descendant's edit is confined to where its own prompt acts).
                 m = region(d.abs().sum(dim=1, keepdim=True), lam)
                 if params.intersect:
-                    rows = slice((first + c) * B, (first + c + 1) * B)
+                    rows = slice((first + slot[c]) * B, (first + slot[c] + 1) * B)
                     m = m & region(attention_map(store.maps, edit.tokens, size, rows), lam)
                 masks[:, c] = m[:, 0]
-                e_hat = e_hat + params.edit_scale * m.to(d.dtype) * d
+                total, count = total + m.to(d.dtype) * d, count + m.to(d.dtype)
+            if params.combine == "mean":
+                total = total / count.clamp(min=1)
+            e_hat = e_hat + params.edit_scale * total
         if store is not None:
             store.stop()
         x_prev = ddim_step(x, e_hat, a[t_cur], a[t_prev])

@@ -46,7 +46,7 @@ STAGE_KEYS = {
     "guide": [("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
               ("guide", "top_k"), ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence"), ("guide", "mask"),
               ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"), ("guide", "mask_start"),
-              ("text", "intervene"), ("text", "propagate"), ("text", "csg"), ("text", "edit_scale"),
+              ("text", "intervene"), ("text", "propagate"), ("text", "csg"), ("text", "edit_scale"), ("text", "edit_prompt"),
               ("text", "threshold"), ("text", "warmup"), ("text", "intersect"), ("text", "preserve"),
               ("text", "mask_rule")],
     "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),

@@ -113,6 +113,53 @@ def test_one_step_masks_are_m1_and_m2_by_hand(unet):
     assert torch.equal(out.x[~(m1 & m2).expand_as(out.x)], X0[~(m1 & m2).expand_as(X0)])
 
 
+@pytest.mark.parametrize("combine", ["sum", "mean"])
+def test_terms_sharing_one_prompt_sum_or_average_where_masks_overlap(unet, combine):
+    # edit_prompt 'counterfactual': every term is Y' (here EDIT_A) with its own concept's tokens, so each d_c
+    # is the same d; 'sum' weighs d by how many masks cover a pixel, 'mean' by 1 wherever any does
+    eps = text_eps(unet, ALPHAS)
+    grid, s = [0, 600], 2.0
+    a_t, a_0 = ALPHAS[600].item(), ALPHAS[0].item()
+    params = CSGParams(edit_scale=s, threshold=0.4, combine=combine)
+    ref = abduct(eps, X0, Y, ALPHAS, grid, params)
+    u, t = ref.x[-1], torch.full((B,), 600)
+    with recording_cross_attention(unet) as store:
+        out = csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1, 2]), ConceptEdit(EDIT_A, [4, 5])], ALPHAS, grid,
+                          params, EMPTY, store)
+    d = unet(u, t, encoder_hidden_states=EDIT_A).sample - unet(u, t, encoder_hidden_states=EMPTY.expand(B, -1, -1)).sample
+    m_a, m_b = out.masks[:, :1], out.masks[:, 1:]
+    both, either = m_a & m_b, m_a | m_b
+    assert both.any() and (either & ~both).any()  # overlap and not: the two rules differ here
+    weight = either.double() if combine == "mean" else m_a.double() + m_b.double()
+    inside = ddim_step(u, ref.eps[0] + s * weight * d, a_t, a_0)
+    torch.testing.assert_close(out.x, torch.where(either, inside, X0), rtol=0, atol=1e-12)
+
+
+def test_terms_with_one_prompt_tensor_run_it_once(unet):
+    # the same result whether two terms hold one tensor or two equal copies, with a third fewer UNet rows
+    base = text_eps(unet, ALPHAS)
+    rows = []
+
+    def eps(x, t, emb):
+        rows.append(x.shape[0])
+        return base(x, t, emb)
+
+    grid = timestep_grid(1000, 3, 0.6)
+    params = CSGParams(edit_scale=2.0, threshold=0.4, combine="mean")
+    ref = abduct(base, X0, Y, ALPHAS, grid, params)
+    results = {}
+    for name, second in [("shared", EDIT_A), ("copies", EDIT_A.clone())]:
+        rows.clear()
+        with recording_cross_attention(unet) as store:
+            out = csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1, 2]), ConceptEdit(second, [4, 5])], ALPHAS, grid,
+                              params, EMPTY, store)
+        results[name] = (out, sum(rows))
+    (shared, n_shared), (copies, n_copies) = results["shared"], results["copies"]
+    assert (n_shared, n_copies) == (3 * 3 * B, 3 * 4 * B)  # per step: ∅, Y, then Y' once or twice
+    assert torch.equal(shared.masks, copies.masks)
+    torch.testing.assert_close(shared.x, copies.x, rtol=0, atol=1e-10)
+
+
 def test_preserve_keeps_the_outside_and_the_edit_changes_the_inside(unet):
     eps = text_eps(unet, ALPHAS)
     grid = timestep_grid(1000, 4, 0.6)
@@ -167,6 +214,8 @@ def test_relative_mask_follows_the_concepts_spread(unet):
     assert out.masks.any() and not out.masks.all()
     with pytest.raises(ValueError, match="mask_rule"):
         CSGParams(mask_rule="otsu")
+    with pytest.raises(ValueError, match="combine"):
+        CSGParams(combine="max")
 
 
 def test_smoothing_is_ledits_gaussian():

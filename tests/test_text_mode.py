@@ -163,6 +163,25 @@ def test_no_edit_gives_the_factual_image_back(models_dir, tmp_path, preserve):
         assert json.loads(s["json"])["recon_l1"] == 0.0
 
 
+def test_counterfactual_edit_prompts_change_only_edits_of_more_than_one_concept(models_dir, tmp_path):
+    """text.edit_prompt = 'counterfactual': every term's prompt is the whole edited caption. do(environment)
+    changes one concept, whose term is that caption either way: byte for byte the same pairs. do(shape) also
+    changes the colour: two terms, now one direction averaged over their masks, not two summed."""
+    images = {}
+    for prompt in ("concept", "counterfactual"):
+        (tmp_path / prompt).mkdir()
+        cfg = _config(models_dir, tmp_path / prompt, text={"intervene": ["shape", "environment"], "edit_scale": 2.0,
+                                                           "threshold": 0.5, "edit_prompt": prompt})
+        _run(cfg, tmp_path / prompt / "run")
+        images[prompt] = {k: s["cf.png"] for k, s in _pairs(tmp_path / prompt / "run").items()}
+    assert images["concept"].keys() == images["counterfactual"].keys()
+    env = [k for k in images["concept"] if "_do_environment_" in k]
+    shape = [k for k in images["concept"] if "_do_shape_" in k]
+    assert len(env) == len(shape) == 8
+    assert all(images["concept"][k] == images["counterfactual"][k] for k in env)
+    assert any(images["concept"][k] != images["counterfactual"][k] for k in shape)
+
+
 def test_without_the_graph_only_the_intervened_words_change(models_dir, tmp_path):
     from cfgen.data.shapes_text import graph, state
 
@@ -212,6 +231,10 @@ def test_bad_graphs_and_concepts_are_one_line_errors_before_work(models_dir, tmp
     assert out.returncode == 2 and len(lines) == 1 and "'weather'" in lines[0], out.stderr
     out = _cli(tmp_path, cfg_path, "guide.target=closest")
     assert out.returncode == 2 and "guide.target = 'all' or 'random'" in out.stderr
+    out = _cli(tmp_path, cfg_path, "text.edit_prompt=both")
+    lines = [line for line in out.stderr.splitlines() if line.startswith("cfgen:")]
+    assert out.returncode == 2 and len(lines) == 1 and "text.edit_prompt" in lines[0], out.stderr
+    assert not (tmp_path / "run" / "invert").exists()
 
 
 def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):

@@ -102,15 +102,18 @@ def csg_params(cfg: Config) -> CSGParams:
     t = cfg.text
     if t.csg:
         return CSGParams(edit_scale=t.edit_scale, threshold=t.threshold, warmup=t.warmup, intersect=t.intersect,
-                         preserve=t.preserve, edit_reference="base", mask_rule=t.mask_rule)
+                         preserve=t.preserve, edit_reference="base", mask_rule=t.mask_rule,
+                         combine="mean" if t.edit_prompt == "counterfactual" else "sum")
     # Y' alone, everywhere: e^ = eps(Y) + r_i + (eps(Y') - eps(Y)) = eps(Y') + r_i, no mask, nothing kept
     return CSGParams(edit_scale=1.0, threshold=0.0, intersect=False, preserve=False, edit_reference="base")
 
 
-def _prompts(graph: ConceptGraph, iv: Intervention, csg: bool) -> list[tuple[str, str]]:
+def _prompts(graph: ConceptGraph, iv: Intervention, csg: bool, edit_prompt: str) -> list[tuple[str, str]]:
     """(Y_k, the phrase of k's new value) per edit term: each changed concept (CSG), or Y' once."""
     if not csg:
         return [(graph.caption(iv.after), graph.phrase(iv.concept, iv.value))]
+    if edit_prompt == "counterfactual":
+        return [(graph.caption(iv.after), graph.phrase(e.concept, e.new)) for e in iv.edits]
     return [(graph.caption({**iv.before, e.concept: e.new}), graph.phrase(e.concept, e.new)) for e in iv.edits]
 
 
@@ -125,7 +128,7 @@ def text_guide_batch(models: Models, cfg: Config, graph: ConceptGraph, classes: 
     captions = [graph.caption(s) for s in states]
     pairs = [(b, iv) for b, s in enumerate(states)
              for iv in plan(graph, s, cfg.text.intervene, cfg.guide.target, seeds[b], cfg.text.propagate)]
-    prompts = [_prompts(graph, iv, cfg.text.csg) for _, iv in pairs]
+    prompts = [_prompts(graph, iv, cfg.text.csg, cfg.text.edit_prompt) for _, iv in pairs]
     # every caption of the batch encoded once, to one length (zero rows pad: models/text.py)
     texts = sorted(set(captions) | {y for ps in prompts for y, _ in ps})
     rows = dict(zip(texts, models.text_states(texts)))
@@ -148,9 +151,13 @@ def text_guide_batch(models: Models, cfg: Config, graph: ConceptGraph, classes: 
         for lo in range(0, len(js), cfg.guide.batch_size):
             part = js[lo: lo + cfg.guide.batch_size]
             src = torch.tensor([pairs[j][0] for j in part], device=models.device)
-            edits = []
+            edits, stacked = [], {}
             for k in range(terms):
-                emb = torch.stack([rows[prompts[j][k][0]] for j in part])
+                texts_k = tuple(prompts[j][k][0] for j in part)
+                # terms with the same prompts get the same tensor, which csg_reverse runs once
+                if texts_k not in stacked:
+                    stacked[texts_k] = torch.stack([rows[y] for y in texts_k])
+                emb = stacked[texts_k]
                 tokens = torch.zeros(len(part), length, dtype=torch.bool)
                 for r, j in enumerate(part):
                     tokens[r, token_positions(tokenizer, *prompts[j][k])] = True
