@@ -46,9 +46,9 @@ STAGE_KEYS = {
     "guide": [("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
               ("guide", "top_k"), ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence"), ("guide", "mask"),
               ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"), ("guide", "mask_start"),
-              ("text", "intervene"), ("text", "propagate"), ("text", "csg"), ("text", "edit_scale"), ("text", "edit_prompt"),
-              ("text", "threshold"), ("text", "warmup"), ("text", "intersect"), ("text", "preserve"),
-              ("text", "mask_rule")],
+              ("text", "intervene"), ("text", "propagate"), ("text", "csg"), ("text", "edit_scale"),
+              ("text", "edit_prompt"), ("text", "threshold"), ("text", "warmup"), ("text", "intersect"),
+              ("text", "preserve"), ("text", "mask_rule")],
     "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
              ("pack", "max_recon_l1")],
 }
@@ -126,13 +126,22 @@ def fingerprint(stage: Stage, cfg: Config, refs: list | None = None) -> dict:
             "models": {k: dir_digest(p) for k, p in _model_dirs(stage, cfg).items()}}
 
 
+def _default_settings() -> dict:
+    cfg = Config()
+    return {f"{section}.{key}": getattr(getattr(cfg, section), key) for keys in STAGE_KEYS.values()
+            for section, key in keys}
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """What changed from `old` to `new`, one short phrase each."""
     out = []
     if old.get("contract") != new["contract"]:
         out.append(f"output contract version {old.get('contract')} -> {new['contract']}")
+    defaults = _default_settings()
     for key, value in new["config"].items():
-        before = old.get("config", {}).get(key, "<unset>")
+        # a setting newer than the run: the run was made with what is now its default (so a run from
+        # before text.edit_prompt existed resumes under 'concept', the only rule there was)
+        before = old.get("config", {}).get(key, defaults.get(key, "<unset>"))
         if before != value:
             out.append(f"{key} {before!r} -> {value!r}")
     if old.get("classes") != new["classes"]:

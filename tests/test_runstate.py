@@ -204,6 +204,23 @@ def test_changed_model_weights_are_refused(finished_run, tmp_path, capsys):
     assert code == 2 and "the files of model.classifier" in one_error_line(err)
 
 
+def test_a_setting_newer_than_the_run_reads_as_its_default(finished_run, tmp_path, capsys):
+    """A run made before a setting existed (its fingerprint lacks the key) was made with what is now the
+    default: resuming under the default is allowed, any other value is refused by name."""
+    run = copy_run(finished_run, tmp_path / "run")
+    for stage in ("guide", "pairs"):
+        path = run / stage / "_state" / "fingerprint.json"
+        fp = json.loads(path.read_text())
+        assert fp["config"].pop("text.edit_prompt") == "concept"  # the default, recorded by today's runs
+        path.write_text(json.dumps(fp))
+    before = tree(run)
+    code, _, err = cli(capsys, "guide", "--config", DIGITS, "--out", str(run), sets=FAST + ["text.edit_prompt=counterfactual"])
+    assert code == 2 and "text.edit_prompt 'concept' -> 'counterfactual'" in one_error_line(err)
+    assert tree(run) == before
+    code, _, err = cli(capsys, "run", "--config", DIGITS, "--out", str(run))
+    assert code == 0, err
+
+
 # ------------------------------------------------------------------ inputs that crashed a run
 
 def test_non_utf8_file_name_is_recorded_and_processed(folder_data, tmp_path, capsys):
