@@ -8,12 +8,16 @@ FM-CGM's abduction -> action -> prediction, per factual image x0 with concept st
     action      for each concept c of text.intervene and each value v (guide.target 'all': every other
                 value of c's domain; 'random': one, from the sample's seed): S' = graph.do(S, c, v), which
                 also changes c's descendants by the graph's mechanisms (text.propagate), Y' = caption(S');
-    prediction  CSG (text.csg): one edit per changed concept k, Y_k = caption(S with k set to S'[k]), its
-                term eps(Y_k) - eps(Y) masked where k's new words are attended to and where the term is
-                large, the rest of the image on x0's own trajectory (cfgen/csg.py); without CSG, the
-                reverse under Y' alone, unmasked: edit-friendly DDIM regeneration with the edited caption.
-Why Y_k differs from Y in k alone (csg's edit_reference 'base'): a small model trained on whole captions
-knows no lone concept phrases, and eps(Y_k) - eps(Y) is then the change of k and nothing else.
+    prediction  CSG (text.csg): one edit per changed concept k, its term eps(Y_k) - eps(Y) masked where
+                k's new words are attended to and where the term is large, the rest of the image on x0's
+                own trajectory (cfgen/csg.py); Y_k is caption(S with k set to S'[k]) (text.edit_prompt
+                'concept', FM-CGM's, the terms summed) or Y' itself for every k ('counterfactual', the
+                terms averaged where their masks overlap); without CSG, the reverse under Y' alone,
+                unmasked: edit-friendly DDIM regeneration with the edited caption.
+Why whole captions (csg's edit_reference 'base'): a small model trained on whole captions knows no lone
+concept phrases, and eps(Y_k) - eps(Y) is then the change of k and nothing else. Why Y' can be better: a
+model trained on captions that obey the graph never saw 'a red square' (the shape alone changed), while
+Y' is a caption it knows (docs/text-interventions.md measures both).
 
 The reconstruction stored beside each pair is decode(encode(x0)): the text path's round trip is exact
 by construction (csg.py's r_i), so all a reconstruction can lose is the codec's (none for pixel models).
