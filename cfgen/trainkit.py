@@ -25,11 +25,11 @@ from cfgen.errors import InputError
 from cfgen.tensors import to_model_space
 
 
-def load_arrays(cfg: Config, split: str | None = None, groups: list[str] | None = None,
+def load_arrays(cfg: Config, split: str | None = None,
                 refs: list[SampleRef] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All decodable samples as model-space tensors; undecodable ones are skipped and counted.
 
-    `groups`, when given, is filled with each kept sample's `SampleRef.group`; `refs` with the SampleRef itself.
+    `refs`, when given, is filled with each kept sample's SampleRef (its group, concepts, caption).
     """
     images, labels, ids, skipped = [], [], [], 0
     for ref in tqdm(list_samples(cfg, split=split), desc="load", leave=False):
@@ -43,8 +43,6 @@ def load_arrays(cfg: Config, split: str | None = None, groups: list[str] | None 
             continue
         labels.append(ref.label)
         ids.append(ref.id)
-        if groups is not None:
-            groups.append(ref.group)
         if refs is not None:
             refs.append(ref)
     if not images:

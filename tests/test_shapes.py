@@ -344,8 +344,9 @@ def test_shipped_shapes6_vlm_leans_on_the_cue_as_its_metrics_say():
     cfg = load_config(SHAPES6)
     vlm_dir = cfg.path(cfg.tune.vlm)
     shipped = json.loads((vlm_dir / "metrics.json").read_text())["zero_shot_test"]
-    groups: list[str] = []
-    x, y, _ = load_arrays(cfg, split="test", groups=groups)
+    refs: list = []
+    x, y, _ = load_arrays(cfg, split="test", refs=refs)
+    groups = [r.group for r in refs]
     tower = ImageTower.from_pretrained(vlm_dir, local_files_only=True).eval()
     names = list(shapes.class_names(6))
     out = zero_shot_breakdown(zero_shot_logits(tower, MiniLMText(), x, names, ZERO_SHOT_TEMPLATE), y, names, groups)

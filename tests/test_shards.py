@@ -11,11 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cfgen.contract import Stage
 from cfgen.errors import ShardError
 from cfgen.shards import atomic_tar, atomic_write_json, atomic_write_rows, npy_bytes, npy_load, read_rows, read_samples
 
-CF = Stage("test", "cf-dir", "cf", ("png",))
 
 
 def _samples():
@@ -31,18 +29,6 @@ def _write(path, samples):
         for s in samples:
             writer.write(s)
     return path
-
-
-def test_paths():
-    from pathlib import Path
-
-    run = Path("/x")
-    assert CF.stem(7) == "cf-000007"
-    assert CF.dir(run) == Path("/x/cf-dir")
-    assert CF.tar(run, 7) == Path("/x/cf-dir/cf-000007.tar")
-    # the bookkeeping in _state/, where pyarrow's and Hugging Face's folder readers do not look for data
-    assert CF.rows(run, 7) == Path("/x/cf-dir/_state/cf-000007.parquet")
-    assert CF.marker(run, 12) == Path("/x/cf-dir/_state/cf-000012_stats.json")
 
 
 def test_atomic_tar_success_leaves_only_final(tmp_path):
@@ -244,25 +230,9 @@ def test_npy_load_refuses_object_array():
         npy_load(buf.getvalue())
 
 
-def test_finished_indices(tmp_path):
-    (tmp_path / "cf-dir" / "_state").mkdir(parents=True)
-    (tmp_path / "cf-dir" / "cf-000007_stats.json").write_text("{}")  # a marker outside _state/ is not one
-    for name in ["cf-000000_stats.json", "cf-000003_stats.json", "cf-000012_stats.json",
-                 "cf-000001.tar", "cf-000002.parquet",   # no marker: not done
-                 "other-000004_stats.json",               # another prefix
-                 "cf-abc_stats.json", "cf-x-000005_stats.json"]:
-        (tmp_path / "cf-dir" / "_state" / name).write_text("{}")
-    assert CF.finished(tmp_path) == [0, 3, 12]
-    assert Stage("o", "cf-dir", "other", ()).finished(tmp_path) == [4]
-    assert Stage("n", "cf-dir", "none", ()).finished(tmp_path) == []
-    assert Stage("n", "missing-dir", "cf", ()).finished(tmp_path) == []
-
-
 def test_atomic_write_json_marker(tmp_path):
-    inv = Stage("inv", ".", "inv", ())
-    inv.state(tmp_path).mkdir()
-    atomic_write_json(inv.marker(tmp_path, 2), {"b": 1, "a": [1, 2]})
-    assert inv.finished(tmp_path) == [2]
+    (tmp_path / "_state").mkdir()
+    atomic_write_json(tmp_path / "_state" / "inv-000002_stats.json", {"b": 1, "a": [1, 2]})
     text = (tmp_path / "_state" / "inv-000002_stats.json").read_text()
     assert json.loads(text) == {"a": [1, 2], "b": 1}
     assert text.index('"a"') < text.index('"b"')  # sorted keys

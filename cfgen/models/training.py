@@ -38,6 +38,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from cfgen.config import Config
+from cfgen.data.base import SampleRef
 from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.device import pick_device
 from cfgen.diffusion import guided_reverse, invert, q_sample, timestep_grid
@@ -89,7 +90,7 @@ def train_diffusion(cfg: Config, out: Path | None = None) -> Path:
     torch.manual_seed(cfg.pipeline.seed)
     device = pick_device(cfg.model.device)
     tc = cfg.train.diffusion
-    refs: list = []
+    refs: list[SampleRef] = []
     x, _, _ = load_arrays(cfg, split="", refs=refs)
     encoder = CaptionEncoder(tc.text_encoder) if tc.text_encoder else None
     if encoder is None:
@@ -253,8 +254,9 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     """Train p(y|x_t,t) on the train split; report held-out accuracy at several t."""
     torch.manual_seed(cfg.pipeline.seed)
     device = pick_device(cfg.model.device)
-    groups: list[str] = []
-    x, y, ids = load_arrays(cfg, split="", groups=groups)
+    refs: list[SampleRef] = []
+    x, y, ids = load_arrays(cfg, split="", refs=refs)
+    groups = [r.group for r in refs]
     codec = load_codec(cfg, device)  # latent models: learn p(y | z_t, t) on the VAE latents
     if codec is not None:
         x = _encode_latents(codec, x, device)

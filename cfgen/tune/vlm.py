@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cfgen.config import Config
+from cfgen.data.base import SampleRef
 from cfgen.data.sources import load_class_names
 from cfgen.device import pick_device
 from cfgen.tune.backends import MiniLMText
@@ -118,8 +119,9 @@ def _train_vlm(cfg: Config, out: Path | None, device: torch.device) -> dict:
     start = time.perf_counter()
     torch.manual_seed(cfg.pipeline.seed)
     tc = cfg.train.vlm
-    groups: list[str] = []
-    x, y, ids = load_arrays(cfg, split="", groups=groups)
+    refs: list[SampleRef] = []
+    x, y, ids = load_arrays(cfg, split="", refs=refs)
+    groups = [r.group for r in refs]
     train, test = split_train_test(cfg, y, ids)
     names = load_class_names(cfg)
     text = MiniLMText().to(device)
