@@ -39,8 +39,9 @@ Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 ModelKind = Literal["auto", "pixel", "latent"]
 Predictor = Literal["noise_aware", "hf_classifier", "clip_zero_shot"]
 TuneBackend = Literal["embedded", "transformers"]
-Learner = Literal["coop", "coop_csc", "cocoop"]
-Objective = Literal["dicap", "cfvlm"]
+Learner = Literal["coop", "coop_csc", "cocoop", "linear", "adapter"]
+Objective = Literal["dicap", "cfvlm", "augment", "dicap_sym"]
+SelectMode = Literal["validation", "fixed"]
 TextEncoderName = Literal["", "minilm"]
 CfSource = Literal["generated", "true", "nearest"]
 """Which image plays x^cf in the counterfactual objectives (cfgen/tune/cfsources.py)."""
@@ -294,6 +295,30 @@ class TrainConfig:
 
 
 @dataclass
+class SelectConfig:
+    """How each row's lr / epochs / lambda are chosen (cfgen/tune/select.py), never on tune.eval_split."""
+
+    mode: SelectMode = "validation"
+    """'validation': per seed and row, the grid point with the best criterion on the shot pool's held-out
+    pairs (factual and counterfactual accuracy); 'fixed': tune.lr / epochs / lam (image learners:
+    tune.image_lr / image_epochs) as given, nothing chosen."""
+    lr: list[float] = field(default_factory=lambda: [0.002, 0.02, 0.2])
+    """Learning rates tried for the prompt learners (SGD, momentum 0.9)."""
+    epochs: list[int] = field(default_factory=lambda: [10, 25, 50])
+    """Epoch budgets of CoOp / CoOp-CSC: checkpoints of one run, cosine over the largest."""
+    cocoop_epochs: list[int] = field(default_factory=lambda: [2, 5, 10])
+    """Epoch budgets of CoCoOp."""
+    lam: list[float] = field(default_factory=lambda: [1.0])
+    """lambda values tried for the prompt learners (objectives of the form L1 + lambda * ...)."""
+    image_lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    """Learning rates tried for the image-side learners (Adam)."""
+    image_epochs: list[int] = field(default_factory=lambda: [10, 25, 50, 100, 200])
+    """Epoch budgets of the image-side learners."""
+    image_lam: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """lambda values tried for the image-side learners."""
+
+
+@dataclass
 class TuneConfig:
     pairs: str = ""
     """Pair shards to learn from: a path, glob or brace list (pairs-{000000..000003}.tar); '' = RUN_DIR/pairs/pairs-*.tar."""
@@ -303,23 +328,26 @@ class TuneConfig:
     """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint.
     "" = runs/<pipeline.name>/models/vlm under the working directory, where `cfgen train vlm` writes."""
     learners: list[Learner] = field(default_factory=lambda: ["coop"])
-    """Prompt learners, each a baseline row (lambda = 0) and a row per objective and cf source:
+    """Learners, each a baseline row (lambda = 0) and a row per objective and cf source: prompts
     'coop' (one shared context), 'coop_csc' (CoOp with a context per class), 'cocoop' (the context
-    shifted by a meta-net of the image feature)."""
+    shifted by a meta-net of the image feature); image side 'linear' (class vectors started at the
+    zero-shot text features) and 'adapter' (a residual adapter on the image features)."""
     n_ctx: int = 4
     """Number of learned context vectors in front of the class name."""
     ctx_init: str = "a photo of a"
     """Phrase whose token embeddings start the context (n_ctx tokens long), also the zero-shot prompt; '' = N(0, 0.02)."""
     objectives: list[Objective] = field(default_factory=lambda: ["dicap"])
-    """Counterfactual objectives: 'dicap' (L1 + lam*L2), 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd);
-    every learner's baseline is L1 alone (lambda = 0), with the same shots, init and batch order."""
+    """Counterfactual objectives: 'dicap' (L1 + lam*L2), 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd),
+    'augment' (each x^cf a labelled image of y*: L1 + lam*CE(x^cf, y*)), 'dicap_sym' (L1 + lam*(L2 + its
+    mirror)); every learner's baseline is L1 alone (lambda = 0), with the same shots, init and batch order."""
     cf_sources: list[CfSource] = field(default_factory=lambda: ["generated"])
     """What plays the counterfactual x^cf of a shot (x, y*): 'generated' (the pair's own cf image),
     'true' (the source's causal model renders x under y*; shapes), 'nearest' (the real image of class
     y* nearest to x in the frozen VLM's feature space, from the samples outside eval_split)."""
     rows: list[str] = field(default_factory=list)
     """Train only these rows, each 'learner+objective[cf source]' of the lists above (e.g.
-    'cocoop+dicap[generated]'); every listed learner still gets its baseline. [] = every combination."""
+    'cocoop+dicap[generated]') or 'learner+*' (all of that learner's); every listed learner still gets
+    its baseline. [] = every combination."""
     lam: float = 1.0
     """lambda of DiCap's L = L1 + lambda*L2 (L2: factual vs counterfactual image, true-class prompt as anchor)."""
     alpha: float = 1.0
@@ -345,7 +373,19 @@ class TuneConfig:
     batch_size: int = 32
     """Pairs per optimizer step."""
     lr: float = 0.002
-    """SGD learning rate (momentum 0.9, cosine decay), as CoOp."""
+    """SGD learning rate of the prompt learners (momentum 0.9, cosine decay), as CoOp (select.mode='fixed')."""
+    image_lr: float = 0.001
+    """Adam learning rate of the image-side learners (select.mode='fixed')."""
+    image_epochs: int = 50
+    """Epochs of the image-side learners (select.mode='fixed')."""
+    workers: int = 0
+    """Processes the seeds are trained in, one thread each (CPU only); 0 = one per usable core, at most one
+    per seed. The figures do not depend on it."""
+    head_c: float = 1.0
+    """Inverse L2 strength of the linear head, as scikit-learn's LogisticRegression C (its default, 1.0):
+    the loss adds |W|^2 / (2 C n), W the trained classes' logit-scale vectors, n the shots; 0 = no L2."""
+    select: SelectConfig = field(default_factory=SelectConfig)
+    """How lr / epochs / lambda are chosen: on held-out pairs of the shot pool, or fixed."""
     eval_split: str = ""
     """Evaluate on the source's samples that data.split marks with this split (the whole split: data.limit,
     use_split, only_classes and class_limit do not apply), shots from the pairs outside it;
@@ -611,12 +651,23 @@ def _validate_tune(cfg: Config, need) -> None:
     need(t.lr > 0, "tune.lr must be > 0")
     need(not t.eval_split or bool(cfg.data.split), f"tune.eval_split={t.eval_split!r} needs data.split (a CSV of id,split)")
     need(t.cocoop_epochs >= 0, "tune.cocoop_epochs must be >= 0")
+    need(t.workers >= 0, f"tune.workers must be >= 0, got {t.workers}")
+    need(math.isfinite(t.head_c) and t.head_c >= 0, f"tune.head_c must be a finite number >= 0, got {t.head_c}")
+    need(math.isfinite(t.image_lr) and t.image_lr > 0 and t.image_epochs >= 1,
+         "tune.image_lr must be > 0 and tune.image_epochs >= 1")
+    s = t.select
+    for key in ("lr", "epochs", "cocoop_epochs", "lam", "image_lr", "image_epochs", "image_lam"):
+        v = getattr(s, key)
+        need(len(v) >= 1 and len(set(v)) == len(v) and all(math.isfinite(x) and x >= 0 for x in v),
+             f"tune.select.{key}: give one or more distinct finite numbers >= 0, got {v}")
+    need(all(x > 0 for x in s.lr + s.image_lr + s.epochs + s.cocoop_epochs + s.image_epochs),
+         "tune.select: learning rates and epochs must be > 0")
     for key in ("learners", "objectives", "cf_sources"):
         v = getattr(t, key)
         need(len(v) >= 1 and len(set(v)) == len(v), f"tune.{key}: give one or more distinct values, got {v}")
     combos = [f"{lr}+{o}[{c}]" for lr in t.learners for o in t.objectives for c in t.cf_sources]
     for row in t.rows:
-        need(row in combos, f"tune.rows: {row!r} is not one of tune.learners x tune.objectives x tune.cf_sources "
+        need(row in combos or row in [f"{lr}+*" for lr in t.learners], f"tune.rows: {row!r} is not one of tune.learners x tune.objectives x tune.cf_sources "
                             f"({', '.join(combos)})")
     need(len(set(t.rows)) == len(t.rows), "tune.rows: a row is listed twice")
     need("nearest" not in t.cf_sources or bool(t.eval_split),

@@ -232,24 +232,25 @@ def _ci(d: dict | None) -> str:
 
 
 def tune_section(metrics: dict) -> str:
-    """The `cfgen tune` table (RUN/tune/metrics.json) as HTML."""
-    from cfgen.tune.protocol import METRICS
+    """The `cfgen tune` table (RUN/tune/metrics.json) as HTML, the same columns as the printed one."""
+    from cfgen.tune.protocol import TABLE_COLUMNS, format_captured, table_cells
 
     p = metrics["protocol"]
     where = f"the '{p['eval_split']}' split" if p["eval_split"] else "every sample that is not a shot"
-    hp = p.get("hyperparameters", {})
+    sel = p.get("selection") or {"mode": "fixed", "rule": p.get("hyperparameters", {}).get("selection", "")}
+    how = (f"lr / epochs / lambda chosen per seed and row on held-out pairs of the shot pool: {sel['criterion']}"
+           if sel["mode"] == "validation" else f"hyper-parameters {sel.get('rule', '')}")
     text = (f"Evaluation on {where} of the data source: {p['eval_images']} images, {len(p['cells'])} (group, class) "
             f"cells; base classes {p['base']}, novel {p['novel']}; {p['shots']} shots per base class from "
-            f"{p['shot_pool']} pairs outside it; mean ± std over seeds {p['seeds']}. Δ: paired difference to the "
-            f"learner's baseline (lambda = 0, same seed, shots, init and batch order), mean [95% t interval]. "
-            f"Hyper-parameters {hp.get('selection', '')}: lam {hp.get('lam')}, epochs {hp.get('epochs')} "
-            f"(CoCoOp {hp.get('cocoop_epochs')}), lr {hp.get('lr')}.")
-    head = ["method", "base", "novel", "HM", "worst-group", "Δ worst-group", "Δ HM", "s/seed"]
+            f"{p['shot_pool']} pairs outside it; mean ± std over seeds {p['seeds']}. Worst base / novel: the worst "
+            f"(group, class) cell of the base / novel classes. Δ: paired difference to the learner's baseline "
+            f"(no pairs, same seed, shots, init and batch order), mean [95% t interval]; {how}.")
+    head = ["method"] + [h for _, h in TABLE_COLUMNS] + ["s/seed"]
     body = []
     for r in (metrics["rows"][k] for k in metrics["order"]):
-        delta = r.get("delta") or {}
-        cells = [r["label"]] + [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in METRICS]
-        cells += [_ci(delta.get("worst_group")), _ci(delta.get("hm")), f"{r['seconds']['mean']:.1f}"]
+        cells = [r["label"]] + table_cells(r) + [f"{r['seconds']['mean']:.1f}"]
         body.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    return ("<h2>Prompt tuning (cfgen tune)</h2>" + legend(text) + "<table class='stats'><tr>"
-            + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
+    captured = format_captured(metrics)
+    text2 = legend(" ".join(line.strip() for line in captured)) if captured else ""
+    return ("<h2>Tuning on the pairs (cfgen tune)</h2>" + legend(text) + "<table class='stats'><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>" + text2)
