@@ -222,6 +222,17 @@ def test_selection_never_reads_the_evaluation_split(shapes_pairs, tmp_path, monk
         assert honest["rows"][key]["chosen"] == scrambled["rows"][key]["chosen"]
 
 
+def test_jobs_in_forked_processes_give_the_figures_of_one_process(shapes_pairs, tmp_path, monkeypatch, capsys):
+    overrides = SELECTED + ['tune.learners=["linear", "coop"]', 'tune.objectives=["augment"]',
+                            'tune.cf_sources=["generated"]', "tune.rows=[]"]
+    _, err_one, one = _tune(monkeypatch, capsys, tmp_path / "a", shapes_pairs, *overrides, "tune.workers=1")
+    _, err_two, two = _tune(monkeypatch, capsys, tmp_path / "b", shapes_pairs, *overrides, "tune.workers=2")
+    assert "jobs in" not in err_one and "6 (seed, learner) jobs in 2 processes of one thread each" in err_two
+    for key in one["order"]:
+        for k in ("worst_base", "base", "novel", "hm", "delta", "chosen"):
+            assert one["rows"][key][k] == two["rows"][key][k]
+
+
 def test_without_an_eval_split_the_validation_images_are_left_out_of_evaluation(pair_shards, tmp_path, monkeypatch,
                                                                                 capsys):
     overrides = [o for o in DIGITS_SMALL if not o.startswith(("tune.select.mode", "tune.eval_split"))] + [
@@ -229,7 +240,7 @@ def test_without_an_eval_split_the_validation_images_are_left_out_of_evaluation(
     code, _, stderr = cfgen_here(monkeypatch, capsys, "tune", "--config", DIGITS, "--out", str(tmp_path / "run"),
                                  "--pairs", str(pair_shards / "pairs-*.tar"), *sets(*overrides))
     assert code == 0, stderr
-    assert "2 seeds in 2 processes of one thread each" in stderr
+    assert "2 (seed, learner) jobs in 2 processes of one thread each" in stderr
     runs = json.loads((tmp_path / "run" / "tune" / "runs.json").read_text())["runs"]
     for r in runs:  # 1797 digits: the 10 shots and the 15 other base-class pairs' images are not evaluated
         assert (r["shots"], r["validation_images"], r["validation_counterfactuals"]) == (10, 15, 12)

@@ -283,38 +283,52 @@ def run_tune(cfg: Config, run_dir: Path, pairs: str | None = None,
 
 
 def seed_workers(t: TuneConfig, device: torch.device) -> int:
-    """Processes the seeds run in: tune.workers, or (0) one per core this process may use, at most one
-    per seed. Each is one thread (cpu_threads): the steps are many small ops, which a second thread
-    slows down, while a second process doubles the work done. One on a GPU."""
+    """Processes the (seed, learner) jobs run in: tune.workers, or (0) one per core this process may
+    use. Each is one thread (cpu_threads): the steps are many small ops, which a second thread slows
+    down, while a second process doubles the work done. One on a GPU."""
     if device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
-    return max(1, min(t.workers or cores, len(t.seeds)))
+    return max(1, min(t.workers or cores, len(t.seeds) * len(t.learners)))
 
 
-_FORKED: tuple = ()  # (setup, log): what a forked seed worker inherits (run_seeds)
+_FORKED: tuple = ()  # (setup, log): what a forked worker inherits (run_seeds)
 
 
-def _seed_job(seed: int) -> dict:
+def _learner_job(job: tuple[int, str]) -> dict:
     setup, log = _FORKED
-    return run_seed(setup, seed, log)
+    return train_learner(setup, job[0], job[1], log)
 
 
 def run_seeds(setup: "TuneSetup", log: Callable[[str], None], workers: int) -> list[dict]:
-    """run_seed for every seed, in `workers` forked processes (each seed is independent and
-    deterministic, so the figures are those of one process running them in turn)."""
-    seeds = list(setup.cfg.tune.seeds)
+    """Every (seed, learner) job, in `workers` forked processes; then each seed's figures. The jobs
+    share nothing and are deterministic, so the figures are those of one process running them in
+    turn (a test checks it)."""
+    t = setup.cfg.tune
+    jobs = [(seed, kind) for seed in t.seeds for kind in t.learners]
     if workers <= 1:
-        return [run_seed(setup, seed, log) for seed in seeds]
-    global _FORKED
-    _FORKED = (setup, log)
-    log(f"{len(seeds)} seeds in {workers} processes of one thread each (tune.workers)")
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return pool.map(_seed_job, seeds, chunksize=1)
-    finally:
-        _FORKED = ()
+        done = [train_learner(setup, seed, kind, log) for seed, kind in jobs]
+    else:
+        global _FORKED
+        _FORKED = (setup, log)
+        log(f"{len(jobs)} (seed, learner) jobs in {workers} processes of one thread each (tune.workers)")
+        try:  # the longest learners first, so that no process is left with one long job at the end
+            order = sorted(range(len(jobs)), key=lambda i: LEARNER_COST.get(jobs[i][1], 1), reverse=True)
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                out = pool.map(_learner_job, [jobs[i] for i in order], chunksize=1)
+            done = [None] * len(jobs)
+            for i, r in zip(order, out):
+                done[i] = r
+        finally:
+            _FORKED = ()
+    results = {(seed, kind): r for (seed, kind), r in zip(jobs, done)}
+    return [seed_figures(setup, seed, {k: v for kind in t.learners for k, v in results[(seed, kind)].items()}, log)
+            for seed in t.seeds]
+
+
+LEARNER_COST = {"cocoop": 100, "coop": 10, "coop_csc": 10, "adapter": 5, "linear": 1}
+"""Rough relative cost of a learner's job (the pool's scheduling order only)."""
 
 
 @dataclass
@@ -430,31 +444,43 @@ def train_group(s: TuneSetup, kind: str, group: list[Method], idx: np.ndarray, v
     return [c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen], seconds
 
 
-def run_seed(s: TuneSetup, seed: int, log: Callable[[str], None]) -> dict:
-    """Train and evaluate every row for one seed: {"seed", "shots", ..., "methods": {key: figures}}."""
-    t = s.cfg.tune
+def held_out(s: TuneSetup, seed: int) -> tuple[np.ndarray, Validation | None]:
+    """The seed's shot indices and its validation pairs (None: select.mode = 'fixed')."""
     idx = s.shots[seed]
-    val = _validation(s, idx)
-    shot_ids = {s.data.factual_ids[i] for i in idx}
-    held_out = shot_ids | set(val.factual_ids if val else [])
-    mask = np.ones(len(s.ev.ids), dtype=bool) if t.eval_split else np.array([i not in held_out for i in s.ev.ids])
+    return idx, _validation(s, idx)
+
+
+def train_learner(s: TuneSetup, seed: int, kind: str, log: Callable[[str], None]) -> dict:
+    """Train one learner's rows for one seed, choose, evaluate and save each: {row key: (correct, info)}."""
+    t = s.cfg.tune
+    idx, val = held_out(s, seed)
+    group = [m for m in s.methods if m.learner == kind]
+    learners, infos, choices, seconds = train_group(s, kind, group, idx, val, seed)
+    out = {}
+    for m, learner, info, choice in zip(group, learners, infos, choices):
+        t0 = time.perf_counter()
+        correct = predict_correct(learner, s.task, s.ev.feat, s.ev.label)
+        info.update(train_seconds=seconds / len(group), group_train_seconds=seconds,
+                    eval_seconds=time.perf_counter() - t0, chosen=choice)
+        save_learned(learned_path(s.out, m, seed), learner, s.vlm, s.task, t, m, seed,
+                     {k: v for k, v in choice.items() if k != "scores"})
+        out[m.key] = (correct, info)
+    log(f"seed {seed}: {LEARNER_NAMES[kind]} trained, {len(group)} rows ({seconds:.1f}s)")
+    return out
+
+
+def seed_figures(s: TuneSetup, seed: int, results: dict[str, tuple[np.ndarray, dict]],
+                 log: Callable[[str], None]) -> dict:
+    """One seed's figures of every row: {"seed", "shots", ..., "methods": {key: figures}}."""
+    t = s.cfg.tune
+    idx, val = held_out(s, seed)
+    excluded = {s.data.factual_ids[i] for i in idx} | set(val.factual_ids if val else [])
+    mask = np.ones(len(s.ev.ids), dtype=bool) if t.eval_split else np.array([i not in excluded for i in s.ev.ids])
     row: dict = {"seed": seed, "shots": len(idx), "shot_ids": [s.data.ids[i] for i in idx],
                  "validation_images": len(val.factual_ids) if val else 0,
                  "validation_counterfactuals": len(val.cf_label) if val else 0,
                  "eval_images": int(mask.sum()), "methods": {}}
-    results: dict[str, tuple[np.ndarray, dict]] = {
-        "zero_shot": (s.zero_shot_correct, {"eval_seconds": s.zero_shot_seconds})}
-    for kind in t.learners:
-        group = [m for m in s.methods if m.learner == kind]
-        learners, infos, choices, seconds = train_group(s, kind, group, idx, val, seed)
-        for m, learner, info, choice in zip(group, learners, infos, choices):
-            t0 = time.perf_counter()
-            correct = predict_correct(learner, s.task, s.ev.feat, s.ev.label)
-            info.update(train_seconds=seconds / len(group), group_train_seconds=seconds,
-                        eval_seconds=time.perf_counter() - t0, chosen=choice)
-            save_learned(learned_path(s.out, m, seed), learner, s.vlm, s.task, t, m, seed,
-                         {k: v for k, v in choice.items() if k != "scores"})
-            results[m.key] = (correct, info)
+    results = {"zero_shot": (s.zero_shot_correct, {"eval_seconds": s.zero_shot_seconds}), **results}
     for m in s.methods:
         correct, info = results[m.key]
         fig = split_metrics(correct[mask], s.ev.label[mask], s.ev.group[mask], s.task.base_ids, s.names)
