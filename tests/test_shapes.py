@@ -337,7 +337,7 @@ def test_shipped_shapes6_vlm_leans_on_the_cue_as_its_metrics_say():
     import json
 
     from cfgen.trainkit import load_arrays
-    from cfgen.tune.backends import MiniLMText
+    from cfgen.models.minilm import MiniLMText
     from cfgen.tune.image_tower import ImageTower
     from cfgen.tune.vlm import ZERO_SHOT_TEMPLATE, zero_shot_breakdown, zero_shot_logits
 
