@@ -535,10 +535,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that must fail before any work starts."""
+    """Type and range checks that must fail before any work starts. Also run on a Config edited after
+    loading (api.load_config), so every field is checked against its type again first."""
     def need(ok: bool, msg: str):
         if not ok:
             raise ConfigError(msg)
+
+    _check_types(cfg, "")
 
     from cfgen.data.sources import SOURCES  # the registry: a new source is a new entry there
 
@@ -561,6 +564,12 @@ def validate(cfg: Config) -> None:
     need(cfg.data.limit >= 0, "data.limit must be >= 0")
     need(cfg.data.class_limit >= 0, "data.class_limit must be >= 0")
     need(cfg.data.repeat >= 1, "data.repeat must be >= 1")
+    need(cfg.data.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {cfg.data.max_image_pixels}")
+    # the models' own images are held in batches of invert.batch_size: one larger than the decompression-bomb
+    # limit would be an allocation of tens of GB, not an image
+    need(cfg.data.image_size ** 2 <= cfg.data.max_image_pixels,
+         f"data.image_size={cfg.data.image_size} makes {cfg.data.image_size ** 2:,}-pixel images, more than "
+         f"data.max_image_pixels={cfg.data.max_image_pixels:,}")
     need(0.0 <= cfg.pipeline.max_failure_fraction <= 1.0, "pipeline.max_failure_fraction must be in [0, 1]")
     need(cfg.invert.steps > 0, "invert.steps must be > 0")
     need(0.0 < cfg.invert.t_inv <= 1.0, f"invert.t_inv must be in (0, 1], got {cfg.invert.t_inv}")
@@ -574,6 +583,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.text.threshold <= 1.0, f"text.threshold must be in [0, 1], got {cfg.text.threshold}")
     need(cfg.text.warmup >= 0, f"text.warmup must be >= 0, got {cfg.text.warmup}")
     need(cfg.guide.mode == "classifier" or bool(cfg.text.intervene), "text.intervene names no concept")
+    need(len(set(cfg.text.intervene)) == len(cfg.text.intervene),
+         f"text.intervene: a concept is listed twice ({cfg.text.intervene}); each gives its own pairs once")
     need(cfg.guide.top_k >= 1, f"guide.top_k must be >= 1, got {cfg.guide.top_k}")
     need(cfg.guide.top_k == 1 or cfg.guide.target == "closest",
          f"guide.top_k = {cfg.guide.top_k} needs guide.target = 'closest' (got {cfg.guide.target!r}); "
@@ -597,6 +608,20 @@ def validate(cfg: Config) -> None:
          f"train.diffusion.caption_dropout must be in [0, 1), got {cfg.train.diffusion.caption_dropout}")
     _validate_model(cfg, need)
     _validate_tune(cfg, need)
+
+
+def _check_types(obj, prefix: str) -> None:
+    """Every field of `obj` (a Config or a section) coerced to its type again, in place: a Config edited in
+    Python after loading gets the checks a TOML value gets (a Literal's choices, numbers, lists)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.name == "base_dir":
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{prefix}{f.name}.")
+        else:
+            setattr(obj, f.name, _coerce(value, hints[f.name], f"{prefix}{f.name}"))
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

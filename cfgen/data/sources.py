@@ -91,4 +91,16 @@ def list_samples(cfg: Config, split: str | None = None) -> list[SampleRef]:
         refs = refs[: cfg.data.limit]
     if cfg.data.repeat > 1:
         refs = refs + [dataclasses.replace(r, id=f"{r.id}-r{k}") for k in range(1, cfg.data.repeat) for r in refs]
+    _check_unique(refs, cfg)
     return refs
+
+
+def _check_unique(refs: list[SampleRef], cfg: Config) -> None:
+    """Ids are tar keys and manifest rows: two samples with one id would overwrite each other in a shard."""
+    seen: set[str] = set()
+    for r in refs:
+        if r.id in seen:
+            why = (f" (data.repeat={cfg.data.repeat} names the k-th copy of a sample <id>-r<k>, and an input "
+                   "already has that id)" if cfg.data.repeat > 1 else "")
+            raise ConfigError(f"data: two input samples have the id {r.id!r}{why}; ids must be unique")
+        seen.add(r.id)
