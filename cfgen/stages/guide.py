@@ -32,7 +32,7 @@ import torch
 from cfgen.config import Config
 from cfgen.contract import GUIDE, GUIDE_FIELDS, INVERT
 from cfgen.data.images import decode_image, encode_png
-from cfgen.data.sources import list_samples, load_class_names, open_source
+from cfgen.data.sources import list_samples, load_class_names
 from cfgen.diffusion import EditMask, Trajectory, guided_reverse, inversion_trajectory, localized_reverse
 from cfgen.errors import ConfigError, InputError
 from cfgen.metrics import l1, l2
@@ -43,8 +43,8 @@ from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
 from cfgen.stages.common import (advance, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
                                  upstream_rows)
-from cfgen.stages.text_guide import (TextGuideResult, check_text_config, edits_json, intervention_text, load_graph,
-                                     pair_key, text_guide_batch)
+from cfgen.stages.text_guide import (TextGuideResult, checked_graph, edits_json, intervention_text, pair_key,
+                                     text_guide_batch)
 from cfgen.targets import choose_target_sets, resolve_fixed_target, targets_per_image
 from cfgen.tensors import to_model_space, to_uint8
 
@@ -222,19 +222,14 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
         fixed = None if text else resolve_fixed_target(cfg.guide.target, classes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    graph = load_graph(cfg, open_source(cfg)) if text else None
-    if graph is not None:
-        check_text_config(cfg, graph)
     indices = finished_inputs(INVERT, run_dir)
     refs = list_samples(cfg)  # the input list both fingerprints digest, listed once
+    graph = checked_graph(cfg, refs) if text else None
     concepts = {r.id: r.concepts for r in refs} if text else {}
-    if text and not all(concepts.values()):
-        raise ConfigError(f"guide.mode = 'text' needs each sample's concept state: data.source = "
-                          f"{cfg.data.source!r} gives none (shapes-text does)")
     require_upstream(INVERT, cfg, run_dir, refs)
-    claim(GUIDE, cfg, run_dir, overwrite, refs)
     models = models or load_models(cfg)
     grid = config_grid(cfg, models.num_train_timesteps)
+    claim(GUIDE, cfg, run_dir, overwrite, refs)  # last: a refusal above leaves no record of this run
 
     def parse(samples: list[dict]) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """Decode a batch of invert samples (on the prefetch thread); bad ones become failed rows."""
