@@ -9,21 +9,22 @@ per-shard counts match sizes.json; every sample has an 'ok' manifest row and
 every 'ok' row a sample; each sample's members match the checksum its row
 recorded when it was written (a label changed consistently in K.json and K.cls
 is caught here); K.json agrees with the row; the captions are what the run's
-pack.caption makes of the class names.
+config (pairs/config.toml) makes: pack.caption of the class names, or in text
+mode the concept graph's captions of the states before and after the pair's
+do() (so shards captioned under another graph are caught).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import tomllib
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image
 
 from cfgen.contract import PAIR_FIELDS, PAIRS
-from cfgen.errors import InputError, ShardError
+from cfgen.errors import InputError, ShardError, UserError
 from cfgen.shards import read_samples, sample_digest
 
 
@@ -70,8 +71,8 @@ def _check_sample(sample: dict) -> list[str]:
     return problems
 
 
-def _against_row(sample: dict, meta: dict | None, row: dict | None, caption: str | None) -> list[str]:
-    """A pair against its manifest row: checksum, K.json values, captions from the run's template."""
+def _against_row(sample: dict, meta: dict | None, row: dict | None, captions: Captions | None) -> list[str]:
+    """A pair against its manifest row: checksum, K.json values, captions as the run's config makes them."""
     if row is None:
         return ["no ok row in manifest.parquet"]
     problems = []
@@ -81,10 +82,8 @@ def _against_row(sample: dict, meta: dict | None, row: dict | None, caption: str
         changed = [k for k in MANIFEST_FIELDS if k in meta and k in row and meta[k] != row[k]]
         if changed:
             problems.append(f"json differs from manifest.parquet in {changed}")
-        if caption is not None:
-            for member, field in (("txt", "label_name"), ("cf.txt", "cf_label_name")):
-                if member in sample and field in meta and sample[member] != caption.format(label_name=meta[field]).encode():
-                    problems.append(f"{member}: not the caption pack.caption makes of {field}")
+        if captions is not None:
+            problems += captions.problems(sample, meta)
     return problems
 
 
@@ -93,12 +92,53 @@ MANIFEST_FIELDS = ("label", "label_name", "cf_label", "cf_label_name", "target_s
 """K.json fields that the manifest row of the pair also holds, and must agree with."""
 
 
-def _caption_template(out: Path) -> str | None:
-    path = out / "config.toml"
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))["pack"]["caption"]
-    except (OSError, KeyError, ValueError):
-        return None
+class Captions:
+    """K.txt and K.cf.txt as the run's config (pairs/config.toml) makes them: pack.caption of the class names,
+    or in text mode the concept graph's captions of the states before and after each pair's do()."""
+
+    def __init__(self, caption: str, graph=None):
+        self.caption, self.graph = caption, graph
+
+    @classmethod
+    def of_run(cls, out: Path) -> tuple[Captions | None, str | None]:
+        """(the run's Captions, None), or (None, why they cannot be checked)."""
+        from cfgen.config import load_config
+
+        path = out / "config.toml"
+        if not path.is_file():
+            return None, None  # made before the config was written beside the pairs: nothing to check against
+        try:
+            cfg = load_config(path)
+            if cfg.guide.mode != "text":
+                return cls(cfg.pack.caption), None
+            from cfgen.data.sources import open_source
+            from cfgen.stages.text_guide import load_graph
+
+            return cls(cfg.pack.caption, load_graph(cfg, open_source(cfg))), None
+        except UserError as exc:
+            return None, f"config.toml: the captions cannot be checked: {exc}"
+
+    def problems(self, sample: dict, meta: dict) -> list[str]:
+        """What K.json's fields say the captions are, against K.txt and K.cf.txt (a field K.json lacks is
+        reported by the schema check)."""
+        if self.graph is None:
+            fields = {"txt": "label_name", "cf.txt": "cf_label_name"}
+            return [f"{m}: not the caption pack.caption makes of {field}" for m, field in fields.items()
+                    if m in sample and field in meta
+                    and sample[m] != self.caption.format(label_name=meta[field]).encode()]
+        if "edits" not in meta:
+            return []
+        try:
+            record = json.loads(meta["edits"])
+            after = dict(record["final_concept_states"])
+            before = {**after, record["target_concept_name"]: record["original_value"],
+                      **{c["concept_name"]: c["original_value"] for c in record["propagated_changes"]}}
+            expected = {"txt": ("the state before the do()", self.graph.caption(before)),
+                        "cf.txt": ("final_concept_states", self.graph.caption(after))}
+        except (KeyError, TypeError, ValueError, UserError):
+            return ["json: edits is not a do() record the concept graph can caption"]
+        return [f"{m}: not the caption the concept graph makes of {what}" for m, (what, text) in expected.items()
+                if m in sample and sample[m] != text.encode()]
 
 
 def verify_run(run_dir: Path) -> tuple[int, list[str]]:
@@ -116,7 +156,9 @@ def verify_run(run_dir: Path) -> tuple[int, list[str]]:
             if manifest_file.is_file() else None)
     if rows is None:
         problems.append("manifest.parquet: missing")
-    caption = _caption_template(out)
+    captions, why = Captions.of_run(out)
+    if why:
+        problems.append(why)
     seen: set[str] = set()
     checked = 0
     for tar in tars:
@@ -130,7 +172,7 @@ def verify_run(run_dir: Path) -> tuple[int, list[str]]:
                 seen.add(key)
                 found = _check_sample(sample)
                 if rows is not None:
-                    found += _against_row(sample, _meta(sample), rows.get(key), caption)
+                    found += _against_row(sample, _meta(sample), rows.get(key), captions)
                 problems += [f"{tar.name}: {key}: {p}" for p in found]
         except ShardError as exc:
             problems.append(f"{tar.name}: unreadable: {exc}")
