@@ -172,7 +172,8 @@ def headline(stats: dict, judge: dict | None, run_dir: Path) -> list[tuple[str, 
     if judge is None:
         rows.append(("flip rate, independent judge", "not measured", f"run `cfgen evaluate {run_dir}`"))
     else:
-        note = "an SVM fitted on the factual images, not the guiding predictor"
+        note = (f"an SVM fitted on {judge.get('judge_fit_images')} of the data source's images (held-out accuracy "
+                f"{H.fmt(judge.get('judge_heldout_accuracy'))}), not the guiding predictor")
         if judge["stale"]:
             note += f"; STALE: measured before the last pack, run `cfgen evaluate {run_dir}` again"
         rows.append(("flip rate, independent judge", H.fmt(judge.get("oracle_flip_rate")), note))

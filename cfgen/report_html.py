@@ -181,7 +181,9 @@ def judge_box(judge: dict | None, run_dir: Path) -> str:
         body = table(None, [
             ["judge", (str(judge.get("judge", "")), "note")],
             ["pairs judged", str(judge.get("pairs"))],
-            [f"{judge.get('judge_cv_folds')}-fold accuracy on the factual images", fmt(judge.get("judge_cv_accuracy"))],
+            ["data source images it was fitted on", str(judge.get("judge_fit_images"))],
+            [f"held-out accuracy (on {judge.get('judge_heldout_images')} other source images)",
+             fmt(judge.get("judge_heldout_accuracy"))],
             ["flip rate by the judge", fmt(judge.get("oracle_flip_rate"))],
             ["mean L1 factual → counterfactual", fmt(judge.get("mean_l1"), ".4f")],
             ["mean L1 factual → nearest real target image", fmt(judge.get("mean_nearest_target_l1"), ".4f")],
