@@ -238,6 +238,14 @@ def _train_out(cfg: Config, out: Path | None, component: str) -> Path:
     return path
 
 
+def _set_path(cfg: Config, path: Path) -> str:
+    """`path` as a `--set` value for this config, which reads a relative path against the config's folder:
+    relative to it when that is short (pipelines/x.toml -> ../runs/...), else absolute."""
+    path = Path(path).resolve()
+    relative = os.path.relpath(path, cfg.base_dir.resolve())
+    return str(path) if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
+
+
 TRAIN_OUT_HELP = "Output dir (default: runs/<pipeline.name>/models/{}; the models the config uses are only replaced " \
            "when --out names them)."
 
@@ -251,8 +259,8 @@ def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
 
     cfg = _load(config, set)
     path = train_diffusion(cfg, _train_out(cfg, out, "diffusion"))
-    typer.echo(f"saved unet/ and scheduler/ to {path}; use them with "
-               f"--set model.unet={path / 'unet'} --set model.scheduler={path / 'scheduler'}")
+    typer.echo(f"saved unet/ and scheduler/ to {path}; use them with --set model.unet={_set_path(cfg, path / 'unet')} "
+               f"--set model.scheduler={_set_path(cfg, path / 'scheduler')}")
 
 
 @train_app.command("classifier")
@@ -266,7 +274,7 @@ def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
     cfg = _load(config, set)
     path = _train_out(cfg, out, "classifier")
     typer.echo(json.dumps(train_classifier(cfg, path), indent=2))
-    typer.echo(f"saved to {path}; use it with --set model.classifier={path}")
+    typer.echo(f"saved to {path}; use it with --set model.classifier={_set_path(cfg, path)}")
 
 
 @train_app.command("vlm")
@@ -280,7 +288,7 @@ def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
     cfg = load_config(config, set or [])
     path = _train_out(cfg, out, "vlm")
     typer.echo(json.dumps(train_vlm(cfg, path), indent=2))
-    typer.echo(f"saved to {path}; use it with --set tune.vlm={path}")
+    typer.echo(f"saved to {path}; use it with --set tune.vlm={_set_path(cfg, path)}")
 
 
 @app.command()

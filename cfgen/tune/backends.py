@@ -41,7 +41,7 @@ from torch import nn
 from cfgen.config import Config
 from cfgen.errors import ConfigError, ModelLoadError
 from cfgen.models.minilm import MiniLMText, quiet_transformers
-from cfgen.models.predictors import CLIP_STATS, pooled
+from cfgen.models.predictors import CLIP_STATS, check_text_fits, pooled
 
 
 @dataclass
@@ -108,6 +108,9 @@ class VLM(nn.Module):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_texts(self, texts: list[str]) -> None:
+        """A ConfigError when `encode_text(texts)` cannot take one of them (checked before any work)."""
 
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
@@ -205,6 +208,7 @@ class ClipVLM(VLM):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"tune.vlm: cannot load a CLIPModel and tokenizer from {model_dir}: {exc}") from None
         self.model.eval().requires_grad_(False)
+        self.model_dir = model_dir
         self.model_id = "clip-" + _dir_fingerprint(model_dir)[:16]
         text_cfg = self.model.config.text_config
         self.ctx_dim = text_cfg.hidden_size
@@ -245,7 +249,12 @@ class ClipVLM(VLM):
         pooled = h[torch.arange(h.shape[0], device=h.device), tokens.eot.to(h.device)]
         return self.model.text_projection(pooled)
 
+    def check_texts(self, texts: list[str]) -> None:
+        check_text_fits(self.tokenizer, texts, self.model.config.text_config.max_position_embeddings, "tune",
+                        self.model_dir)
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
+        self.check_texts(texts)
         batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         return pooled(self.model.get_text_features(**batch))
 

@@ -188,10 +188,15 @@ def learner_device(learner: nn.Module) -> torch.device:
     return next(iter(learner.buffers())).device
 
 
+def zero_shot_prompts(task: Task, prompt: str) -> list[str]:
+    """'<prompt> <class name>.' for every class."""
+    return [f"{prompt} {name}." for name in task.names]
+
+
 def zero_shot_text(vlm: VLM, task: Task, prompt: str) -> torch.Tensor:
-    """(C, D) text features of '<prompt> <class name>.' for every class, through the library's own text path."""
+    """(C, D) text features of the zero-shot prompts, through the library's own text path."""
     with torch.no_grad():
-        return vlm.encode_text([f"{prompt} {name}." for name in task.names]).float()
+        return vlm.encode_text(zero_shot_prompts(task, prompt)).float()
 
 
 def learned_path(out: Path, method: Method, seed: int) -> Path:
@@ -366,6 +371,10 @@ def prepare(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str], 
     check_sources(cfg, source, cf_sources)
     shards = pair_shards(cfg, run_dir, pairs)
     vlm = load_vlm(cfg, device)
+    # text the VLM cannot take is one line before any work, not a traceback from inside it after the features
+    vlm.check_texts(zero_shot_prompts(task, t.ctx_init or "a photo of a"))
+    if any(learner not in IMAGE_LEARNERS for learner in t.learners):
+        vlm.prompt_tokens(names, t.n_ctx)
     data = load_features(cfg, run_dir, shards, vlm)
     check_class_names(data, names)
     refs = source.samples(names)
