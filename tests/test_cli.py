@@ -177,7 +177,8 @@ def test_train_writes_a_new_directory_never_the_shipped_models(tmp_path):
     assert out.returncode == 0, out.stderr
     made = tmp_path / "runs" / "digits" / "models" / "classifier"
     assert (made / "metrics.json").is_file() and (made / "config.json").is_file()
-    assert f"--set model.classifier={Path('runs/digits/models/classifier')}" in out.stdout
+    # a --set path is read against the config's folder (pipelines/), not the working directory
+    assert f"--set model.classifier={made.resolve()}" in out.stdout
     assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert again.returncode == 2 and "already holds a trained model" in again.stderr

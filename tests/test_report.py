@@ -438,12 +438,17 @@ def test_judge_figures_shown_when_measured_and_marked_stale_after_a_repack(tmp_p
     text = write_report(run).read_text(encoding="utf-8")
     assert rows(text)["flip rate, independent judge"] == ["not measured", f"run `cfgen evaluate {run}`"]
     assert f"not measured, run `cfgen evaluate {run}`" in _section(text, "Figures")
-    write_result(run, {"pairs": 4, "factual_images": 4, "judge": "SVC(rbf) on factual images",
-                       "judge_cv_accuracy": 0.9, "judge_cv_folds": 2, "oracle_flip_rate": 0.25, "mean_l1": 0.04,
-                       "mean_nearest_target_l1": 0.2, "l1_over_nearest": 0.2})
+    write_result(run, {"pairs": 4, "factual_images": 4, "judge": "SVC(rbf) on the data source's images",
+                       "judge_fit_images": 1437, "judge_heldout_images": 360, "judge_heldout_accuracy": 0.9,
+                       "oracle_flip_rate": 0.25, "mean_l1": 0.04, "mean_nearest_target_l1": 0.2,
+                       "l1_over_nearest": 0.2})
     text = write_report(run).read_text(encoding="utf-8")
     assert rows(text)["flip rate, independent judge"][0] == "0.250"
+    note = rows(text)["flip rate, independent judge"][1]
+    assert "fitted on 1437 of the data source's images (held-out accuracy 0.900)" in note
     assert rows(text)["flip rate by the judge"] == ["0.250"]
+    assert rows(text)["data source images it was fitted on"] == ["1437"]
+    assert rows(text)["held-out accuracy (on 360 other source images)"] == ["0.900"]
     assert "STALE" not in text
     manifest = run / "pairs" / "manifest.parquet"
     pq.write_table(pq.read_table(manifest).slice(0, 6), manifest)  # packed again: other pairs

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from conftest import run_stages, tame, write_config
+from test_runstate import one_error_line
 from contract_spec import PAIR_FIELDS, PAIR_MEMBERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,3 +279,90 @@ def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):
         meta = json.loads(s["json"])
         assert list(meta) == list(PAIR_FIELDS) and _img(s["cf.png"]).shape == (16, 16, 3)
         assert s["cf.txt"].decode() == g.caption(json.loads(meta["edits"])["final_concept_states"])
+
+
+# ------------------------------------------------------------------ trust (issue 25): graphs, resume, verify
+
+def _graph_file(path: Path, caption: str | None = None, environments: dict | None = None) -> Path:
+    """The shipped graph, with another caption template and/or environment domain."""
+    from cfgen.data.shapes_text import graph_dict
+
+    data = graph_dict()
+    if caption is not None:
+        data["cfgen"]["caption"] = caption
+    if environments is not None:
+        data["cfgen"]["domains"]["environment"] = environments
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _cli_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`cfgen args` in this process: (exit code, stdout, stderr)."""
+    from test_runstate import cli
+
+    return cli(capsys, *args, sets=[])
+
+
+def test_resume_refuses_a_switch_from_a_custom_graph_back_to_the_default(models_dir, tmp_path, capsys):
+    """A custom text.graph (its own caption template) then the default (text.graph = ""): guide's fingerprint
+    records the graph only when it is set, and a key on one side only is a change, so the resume is refused."""
+    custom = _graph_file(tmp_path / "custom.json", caption="{size} {colour} {shape} on {environment}")
+    cfg = _config(models_dir, tmp_path, text={"intervene": ["shape"], "graph": str(custom)})
+    run = tmp_path / "run"
+    _run(cfg, run)
+    before = sorted(p.name for p in (run / "guide").glob("*.tar"))
+    for command in ("run", "guide"):
+        code, _, err = _cli_here(capsys, command, "--config", str(tmp_path / "pipeline.toml"), "--out", str(run),
+                                 "--set", "text.graph=")
+        assert code == 2
+        assert one_error_line(err) == (f"cfgen: error: guide: {run / 'guide'} was made with other settings: "
+                                       "text.graph (set then, unset now). Re-run with --overwrite to redo this stage, "
+                                       "or use another --out")
+    assert sorted(p.name for p in (run / "guide").glob("*.tar")) == before
+
+
+def test_verify_vouches_for_text_pairs_and_catches_captions_of_another_graph(text_run, tmp_path, capsys):
+    """Text pairs are captioned by the concept graph, not pack.caption: a clean run verifies clean, and pairs
+    whose captions another graph made (the config beside them names the default one) are named."""
+    import shutil
+    import tomllib
+
+    import tomli_w
+
+    run_dir, stats = text_run
+    code, out, _ = _cli_here(capsys, "verify", str(run_dir))
+    assert code == 0 and out.strip() == f"verified {stats['pairs']} samples: 0 problem(s)"
+    mixed = tmp_path / "run"
+    shutil.copytree(run_dir, mixed)
+    config = mixed / "pairs" / "config.toml"
+    resolved = tomllib.loads(config.read_text())
+    other = _graph_file(tmp_path / "other.json", caption="{shape} {colour} {size} on {environment}")
+    resolved["text"]["graph"] = str(other)
+    config.write_text(tomli_w.dumps(resolved))
+    code, out, _ = _cli_here(capsys, "verify", str(mixed))
+    assert code == 1
+    problems = out.strip().splitlines()[:-1]
+    assert len(problems) == 2 * stats["pairs"]
+    assert all(p.endswith(("txt: not the caption the concept graph makes of the state before the do()",
+                           "cf.txt: not the caption the concept graph makes of final_concept_states"))
+               for p in problems)
+
+
+def test_a_graph_with_a_value_the_source_lacks_is_refused_before_work(models_dir, tmp_path, capsys):
+    """An environment the renderer cannot draw: pack's oracle could never judge those pairs. Refused before
+    invert, in one line; so is a graph without a value the source's samples have."""
+    cfg_path = tmp_path / "pipeline.toml"
+    _config(models_dir, tmp_path, text={"intervene": ["environment"]})
+    envs = {"sand": "a sand background", "grass": "a grass background", "sky": "a sky background"}
+    more = _graph_file(tmp_path / "more.json", environments={**envs, "lava": "a lava background"})
+    code, _, err = _cli_here(capsys, "run", "--config", str(cfg_path), "--out", str(tmp_path / "run"),
+                             "--set", f"text.graph={more}")
+    assert code == 2
+    assert one_error_line(err) == ("cfgen: error: the concept graph does not fit data.source 'shapes-text': "
+                                   "environment = 'lava' is not a value the source knows (sand, grass, sky), so no "
+                                   "pair that sets it could be judged")
+    fewer = _graph_file(tmp_path / "fewer.json", environments={"sand": "a sand background"})
+    code, _, err = _cli_here(capsys, "run", "--config", str(cfg_path), "--out", str(tmp_path / "run"),
+                             "--set", f"text.graph={fewer}")
+    assert code == 2 and "the concept graph does not fit data.source 'shapes-text': a sample's environment: " in err
+    assert not (tmp_path / "run").exists()
