@@ -89,9 +89,6 @@ def reference_judge(cfg: Config) -> Judge:
     d.use_split, d.only_classes, d.class_limit, d.limit, d.repeat = "", [], 0, 0, 1
     refs = [r for r in list_samples(cfg) if not r.error and r.label >= 0]
     labels = np.array([r.label for r in refs], dtype=np.int64)
-    if len(np.unique(labels)) < 2:
-        raise InputError(f"the judge needs labelled images of two classes or more; data.source={d.source!r} "
-                         f"lists {len(refs)} of {len(np.unique(labels))}")
     try:
         fit, held = (m.numpy() for m in split_train_test(cfg, torch.from_numpy(labels), [r.id for r in refs]))
     except ValueError:  # a class too small to stratify: fit on everything, hold nothing out
@@ -112,6 +109,9 @@ def reference_judge(cfg: Config) -> Judge:
                 continue  # an unreadable file is no reference (a run makes it a failed row)
         sides.append((images, labels[kept]))
     (fit_x, fit_y), (held_x, held_y) = sides
+    if len(np.unique(fit_y)) < 2:
+        raise InputError(f"the judge needs readable, labelled images of two classes or more to fit on; "
+                         f"data.source={d.source!r} gives {len(fit_y)} of {len(np.unique(fit_y))}")
     model = fit_judge(np.stack(fit_x), fit_y)
     accuracy = float((model.predict(flat(np.stack(held_x))) == held_y).mean()) if held_x else float("nan")
     return Judge(model, len(fit_x), len(held_x), accuracy, np.stack(fit_x + held_x), np.concatenate([fit_y, held_y]))

@@ -35,8 +35,8 @@ import torch
 from cfgen.concepts import ConceptGraph, Intervention, class_concept
 from cfgen.config import Config
 from cfgen.csg import ConceptEdit, CSGParams, abduct, csg_reverse, recording_cross_attention, token_positions
-from cfgen.errors import ConfigError
 from cfgen.data.sources import open_source
+from cfgen.errors import ConfigError
 from cfgen.models.runtime import Models
 from cfgen.targets import sample_seed
 from cfgen.tensors import to_model_space, to_uint8
@@ -75,10 +75,11 @@ def checked_graph(cfg: Config, refs: list) -> ConceptGraph:
                               f"a sample's {exc}") from None
     own = getattr(source.causal, "graph", None) if source.causal is not None else None
     for concept in graph.concepts if own is not None else ():
-        lacks = [v for v in graph.domains[concept] if v not in own.domains.get(concept, {})]
+        knows = own.domains.get(concept, {})
+        lacks = [v for v in graph.domains[concept] if v not in knows]
         if lacks:
             raise ConfigError(f"the concept graph does not fit data.source {cfg.data.source!r}: {concept} = "
-                              f"{lacks[0]!r} is not a value the source knows ({', '.join(own.domains[concept])}), "
+                              f"{lacks[0]!r} is not a value the source knows ({', '.join(knows)}), "
                               "so no pair that sets it could be judged")
     _check_pair_keys(cfg, graph, refs)
     return graph
