@@ -26,7 +26,7 @@ def load_config(config: ConfigLike, overrides: list[str] | tuple[str, ...] | str
     """Load a pipeline TOML with overrides and check what can be checked before any work starts. A Config
     is checked again (its fields may have been edited since it was loaded): every stage function calls this."""
     from cfgen.config import load_config as load_toml, validate
-    from cfgen.data.sources import load_class_names
+    from cfgen.data.sources import check_source, load_class_names
     from cfgen.targets import resolve_fixed_target
 
     overrides = _override_list(overrides)
@@ -39,6 +39,7 @@ def load_config(config: ConfigLike, overrides: list[str] | tuple[str, ...] | str
         cfg = load_toml(Path(config), overrides)
     else:
         raise ConfigError(f"config: expected a pipeline TOML path or a Config, got {type(config).__name__}")
+    check_source(cfg)
     try:
         resolve_fixed_target(cfg.guide.target, load_class_names(cfg))
     except ValueError as exc:

@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cfgen.config import Config, load_config
+from cfgen.config import Config
 from cfgen.errors import RunFailed, UserError
 
 app = typer.Typer(help="Generate factual/counterfactual image pairs as WebDataset shards.",
@@ -285,7 +285,7 @@ def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
 
     from cfgen.tune.vlm import train_vlm
 
-    cfg = load_config(config, set or [])
+    cfg = _load(config, set)
     path = _train_out(cfg, out, "vlm")
     typer.echo(json.dumps(train_vlm(cfg, path), indent=2))
     typer.echo(f"saved to {path}; use it with --set tune.vlm={_set_path(cfg, path)}")
@@ -296,8 +296,8 @@ def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
          pairs: Annotated[Optional[str], typer.Option(
              "--pairs", help="Pair shards: a path, glob or brace list (default: tune.pairs, else RUN_DIR/pairs/pairs-*.tar).")] = None,
          bench: Annotated[bool, typer.Option("--bench", help="Time an epoch with the feature cache vs re-encoding.")] = False):
-    """Learn prompts on the pairs: zero-shot, baselines (lambda=0), DiCap / CF-VLM per cf source (RUN/tune/)."""
-    cfg = load_config(config, set or [])
+    """Learn on the pairs: zero-shot, each learner without and with them, per objective and cf source (RUN/tune/)."""
+    cfg = _load(config, set)
     run_dir = _run_dir(cfg, out)
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     if bench:

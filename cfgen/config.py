@@ -64,7 +64,8 @@ class DataConfig:
     source: str = "digits"
     """'digits' (scikit-learn's handwritten digits), 'shapes' (synthetic, known causal model: cfgen/data/shapes.py),
     'shapes-text' (shapes captioned over a concept graph: cfgen/data/shapes_text.py),
-    'folder' (root/<class>/<image>, any format PIL decodes) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES."""
+    'folder' (root/<class>/<image>, any format PIL decodes) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES
+    (checked there, by check_source, before any work)."""
     root: str = ""
     """Dataset root: the image folder, or the directory that manifest paths are relative to."""
     manifest: str = ""
@@ -542,12 +543,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     _check_types(cfg, "")
-
-    from cfgen.data.sources import SOURCES  # the registry: a new source is a new entry there
-
-    need(cfg.data.source in SOURCES, f"data.source: expected {_one_of(sorted(SOURCES))}, got {cfg.data.source!r}")
-    need(not cfg.train.classifier.balance_groups or SOURCES[cfg.data.source].records_groups,
-         f"train.classifier.balance_groups needs a source that records groups; {cfg.data.source!r} does not")
+    # data.source against the registry: where a config meets a source (data/sources.check_source, run by
+    # api.load_config before any work), so that this module needs nothing of the data package
     need(cfg.model.dtype != "fp16", "model.dtype='fp16' is refused: guidance gradients are not loss-scaled and "
                                     "underflow in fp16; use 'bf16' (fp32's range, same memory) or 'fp32'")
     need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")

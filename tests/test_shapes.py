@@ -87,8 +87,10 @@ def test_group_balanced_weights_draw_every_cell_equally():
 
 
 def test_balance_groups_needs_a_source_with_groups():
+    from cfgen.api import load_config as load_checked
+
     with pytest.raises(ConfigError, match="balance_groups"):
-        load_config(ROOT / "pipelines" / "digits.toml", ["train.classifier.balance_groups=true"])
+        load_checked(ROOT / "pipelines" / "digits.toml", ["train.classifier.balance_groups=true"])
 
 
 def test_spurious_cue_exists_in_train_only():
