@@ -12,7 +12,8 @@ Reads RUN/pairs/*.tar with webdataset (as any consumer would) and reports:
   counterfactual that changes less than swapping in the closest real example
   of y* is a minimal edit, not a replacement).
 The figures are also written to RUN/evaluate/judge.json (with the digest of the manifest they
-were measured on), where `cfgen report` finds them.
+were measured on), where `cfgen report` finds them, and the dataset card RUN/pairs/README.md is
+rewritten to quote them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfgen.contract import PAIRS
+from cfgen.contract import PAIRS, image_keys
 from cfgen.data.images import decode_png
 from cfgen.errors import InputError
 from cfgen.shards import atomic_write_json, file_digest
@@ -40,9 +41,14 @@ def manifest_digest(run_dir: Path) -> str | None:
 
 
 def write_result(run_dir: Path, result: dict) -> Path:
+    """judge.json, then the dataset card again: it quotes the judge's figure (cfgen/card.py)."""
+    from cfgen.card import write_card
+
     path = result_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**result, "manifest_sha256": manifest_digest(run_dir)})
+    if all((PAIRS.dir(run_dir) / f).is_file() for f in ("config.toml", "stats.json")):
+        write_card(run_dir)
     return path
 
 
@@ -67,8 +73,9 @@ def load_pairs(run_dir: Path) -> dict[str, np.ndarray]:
         raise InputError(f"no pair shards in {PAIRS.dir(run_dir)}; run `cfgen pack` first")
     factual, cf, labels, cf_labels, factual_ids = [], [], [], [], []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        factual.append(decode_png(sample["png"]))
-        cf.append(decode_png(sample["cf.png"]))
+        image, cf_image = image_keys(sample)  # png, jpg or webp: pack.image_format
+        factual.append(decode_png(sample[image]))
+        cf.append(decode_png(sample[cf_image]))
         labels.append(int(sample["cls"]))
         cf_labels.append(int(sample["cf.cls"]))
         factual_ids.append(json.loads(sample["json"]).get("factual_id", sample["__key__"]))
@@ -89,7 +96,10 @@ def evaluate_pairs(run_dir: Path) -> dict:
     # stratified k-fold needs k members of every class present
     folds = min(5, int(np.unique(real_label, return_counts=True)[1].min()))
     cv_acc = float(cross_val_score(judge, real, real_label, cv=folds).mean()) if folds >= 2 else float("nan")
-    oracle_flip = float((judge.predict(c) == data["cf_label"]).mean())
+    said = judge.predict(c) == data["cf_label"]
+    changes = data["label"] != data["cf_label"]  # a do() that keeps the class (text mode) is no flip
+    oracle_flip = float(said[changes].mean()) if changes.any() else float("nan")
+    kept = {"judge_class_kept_rate": float(said[~changes].mean())} if (~changes).any() else {}
     l1 = np.abs(f - c).mean(axis=1)
     nearest = np.empty(n)
     for y in np.unique(data["cf_label"]):
@@ -104,14 +114,16 @@ def evaluate_pairs(run_dir: Path) -> dict:
     return {"pairs": n, "factual_images": len(first), "judge": "SVC(rbf) on factual images", "judge_cv_accuracy": cv_acc, "judge_cv_folds": folds,
             "oracle_flip_rate": oracle_flip, "mean_l1": float(l1.mean()),
             "mean_nearest_target_l1": float(np.nanmean(nearest)),
-            "l1_over_nearest": float(l1.mean() / np.nanmean(nearest))}
+            "l1_over_nearest": float(l1.mean() / np.nanmean(nearest)), **kept}
 
 
 def format_report(r: dict) -> str:
     return "\n".join([
         f"pairs                                   {r['pairs']} (of {r['factual_images']} factual images)",
         f"independent judge                       {r['judge']}, {r['judge_cv_folds']}-fold accuracy {r['judge_cv_accuracy']:.3f}",
-        f"flip rate by the judge                  {r['oracle_flip_rate']:.3f}",
+        f"flip rate by the judge                  {r['oracle_flip_rate']:.3f}"
+        + (f" (class-changing pairs; class kept {r['judge_class_kept_rate']:.3f} on the others)"
+           if "judge_class_kept_rate" in r else ""),
         f"mean L1 factual -> counterfactual       {r['mean_l1']:.4f}",
         f"mean L1 factual -> nearest real y* img  {r['mean_nearest_target_l1']:.4f}",
         f"ratio                                   {r['l1_over_nearest']:.3f}",
