@@ -297,3 +297,25 @@ def test_webloader_with_more_workers_than_shards_as_the_readme_says(shapes_run):
     keys = [s["__key__"] for s in loader]
     assert len(urls) == 2 and sorted(keys) == sorted(set(keys)) and len(keys) == sum(
         json.loads((folder / "sizes.json").read_text()).values())
+
+
+def test_v5_pairs_still_read(tmp_path):
+    """Pairs of contract v5 (PNG members, no v6 fields): tune's reader and evaluate's read them as before."""
+    from cfgen.data.images import encode_png
+    from cfgen.evaluate import load_pairs
+    from cfgen.shards import atomic_tar
+    from cfgen.tune.features import read_shard_images
+
+    v5 = ["id", "label", "label_name", "cf_label", "cf_label_name", "target_strategy", "guidance_scale", "t_inv",
+          "steps", "seed", "p_cf", "flipped", "l1", "l2", "recon_l1", "factual_id", "intervention", "edits"]
+    (tmp_path / "pairs").mkdir()
+    with atomic_tar(tmp_path / "pairs" / "pairs-000000.tar") as tar:
+        for i in range(4):
+            y, ycf = i % 2, 1 - i % 2
+            meta = dict.fromkeys(v5, "x") | {"id": f"s{i}", "label": y, "cf_label": ycf, "factual_id": f"s{i}"}
+            tar.write({"__key__": f"s{i}", "png": encode_png(np.full((8, 8, 1), 10 * i, np.uint8)),
+                       "cf.png": encode_png(np.full((8, 8, 1), 5 * i, np.uint8)), "txt": b"a", "cf.txt": b"b",
+                       "cls": str(y).encode(), "cf.cls": str(ycf).encode(), "json": json.dumps(meta).encode()})
+    shard = read_shard_images(tmp_path / "pairs" / "pairs-000000.tar")
+    assert shard.images.shape == (4, 8, 8, 1) and shard.cf_label.tolist() == [1, 0, 1, 0]
+    assert load_pairs(tmp_path)["factual"][3].max() == 30
