@@ -9,6 +9,7 @@
     cfgen tune   --config pipelines/digits.toml [--pairs 'runs/digits/pairs/pairs-{000000..000003}.tar'] [--bench]
     cfgen sweep  --config pipelines/shapes.toml --scales 1,2,4,8,16   # flip rate vs scale
     cfgen report runs/shapes                                        # -> runs/shapes/report/report.html
+    cfgen publish runs/digits --repo you/digits-pairs                 # the pairs as a Hugging Face dataset
 
 User errors (bad config, missing files or weights) print one line and exit 2.
 """
@@ -56,12 +57,34 @@ def _main_options(version: Annotated[bool, typer.Option("--version", callback=_v
             os.environ.setdefault(key, value)
         for lib in ("transformers", "diffusers", "torch", "huggingface_hub", "accelerate", "webdataset"):
             warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
+
+
+def _flags_take_no_value() -> None:
+    """typer >= 0.2x writes each option's type in the help, flags included (`--overwrite <bool>`), which reads
+    as if the flag took a value: a flag shows none."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "cfgen", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.cfgen = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 train_app = typer.Typer(help="Train the embedded models on the configured dataset.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline TOML file (pipelines/*.toml).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<pipeline.name> of the config).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE",
+                                                     help="Override a config value (repeatable).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start the stage(s) afresh: delete what an earlier run left in their folders.")]
 
 
@@ -163,6 +186,8 @@ def _summary(stats: dict) -> str:
     mean_cld = stats.get("mean_cld")
     cld = f"; mean cld {mean_cld:.3f}" if mean_cld is not None and not math.isnan(mean_cld) else ""
     p_cf = f" (mean p(y*) {stats['mean_p_cf']:.3f})" if stats.get("mean_p_cf") is not None else ""
+    if "class_kept_rate" in stats:  # text mode: do()s that keep the class are no flips
+        p_cf += f"; class kept {stats['class_kept_rate']:.3f} ({stats['class_keeping_pairs']} pairs)"
     seconds = stats.get("seconds") or {}
     timing = ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())) if seconds else ""
     out = (f"pairs: {stats['pairs']} of {stats['count']} inputs (failed {stats['failed']}, "
@@ -217,6 +242,34 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pa
 
 
 @app.command()
+def publish(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")],
+            repo: Annotated[Optional[str], typer.Option("--repo", help="Hugging Face dataset repository, "
+                                                        "USER/NAME (created if missing).")] = None,
+            to: Annotated[Optional[Path], typer.Option("--to", help="Copy what would be uploaded to this new "
+                                                       "folder instead.")] = None,
+            private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and list the files; send nothing.")] = False):
+    """Upload RUN/pairs as a Hugging Face dataset, its card as README.md (not config.toml or _state/)."""
+    from cfgen import publish as pub
+
+    if dry_run or (repo is None and to is None):
+        pub.check(run_dir)
+        for name in pub.published_files(run_dir):
+            typer.echo(name)
+        if not dry_run:
+            raise UserError("publish: give --repo USER/NAME (the Hub) or --to DIR (a local folder); "
+                            "the files above are what would go")
+        return
+    if repo is not None and to is not None:
+        raise UserError("publish: give --repo or --to, not both")
+    if to is not None:
+        typer.echo(f"copied {len(pub.copy_to(run_dir, to))} files to {to}")
+        return
+    info = pub.upload(run_dir, repo, private=private)
+    typer.echo(f"uploaded to https://huggingface.co/datasets/{repo} ({getattr(info, 'commit_url', info)})")
+
+
+@app.command()
 def bench(config: ConfigOpt, set: SetOpt = None,
           samples: Annotated[int, typer.Option(help="Samples through the guide stage.")] = 1024,
           reference_samples: Annotated[int, typer.Option(help="Samples for the one-at-a-time reference.")] = 32):
@@ -252,7 +305,7 @@ TRAIN_OUT_HELP = "Output dir (default: runs/<pipeline.name>/models/{}; the model
 
 @train_app.command("diffusion")
 def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
-                        out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("diffusion"))] = None):
+                        out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("diffusion"))] = None):
     """Train the UNet noise predictor; writes OUT/unet and OUT/scheduler (a text-conditioned one, with
     train.diffusion.text_encoder, also OUT/text_encoder.json and OUT/metrics.json)."""
     from cfgen.models.training import train_diffusion
@@ -265,7 +318,7 @@ def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
 
 @train_app.command("classifier")
 def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
-                         out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("classifier"))] = None):
+                         out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("classifier"))] = None):
     """Train the noise-aware classifier p(y|x_t,t); prints held-out accuracy by t."""
     import json
 
@@ -279,7 +332,7 @@ def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
 
 @train_app.command("vlm")
 def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
-                  out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("vlm"))] = None):
+                  out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("vlm"))] = None):
     """Train the embedded VLM's image tower against frozen MiniLM caption embeddings (LiT)."""
     import json
 
@@ -375,7 +428,9 @@ def main() -> None:
         sys.exit(128 + exc.signum)
     except _usage_errors() as exc:  # usage errors arrive here in standalone_mode=False
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `cfgen` or `cfgen train`: the help, not an error
-            text = exc.ctx.get_help()  # typer's rich help prints itself and returns ''
+            # the error was made from ctx.get_help(), which typer's rich help already printed (its message is
+            # then ''); asking for the help again would print it twice
+            text = exc.format_message()
             if text:
                 typer.echo(text)
             sys.exit(2)

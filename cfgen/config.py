@@ -33,6 +33,7 @@ GuideMask = Literal["off", MaskSource]
 GuideMode = Literal["classifier", "text"]
 TextMaskRule = Literal["quantile", "relative"]
 TextEditPrompt = Literal["concept", "counterfactual"]
+ImageFormat = Literal["png", "jpeg", "webp"]
 """How guidance takes grad log p(y*): cfgen/diffusion.py's GRADIENTS."""
 Gradient = Literal["auto", GradientKind]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -246,6 +247,14 @@ class PackConfig:
     """Gate: reject pairs whose L1 factual -> counterfactual is above this (1.0, the maximum, keeps all)."""
     max_recon_l1: float = 1.0
     """Gate: reject pairs whose s = 0 reconstruction L1 is above this (1.0 keeps all)."""
+    image_format: ImageFormat = "png"
+    """Image members of the pairs: 'png' (lossless: the pixels the metrics were measured on), 'jpeg' or 'webp'
+    (lossy, at image_quality; smaller for large images). The members are K.png / K.jpg / K.webp (and K.cf.*)."""
+    image_quality: int = 95
+    """jpeg and webp: the encoder's quality, 1-100 (ignored for png)."""
+    license: str = "unknown"
+    """The dataset card's license: a Hugging Face license id (apache-2.0, cc-by-4.0, other, ...). The pairs
+    derive from the source images and the models, so their licenses bound it; only the card changes with it."""
 
 
 @dataclass
@@ -555,6 +564,12 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.pack.min_p_cf <= 1.0, f"pack.min_p_cf must be in [0, 1], got {cfg.pack.min_p_cf}")
     need(cfg.pack.max_l1 >= 0.0, f"pack.max_l1 must be >= 0, got {cfg.pack.max_l1}")
     need(cfg.pack.max_recon_l1 >= 0.0, f"pack.max_recon_l1 must be >= 0, got {cfg.pack.max_recon_l1}")
+    need(1 <= cfg.pack.image_quality <= 100, f"pack.image_quality must be in 1..100, got {cfg.pack.image_quality}")
+    need(cfg.pack.image_format != "webp" or cfg.data.channels == 3,
+         "pack.image_format = 'webp' stores colour only: a data.channels = 1 run would read back with 3 channels; "
+         "use 'png' or 'jpeg'")
+    need(re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", cfg.pack.license) is not None,
+         f"pack.license: expected a Hugging Face license id such as 'apache-2.0' or 'other', got {cfg.pack.license!r}")
     need(cfg.data.image_size > 0, "data.image_size must be > 0")
     need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.shard_size > 0, "data.shard_size must be > 0")

@@ -13,7 +13,8 @@ Reads RUN/pairs/*.tar with webdataset (as any consumer would) and reports:
   counterfactual that changes less than swapping in the closest real example
   of y* is a minimal edit, not a replacement).
 The figures are also written to RUN/evaluate/judge.json (with the digest of the manifest they
-were measured on), where `cfgen report` finds them.
+were measured on), where `cfgen report` finds them, and the dataset card RUN/pairs/README.md is
+rewritten to quote them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cfgen.config import Config
-from cfgen.contract import PAIRS
+from cfgen.contract import PAIRS, image_keys
 from cfgen.data.images import decode_png
 from cfgen.errors import InputError
 from cfgen.shards import atomic_write_json, file_digest
@@ -50,9 +51,14 @@ def manifest_digest(run_dir: Path) -> str | None:
 
 
 def write_result(run_dir: Path, result: dict) -> Path:
+    """judge.json, then the dataset card again: it quotes the judge's figure (cfgen/card.py)."""
+    from cfgen.card import write_card
+
     path = result_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**result, "manifest_sha256": manifest_digest(run_dir)})
+    if all((PAIRS.dir(run_dir) / f).is_file() for f in ("config.toml", "stats.json")):
+        write_card(run_dir)
     return path
 
 
@@ -142,8 +148,9 @@ def load_pairs(run_dir: Path) -> dict[str, np.ndarray]:
         raise InputError(f"no pair shards in {PAIRS.dir(run_dir)}; run `cfgen pack` first")
     factual, cf, labels, cf_labels, factual_ids = [], [], [], [], []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        factual.append(decode_png(sample["png"]))
-        cf.append(decode_png(sample["cf.png"]))
+        image, cf_image = image_keys(sample)  # png, jpg or webp: pack.image_format
+        factual.append(decode_png(sample[image]))
+        cf.append(decode_png(sample[cf_image]))
         labels.append(int(sample["cls"]))
         cf_labels.append(int(sample["cf.cls"]))
         factual_ids.append(json.loads(sample["json"]).get("factual_id", sample["__key__"]))
@@ -156,7 +163,10 @@ def evaluate_pairs(run_dir: Path) -> dict:
     judge = reference_judge(run_config(Path(run_dir)))
     n = len(data["label"])
     f, c = flat(data["factual"]), flat(data["cf"])
-    oracle_flip = float((judge.model.predict(c) == data["cf_label"]).mean())
+    said = judge.model.predict(c) == data["cf_label"]
+    changes = data["label"] != data["cf_label"]  # a do() that keeps the class (text mode) is no flip
+    oracle_flip = float(said[changes].mean()) if changes.any() else float("nan")
+    kept = {"judge_class_kept_rate": float(said[~changes].mean())} if (~changes).any() else {}
     l1 = np.abs(f - c).mean(axis=1)
     real, real_label = flat(judge.images), judge.labels
     nearest = np.full(n, np.nan)
@@ -173,7 +183,7 @@ def evaluate_pairs(run_dir: Path) -> dict:
             "judge_heldout_images": judge.heldout_images, "judge_heldout_accuracy": judge.heldout_accuracy,
             "oracle_flip_rate": oracle_flip, "mean_l1": float(l1.mean()),
             "mean_nearest_target_l1": float(np.nanmean(nearest)),
-            "l1_over_nearest": float(l1.mean() / np.nanmean(nearest))}
+            "l1_over_nearest": float(l1.mean() / np.nanmean(nearest)), **kept}
 
 
 def judge_line(r: dict) -> str:
@@ -186,7 +196,9 @@ def format_report(r: dict) -> str:
     return "\n".join([
         f"pairs                                   {r['pairs']} (of {r['factual_images']} factual images)",
         f"independent judge                       {judge_line(r)}",
-        f"flip rate by the judge                  {r['oracle_flip_rate']:.3f}",
+        f"flip rate by the judge                  {r['oracle_flip_rate']:.3f}"
+        + (f" (class-changing pairs; class kept {r['judge_class_kept_rate']:.3f} on the others)"
+           if "judge_class_kept_rate" in r else ""),
         f"mean L1 factual -> counterfactual       {r['mean_l1']:.4f}",
         f"mean L1 factual -> nearest real y* img  {r['mean_nearest_target_l1']:.4f}",
         f"ratio                                   {r['l1_over_nearest']:.3f}",

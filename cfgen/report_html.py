@@ -129,9 +129,12 @@ def class_table(counts: list[dict], classes: list[str]) -> str:
             row.append((", ".join(f"{classes[j]} {n}" for j, n in c["targets"].most_common(5)), "note"))
         body.append(row)
     written = sum(c["written"] for c in counts)
-    # over all written pairs: the per-class figures weighted by their counts (stats.json's flip_rate, mean_p_cf)
-    pooled = {k: sum(c[k] * c["written"] for c in counts if c["written"]) / written if written else None
-              for k in ("flip_rate", "mean_p_cf")}
+    # over all written pairs: the per-class figures weighted by their counts (stats.json's flip_rate, mean_p_cf);
+    # the flip rate by the pairs that could flip (their do() changes the class)
+    flips = sum(c["flips"] for c in counts)
+    pooled = {"flip_rate": sum(c["flip_rate"] * c["flips"] for c in counts if c["flips"]) / flips if flips else None,
+              "mean_p_cf": sum(c["mean_p_cf"] * c["written"] for c in counts if c["written"]) / written
+              if written else None}
     total = ["all", str(written), str(sum(c["rejected"] for c in counts)), str(sum(c["failed"] for c in counts)),
              fmt(pooled["flip_rate"]), fmt(pooled["mean_p_cf"])]
     if matrix:
@@ -139,12 +142,33 @@ def class_table(counts: list[dict], classes: list[str]) -> str:
     return table(head, body, total if matrix else total + [""])
 
 
+def intervention_table(counts: list[dict]) -> str:
+    head = ["do() on", "pairs", "changes the class", "flip rate (predictor)", "class kept (predictor)",
+            "intervened (oracle)", "descendants (oracle)", "non-descendants (oracle)"]
+    body = [[c["concept"], str(c["pairs"]), fmt(c["changes_class"], ".0%") if c["changes_class"] is not None else "n/a",
+             fmt(c["flip_rate"]), fmt(c["class_kept_rate"]), fmt(c["intervened_ok"]), fmt(c["descendants_ok"]),
+             fmt(c["non_descendants_ok"])] for c in counts]
+    return table(head, body)
+
+
+def _verdict(r: dict) -> str:
+    """What the guiding predictor says of a pair: a flip for a do() that changes the class, else the class kept."""
+    if r.get("changes_class") is False:
+        return f"class kept {fmt(r.get('class_kept'))} (no flip asked)"
+    return f"flipped {fmt(r['flipped'])}"
+
+
 def pair_card(r: dict, panels: list[dict], classes: list[str], has_truth: bool) -> str:
-    lines = [f"p(y*) {fmt(r['p_cf'])} · flipped {fmt(r['flipped'])} · s {fmt(r['guidance_scale'], 'g')}",
+    lines = [f"p(y*) {fmt(r['p_cf'])} · {_verdict(r)} · s {fmt(r['guidance_scale'], 'g')}",
              f"L1 {fmt(r['l1'], '.4f')} · round trip {fmt(r['recon_l1'], '.4f')} · CLD {fmt(r.get('cld'))}"]
-    if has_truth:
-        oracle = classes[r["oracle_label"]] if r["oracle_label"] is not None else "n/a"
-        lines.append(f"vs truth L1 {fmt(r['truth_l1'], '.4f')} · oracle: {oracle}")
+    if r.get("intervention") and r.get("concept") not in (None, "label"):  # text mode: the do() and the oracle's checks
+        checks = " · ".join(f"{name} {fmt(r.get(k))}" for name, k in (
+            ("intervened", "intervened_ok"), ("descendants", "descendants_ok"), ("others kept", "non_descendants_ok"))
+            if r.get(k) is not None)
+        lines.append(r["intervention"] + (f" · oracle: {checks}" if checks else ""))
+    if has_truth:  # a text pair that keeps the class has no oracle class, only its truth
+        oracle = f" · oracle: {classes[r['oracle_label']]}" if r["oracle_label"] is not None else ""
+        lines.append(f"vs truth L1 {fmt(r['truth_l1'], '.4f')}{oracle}")
     flags = []
     if r.get("edit_within_recon"):
         flags.append(("noise", "edit ≤ round-trip error"))

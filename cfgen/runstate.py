@@ -50,7 +50,7 @@ STAGE_KEYS = {
               ("text", "edit_prompt"), ("text", "threshold"), ("text", "warmup"), ("text", "intersect"),
               ("text", "preserve"), ("text", "mask_rule")],
     "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
-             ("pack", "max_recon_l1")],
+             ("pack", "max_recon_l1"), ("pack", "image_format"), ("pack", "image_quality")],
 }
 ORDER = (INVERT, GUIDE, PAIRS)
 BIG_FILE = 256 << 20

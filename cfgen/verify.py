@@ -3,10 +3,11 @@
     cfgen verify runs/digits        # exit 0: all good; exit 1: problems listed by shard and key
 
 Checks: every tar reads to the end; every sample has exactly the contract
-members; both PNGs decode; K.json parses, has exactly the contract keys with
-their types, and agrees with K.cls / K.cf.cls; keys are dot-free and unique;
-per-shard counts match sizes.json; every sample has an 'ok' manifest row and
-every 'ok' row a sample; each sample's members match the checksum its row
+members, its images in the run's pack.image_format (K.png, K.jpg or K.webp);
+both images decode as that format; K.json parses, has exactly the contract keys with
+their types (null only where the contract allows it), and agrees with K.cls / K.cf.cls;
+keys are dot-free and unique; per-shard counts match sizes.json; every sample has an 'ok'
+manifest row and every 'ok' row a sample; each sample's members match the checksum its row
 recorded when it was written (a label changed consistently in K.json and K.cls
 is caught here); K.json agrees with the row; the captions are what the run's
 config (pairs/config.toml) makes: pack.caption of the class names, or in text
@@ -18,29 +19,40 @@ from __future__ import annotations
 
 import io
 import json
+import tomllib
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cfgen.contract import PAIR_FIELDS, PAIRS
+from cfgen.contract import IMAGE_EXTENSIONS, NULLABLE_FIELDS, PAIR_FIELDS, PAIRS, image_keys, pair_members
 from cfgen.errors import InputError, ShardError, UserError
 from cfgen.shards import read_samples, sample_digest
 
 
-def _check_sample(sample: dict) -> list[str]:
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+"""An image member's extension -> the format PIL must find in it."""
+
+
+def _check_sample(sample: dict, image_format: str | None) -> list[str]:
+    """`image_format`: the run's pack.image_format (None: whichever the sample's images say)."""
     problems = []
     members = sorted(k for k in sample if k != "__key__")
-    if members != sorted(PAIRS.members):
-        missing = sorted(set(PAIRS.members) - set(members))
-        extra = sorted(set(members) - set(PAIRS.members))
+    try:
+        ext = image_keys(sample)[0] if image_format is None else IMAGE_EXTENSIONS[image_format]
+    except KeyError:
+        ext = "png"
+    expected = pair_members({v: k for k, v in IMAGE_EXTENSIONS.items()}[ext])
+    if members != sorted(expected):
+        missing = sorted(set(expected) - set(members))
+        extra = sorted(set(members) - set(expected))
         problems.append(f"members: missing {missing}, unexpected {extra}")
-    for name in ("png", "cf.png"):
+    for name in (ext, f"cf.{ext}"):
         if name in sample:
             try:
                 with Image.open(io.BytesIO(sample[name])) as img:
-                    if img.format != "PNG":
-                        problems.append(f"{name}: {img.format}, not PNG")
+                    if img.format != PIL_FORMATS[ext]:
+                        problems.append(f"{name}: {img.format}, not {PIL_FORMATS[ext]}")
                     img.load()
             except Exception as exc:  # any decoder failure is a problem to report, not a crash
                 problems.append(f"{name}: does not decode ({type(exc).__name__})")
@@ -54,7 +66,8 @@ def _check_sample(sample: dict) -> list[str]:
         if list(meta) != list(PAIR_FIELDS):
             problems.append(f"json: keys {sorted(meta)} differ from the contract")
         else:
-            bad = [k for k, t in PAIR_FIELDS.items() if type(meta[k]) is not t]
+            bad = [k for k, t in PAIR_FIELDS.items()
+                   if type(meta[k]) is not t and not (meta[k] is None and k in NULLABLE_FIELDS)]
             if bad:
                 problems.append(f"json: wrong types for {bad}")
             elif meta["id"] != sample["__key__"]:
@@ -80,6 +93,8 @@ def _against_row(sample: dict, meta: dict | None, row: dict | None, captions: Ca
         problems.append("members differ from the checksum in manifest.parquet (changed after writing)")
     if isinstance(meta, dict):
         changed = [k for k in MANIFEST_FIELDS if k in meta and k in row and meta[k] != row[k]]
+        changed += [k for k in ("concepts_before", "concepts_after")  # a map column: (key, value) pairs
+                    if isinstance(meta.get(k), dict) and row.get(k) is not None and meta[k] != dict(row[k])]
         if changed:
             problems.append(f"json differs from manifest.parquet in {changed}")
         if captions is not None:
@@ -88,7 +103,8 @@ def _against_row(sample: dict, meta: dict | None, row: dict | None, captions: Ca
 
 
 MANIFEST_FIELDS = ("label", "label_name", "cf_label", "cf_label_name", "target_strategy", "guidance_scale", "seed",
-                   "p_cf", "flipped", "l1", "l2", "recon_l1")
+                   "p_cf", "flipped", "l1", "l2", "recon_l1", "concept", "changes_class", "class_kept", "intervened_ok",
+                   "descendants_ok", "non_descendants_ok")
 """K.json fields that the manifest row of the pair also holds, and must agree with."""
 
 
@@ -141,6 +157,17 @@ class Captions:
                 if m in sample and sample[m] != text.encode()]
 
 
+def _pack_settings(out: Path) -> tuple[str | None, str | None]:
+    """(pack.caption, pack.image_format) of the run's config.toml; None where it does not say (an older run's
+    config has no image_format: PNG, as it was then)."""
+    path = out / "config.toml"
+    try:
+        pack = tomllib.loads(path.read_text(encoding="utf-8"))["pack"]
+    except (OSError, KeyError, ValueError):
+        return None, None
+    return pack.get("caption"), pack.get("image_format", "png")
+
+
 def verify_run(run_dir: Path) -> tuple[int, list[str]]:
     """(samples checked, problems as 'shard: key: problem' lines)."""
     out = PAIRS.dir(run_dir)
@@ -159,6 +186,7 @@ def verify_run(run_dir: Path) -> tuple[int, list[str]]:
     captions, why = Captions.of_run(out)
     if why:
         problems.append(why)
+    _, image_format = _pack_settings(out)
     seen: set[str] = set()
     checked = 0
     for tar in tars:
@@ -170,7 +198,7 @@ def verify_run(run_dir: Path) -> tuple[int, list[str]]:
                 if "." in key or key in seen:
                     problems.append(f"{tar.name}: {key}: key has a dot or is duplicated")
                 seen.add(key)
-                found = _check_sample(sample)
+                found = _check_sample(sample, image_format)
                 if rows is not None:
                     found += _against_row(sample, _meta(sample), rows.get(key), captions)
                 problems += [f"{tar.name}: {key}: {p}" for p in found]

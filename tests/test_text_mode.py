@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import run_stages, tame, write_config
 from test_runstate import one_error_line
-from contract_spec import PAIR_FIELDS, PAIR_MEMBERS
+from contract_spec import PAIR_FIELDS, PAIR_MEMBERS, has_type
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["circle", "square", "triangle"]
@@ -104,7 +104,7 @@ def test_every_intervention_is_a_pair_with_its_edited_caption_and_record(text_ru
     assert stats["pairs"] == len(pairs) == 16
     for key, s in pairs.items():
         meta = json.loads(s["json"])
-        assert list(meta) == list(PAIR_FIELDS) and all(isinstance(meta[k], t) for k, t in PAIR_FIELDS.items())
+        assert list(meta) == list(PAIR_FIELDS) and all(has_type(meta, k) for k in PAIR_FIELDS)
         fid = meta["factual_id"]
         before = state(int(fid.split("-")[1]))
         record = json.loads(meta["edits"])
@@ -136,6 +136,70 @@ def test_manifest_has_the_concept_checks_and_stats_their_rates(text_run):
     assert c["all"]["pairs"] == 16 and c["shape"]["pairs"] == c["environment"]["pairs"] == 8
     assert c["shape"]["intervened_rate"] == np.mean([r["intervened_ok"] for r in rows
                                                      if r["intervention"].startswith("do(shape")])
+
+
+def test_pairs_say_what_happened_as_the_renderer_oracle_reads_it(text_run):
+    """K.json and the manifest name the do()'s concept, the concept states before and after, whether the do()
+    changes the class (only then can it flip: do(environment) keeps the class and is no flip, whatever the
+    predictor says), and the renderer oracle's verdict, read back here from each stored counterfactual."""
+    from cfgen.data.shapes_text import graph, read_concepts, state
+    from cfgen.report import class_counts, headline
+
+    run_dir, stats = text_run
+    g = graph()
+    rows = {r["id"]: r for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist()}
+    verdicts = {"shape": [], "environment": []}
+    for key, s in _pairs(run_dir).items():
+        meta, row = json.loads(s["json"]), rows[key]
+        record = json.loads(meta["edits"])
+        concept, value = record["target_concept_name"], record["new_value"]
+        before = state(int(meta["factual_id"].split("-")[1]))
+        after = g.do(before, concept, value).after
+        assert meta["concept"] == row["concept"] == concept
+        assert meta["concepts_before"] == dict(row["concepts_before"]) == {c: before[c] for c in g.concepts}
+        assert meta["concepts_after"] == dict(row["concepts_after"]) == {c: after[c] for c in g.concepts}
+        assert meta["changes_class"] == row["changes_class"] == (concept == "shape") == (meta["cf_label"] != meta["label"])
+        if concept == "environment":
+            assert meta["flipped"] is False and row["flipped"] is False  # the class was never to change
+        else:
+            assert meta["class_kept"] is False
+        read = read_concepts(_img(s["cf.png"]))  # the oracle, on the stored counterfactual
+        oracle = {"intervened_ok": read[concept] == after[concept],
+                  "descendants_ok": all(read[d] == after[d] for d in g.descendants(concept)) if concept == "shape" else None,
+                  "non_descendants_ok": all(read[n] == before[n] for n in g.non_descendants(concept))}
+        for k, v in oracle.items():
+            assert meta[k] == row[k] == v, (key, k)
+        verdicts[concept].append(meta["flipped"] if concept == "shape" else meta["class_kept"])
+    assert len(verdicts["shape"]) == len(verdicts["environment"]) == 8
+    assert stats["flip_rate"] == np.mean(verdicts["shape"]) and stats["class_changing_pairs"] == 8
+    assert stats["class_kept_rate"] == np.mean(verdicts["environment"]) and stats["class_keeping_pairs"] == 8
+    # the report counts flips over the class-changing pairs only, and says what the rest kept
+    counts = class_counts(list(rows.values()), SHAPES)
+    assert sum(c["flips"] for c in counts) == 8 and sum(c["written"] for c in counts) == 16
+    figures = {name: value for name, value, _ in headline(stats, None, run_dir, text=True)}
+    assert figures["flip rate, classifier"] == f"{stats['flip_rate']:.3f}"
+    assert figures["class kept, classifier"] == f"{stats['class_kept_rate']:.3f}"
+
+
+def test_report_of_a_text_run_counts_no_class_keeping_flip(text_run):
+    from cfgen.report import write_report
+
+    run_dir, _ = text_run
+    page = write_report(run_dir).read_text()
+    assert "<h2>Per intervention</h2>" in page and "(no flip asked)" in page and "do(environment=" in page
+    assert "One pair per class pair and intervened concept" in page
+    # a do(environment) card's true counterfactual is the scene under that do(), not the class's rendering
+    from cfgen.config import load_config
+    from cfgen.data.sources import open_source
+    from cfgen.report import _images
+
+    cfg = load_config(run_dir / "pairs" / "config.toml")
+    causal = open_source(cfg).causal
+    rows = [r for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist() if r["concept"] == "environment"]
+    for r in rows[:2]:
+        truth = _images(cfg, run_dir, [r])[r["id"]]["truth"]
+        assert (truth == causal.intervene(r["origin"], "environment", dict(r["concepts_after"])["environment"])[0]).all()
+        assert not (truth == causal.true_counterfactual(r["origin"], r["label"])).all()
 
 
 def test_csg_edits_stay_inside_their_masks(text_run):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from cfgen.shards import atomic_tar
+from conftest import cfgen_here
 from contract_spec import pair_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,20 +120,6 @@ def one_thread():
 
 def cfgen(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cfgen", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
-
-
-def cfgen_here(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`cfgen ARGS` through cli.main in this process (no interpreter start-up): exit code, stdout, stderr."""
-    from cfgen.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cfgen", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def sets(*items: str) -> list[str]:

@@ -67,7 +67,8 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
         for ref in batch:
             row = make_row(id=ref.id, factual_id=ref.id, shard=index, origin=ref.origin, label=ref.label,
                            label_name=classes[ref.label] if ref.label >= 0 else None,
-                           seed=sample_seed(cfg.pipeline.seed, ref.id), status="ok")
+                           seed=sample_seed(cfg.pipeline.seed, ref.id), t_inv=cfg.invert.t_inv,
+                           steps=cfg.invert.steps, status="ok")
             pixels = None
             if ref.error:
                 row.update(status="failed", error=ref.error)

@@ -136,7 +136,7 @@ class TextGuideResult:
     recon: np.ndarray
     cf: np.ndarray
     p_cf: np.ndarray
-    flipped: np.ndarray
+    flipped: np.ndarray      # the predictor's top class is cf_label (guide.verdicts: a flip, or the class kept)
     finite: np.ndarray
     mask_fraction: np.ndarray  # share of the image the edit could touch (the union of the last masks)
 

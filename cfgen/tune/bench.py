@@ -24,6 +24,7 @@ import torch
 
 from cfgen.config import Config
 from cfgen.data.sources import load_class_names
+from cfgen.contract import image_keys
 from cfgen.data.images import decode_png
 from cfgen.device import pick_device
 from cfgen.shards import read_samples
@@ -91,8 +92,9 @@ def _bench(cfg: Config, run_dir: Path, pairs: str | None, epochs: int, device: t
         for shard in shards:  # stream every shard; decode only the shots' images
             for sample in read_samples(shard):
                 if sample["__key__"] in shot_ids:
-                    images.append(decode_png(sample["png"]))
-                    cf_images.append(decode_png(sample["cf.png"]))
+                    image, cf_image = image_keys(sample)
+                    images.append(decode_png(sample[image]))
+                    cf_images.append(decode_png(sample[cf_image]))
                     keys.append(sample["__key__"])
         t1 = time.perf_counter()
         perm = np.argsort([order_in_data[k] for k in keys])  # the same order as the cached features
