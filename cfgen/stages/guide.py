@@ -43,7 +43,7 @@ from cfgen.overlap import BackgroundWriter, chunks, prefetched
 from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.sections import ESCALATION, GUIDED_PASS, RECON, TARGETS, TOP_STEP, TRAJECTORY, section
 from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
-from cfgen.stages.common import (advance, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
+from cfgen.stages.common import (UnetProgress, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
                                  upstream_rows)
 from cfgen.stages.text_guide import (TextGuideResult, check_text_config, edits_json, intervention_text, load_graph,
                                      pair_key, text_guide_batch)
@@ -345,6 +345,7 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
             for good in prefetched(chunks(samples, cfg.guide.batch_size), parse):
                 if not good:
                     continue
+                progress.start(len(good))
                 batch_rows = [r for r, _, _ in good]
                 factual = np.stack([p for _, p, _ in good])
                 labels, seeds = [r["label"] for r in batch_rows], [r["seed"] for r in batch_rows]
@@ -355,10 +356,23 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
                     res = guide_batch(models, cfg, classes, grid, factual, np.stack([n for _, _, n in good]),
                                       labels, seeds)
                 writer.submit(write, tar, batch_rows, factual, res)
-                advance(len(good))
+                progress.done()
         mark_unread(rows, seen, broken)
         # one row per pair; a factual image that never reached the guided path keeps its own (failed) row
         return [pair for r in rows for pair in pairs_of.get(r["id"], [r])]
 
-    run_shards(GUIDE, cfg, run_dir, indices, process, sizes=upstream_rows(INVERT, run_dir))
+    progress = UnetProgress(models.unet, first_guess=_least_evals(cfg, per_image, len(grid) - 1))
+    try:
+        run_shards(GUIDE, cfg, run_dir, indices, process, sizes=upstream_rows(INVERT, run_dir))
+    finally:
+        progress.close()
     return GUIDE.dir(run_dir)
+
+
+def _least_evals(cfg: Config, pairs: int, steps: int) -> int:
+    """The fewest UNet evaluations an input image can cost (every pair done at its first scale): the progress
+    bar's first guess, a lower bound so that it runs ahead rather than lags (text mode: its reconstruction)."""
+    mask = edit_mask(cfg)
+    if pairs == 0:
+        return steps
+    return pairs * steps + (steps - 1) + (0 if mask is None else reference_steps(steps, mask))
