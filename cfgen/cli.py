@@ -81,10 +81,17 @@ def _load(config: Path, sets: list[str] | None, threads: int | None = None) -> C
 
 
 def _threads(flag: int | None, cfg: Config | None = None) -> None:
-    """Every command's first step: size torch's thread pools (cfgen/threads.py) and say so once."""
+    """Every command's first step: size torch's thread pools (cfgen/threads.py). The stages say so when
+    their work starts; other commands call `_announce` after their own checks."""
     from cfgen.threads import configure
 
     configure(flag, cfg.pipeline.threads if cfg is not None else 0)
+
+
+def _announce() -> None:
+    from cfgen.threads import announce
+
+    announce()
 
 
 def _run_dir(cfg: Config, out: Path | None) -> Path:
@@ -147,12 +154,9 @@ def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: Ov
 
 
 @app.command()
-def verify(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")],
-           threads: ThreadsOpt = None):
+def verify(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")]):
     """Re-read every pair shard and check members, images, JSON schema and counts (exit 1 on problems)."""
-    from cfgen.verify import verify_run
-
-    _threads(threads)
+    from cfgen.verify import verify_run  # no torch here (nor a thread policy): it reads and decodes only
 
     checked, problems = verify_run(run_dir)
     for line in problems:
@@ -199,6 +203,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
     from cfgen.evaluate import evaluate_pairs, format_report, write_result
 
     _threads(threads)
+    _announce()
 
     result = evaluate_pairs(run_dir)
     typer.echo(format_report(result))
@@ -235,6 +240,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pa
     from cfgen.report import write_report
 
     _threads(threads)
+    _announce()
 
     typer.echo(f"wrote {write_report(run_dir)}")
 
@@ -275,7 +281,9 @@ def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
     from cfgen.models.training import train_diffusion
 
     cfg = _load(config, set, threads)
-    path = train_diffusion(cfg, _train_out(cfg, out, "diffusion"))
+    path = _train_out(cfg, out, "diffusion")
+    _announce()
+    path = train_diffusion(cfg, path)
     typer.echo(f"saved unet/ and scheduler/ to {path}; use them with "
                f"--set model.unet={path / 'unet'} --set model.scheduler={path / 'scheduler'}")
 
@@ -291,6 +299,7 @@ def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
 
     cfg = _load(config, set, threads)
     path = _train_out(cfg, out, "classifier")
+    _announce()
     typer.echo(json.dumps(train_classifier(cfg, path), indent=2))
     typer.echo(f"saved to {path}; use it with --set model.classifier={path}")
 
@@ -307,6 +316,7 @@ def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
     cfg = load_config(config, set or [])
     _threads(threads, cfg)
     path = _train_out(cfg, out, "vlm")
+    _announce()
     typer.echo(json.dumps(train_vlm(cfg, path), indent=2))
     typer.echo(f"saved to {path}; use it with --set tune.vlm={path}")
 
@@ -320,6 +330,7 @@ def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
     """Learn prompts on the pairs: zero-shot, baselines (lambda=0), DiCap / CF-VLM per cf source (RUN/tune/)."""
     cfg = load_config(config, set or [])
     _threads(threads, cfg)
+    _announce()
     run_dir = _run_dir(cfg, out)
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     if bench:

@@ -1,6 +1,6 @@
 """How many CPU threads torch may use: the thread policy every `cfgen` command applies at its start.
 
-    cfgen run --config pipelines/digits.toml                # the default, printed once on stderr
+    cfgen run --config pipelines/digits.toml                # the default, said once on stderr when work starts
     cfgen run --config pipelines/digits.toml --threads 1    # or pipeline.threads = 1, or OMP_NUM_THREADS=1
 
 Why a policy: torch's own default is one intra-op thread per core in *every* process. Two
@@ -90,6 +90,7 @@ def prepare_environment(env: dict | None = None) -> None:
 class _Applied:
     """What this process has already done: the inter-op pool can be sized once, the line printed once."""
     interop: bool = False
+    policy: ThreadPolicy | None = None  # set by `configure` (the command line); None: nothing to announce
     printed: bool = False
 
 
@@ -106,17 +107,27 @@ def apply(policy: ThreadPolicy) -> None:
             pass
 
 
-def configure(flag: int | None = None, configured: int = 0, echo: bool = True) -> ThreadPolicy:
-    """Resolve the policy from this process's environment and affinity, apply it, and say it once on stderr
-    (rank 0 only: every rank of a launch resolves the same way)."""
-    from cfgen import distributed
-
+def configure(flag: int | None = None, configured: int = 0) -> ThreadPolicy:
+    """Resolve the policy from this process's environment and affinity and apply it (a command's first step);
+    `announce` says it when the work starts."""
     policy = resolve(flag, configured, os.environ, available_cores())
     apply(policy)
-    if echo and not _Applied.printed and distributed.is_main():
-        _Applied.printed = True
-        wait = os.environ.get("OMP_WAIT_POLICY", "")
-        print(f"cfgen: {policy.threads} CPU thread(s) ({policy.source}"
-              + (f"; OMP_WAIT_POLICY={wait}" if wait else "") + "); change with --threads N or OMP_NUM_THREADS",
-              file=sys.stderr)
+    _Applied.policy = policy
     return policy
+
+
+def announce() -> None:
+    """One line on stderr with the configured policy, once per process, when the work starts: after the
+    checks, so that a user error stays the one line it is promised to be. Rank 0 only (every rank of a
+    launch resolves alike); nothing when no command configured a policy (the Python API leaves torch's
+    threads to its caller)."""
+    from cfgen import distributed
+
+    policy = _Applied.policy
+    if policy is None or _Applied.printed or not distributed.is_main():
+        return
+    _Applied.printed = True
+    wait = os.environ.get("OMP_WAIT_POLICY", "")
+    print(f"threads: {policy.threads} CPU thread(s) for torch ({policy.source}"
+          + (f"; OMP_WAIT_POLICY={wait}" if wait else "") + "); change with --threads N or OMP_NUM_THREADS",
+          file=sys.stderr)

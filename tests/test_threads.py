@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,15 +65,24 @@ def _threads_in_child(args: list[str], env: dict) -> tuple[str, list[str]]:
             "print('THREADS', torch.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
     threads = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("THREADS"))
-    return threads, [x for x in out.stderr.splitlines() if x.startswith("cfgen:") and "CPU thread" in x]
+    return threads, [x for x in out.stderr.splitlines() if x.startswith("threads:")]
 
 
-def test_every_command_applies_and_prints_the_policy_once(tmp_path):
+def test_a_command_applies_and_prints_the_policy_once(tmp_path):
+    """`cfgen evaluate` on an empty folder: the policy is applied and said before the command's own error."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
-    threads, lines = _threads_in_child(["verify", str(tmp_path), "--threads", "1"], env)
-    assert threads == "1" and len(lines) == 1 and "1 CPU thread(s) (--threads" in lines[0]
-    threads, lines = _threads_in_child(["verify", str(tmp_path)], {**env, "OMP_NUM_THREADS": "1"})
+    threads, lines = _threads_in_child(["evaluate", str(tmp_path), "--threads", "1"], env)
+    assert threads == "1" and len(lines) == 1 and "1 CPU thread(s) for torch (--threads" in lines[0]
+    threads, lines = _threads_in_child(["evaluate", str(tmp_path)], {**env, "OMP_NUM_THREADS": "1"})
     assert threads == "1" and len(lines) == 1 and "(OMP_NUM_THREADS" in lines[0]
+
+
+def test_a_user_error_stays_one_line(tmp_path):
+    """The policy is said when the work starts: an error found by the checks before it is the only line."""
+    out = subprocess.run([sys.executable, "-m", "cfgen", "run", "--config", "pipelines/digits.toml", "--out",
+                          str(tmp_path / "run"), "--set", "model.unet=/nonexistent", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_pipeline_threads_is_checked_and_not_fingerprinted():

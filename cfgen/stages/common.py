@@ -181,6 +181,9 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     number of input samples: the bar (rank 0's) then counts samples, with rate and ETA, as `process`
     calls `advance`; at the end each rank gives one line of counts, samples/s and time.
     """
+    from cfgen.threads import announce
+
+    announce()  # the command's thread policy, now that its checks have passed
     out_dir = stage.dir(run_dir)
     stage.state(run_dir).mkdir(parents=True, exist_ok=True)
     mine = distributed.my_shards(indices)
