@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?= pipelines/digits.toml
 OUT ?=
 NUM_PROCESSES ?= 1
+BENCH_LIMIT ?= 128
 RUN ?= runs/digits
 # Extra accelerate launch flags, e.g. for several nodes:
 #   ACCELERATE_ARGS='--num_machines 2 --machine_rank 0 --main_process_ip HOST --main_process_port 29500'
@@ -34,7 +35,7 @@ BENCH_GPU_ARGS ?=
 BENCH_POOL ?= --set data.use_split=train --set 'data.only_classes=["circle", "square", "triangle"]' \
 	--set data.class_limit=40 --set pack.require_flip=true
 
-.PHONY: help install demo test invert guide pack run evaluate train bench bench-gpu bench-tune shapes benchmark benchmark-cocoop report clean
+.PHONY: help install demo test invert guide pack run evaluate train bench bench-gpu bench-tune bench-threads shapes benchmark benchmark-cocoop report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -55,8 +56,11 @@ demo: install ## digits -> runs/digits/pairs/, judge the pairs, then prompt tuni
 	@echo "The digits leave prompt learning nothing to gain (zero-shot is at ceiling): 'make benchmark'"
 	@echo "measures what counterfactual pairs are worth, on a dataset with a spurious cue and worst-group accuracy."
 
-test: install ## run the test suite (offline)
-	$(BIN)/python -m pytest
+# Two pytest workers (pytest-xdist), one torch thread each: on a 2-core machine two single-threaded workers
+# finish sooner than one worker whose threads fight (docs/performance.md#threads). TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
+test: install ## run the test suite (offline; TEST_WORKERS=2 pytest workers, one thread each)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 invert: install ## cfgen invert on CONFIG (NUM_PROCESSES>1 uses accelerate launch)
 	$(CFGEN) invert --config $(CONFIG) $(OUT_FLAG)
@@ -80,6 +84,9 @@ bench: install ## guide-stage throughput vs compute alone vs a one-at-a-time ref
 
 bench-gpu: install ## guided step of ADM-256 / SD 1.5-sized random models: pairs/s, TFLOP/s, MFU, memory (CPU: BENCH_GPU_ARGS=--tiny)
 	$(BIN)/python -m cfgen.gpu_bench $(BENCH_GPU_ARGS)
+
+bench-threads: install ## cfgen run alone vs two side by side, for each thread setting (BENCH_LIMIT samples)
+	$(BIN)/python -m cfgen.thread_bench --config $(CONFIG) --limit $(BENCH_LIMIT)
 
 bench-tune: install ## cfgen tune: epoch time with the feature cache vs re-encoding the images
 	$(BIN)/cfgen tune --config $(CONFIG) $(OUT_FLAG) --bench

@@ -12,9 +12,12 @@ From one run on the same samples and models it measures:
   ACE) do: one sample at a time, fp32, decode -> compute -> encode -> write with
   no overlap; speedup_vs_reference = end-to-end / reference.
 It also counts what a pair costs (UNet evaluations, predictor forwards and
-backwards, VAE passes, escalation included, and model FLOPs), and the achieved
-FLOP/s of the UNet forward and of the whole guided step; on a GPU in bf16, their
-share of the device's dense bf16 peak (MFU). The last line is one JSON object.
+backwards, VAE passes, escalation included, and model FLOPs; UNet evaluations
+also per pair the pack gates keep, and with guide.mask = 'off' beside them), the
+achieved FLOP/s of the UNet forward and of the whole guided step (on a GPU in
+bf16, their share of the device's dense bf16 peak, MFU), and where one guide
+batch's time goes (cfgen/step_profile.py: UNet, predictor backward, mask,
+escalation bookkeeping). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from cfgen.models.runtime import Models
 from cfgen.stages.common import config_grid
 from cfgen.stages.guide import guide_batch, run_guide
 from cfgen.stages.invert import Inverted, read_inverted, run_invert
+from cfgen.step_profile import format_profile, profile_guide
 
 # Dense (not sparse) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets, most specific
 # name first: torch.cuda.get_device_name says e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe",
@@ -194,19 +198,35 @@ def work_per_pair(models: Models, cfg: Config, classes, grid, samples: list[Inve
     handles = [m.register_forward_hook(hook(*keys), with_kwargs=True) for m, keys in watched]
     factual, noise, labels, seeds = _arrays(cfg, samples)
     bs = cfg.guide.batch_size
+    pairs = kept = 0
     try:
         with FlopCount() as flops:
             for k in range(0, len(samples), bs):
-                guide_batch(models, cfg, classes, grid, factual[k:k + bs], noise[k:k + bs], labels[k:k + bs],
-                            seeds[k:k + bs])
+                res = guide_batch(models, cfg, classes, grid, factual[k:k + bs], noise[k:k + bs], labels[k:k + bs],
+                                  seeds[k:k + bs])
+                pairs += len(res.source)
+                kept += _kept(cfg, factual[k:k + bs], res)
     finally:
         for h in handles:
             h.remove()
-    n = len(samples)
-    out = {key: value / n for key, value in counts.items()}
-    out["gflop"] = flops.total / n / 1e9
+    out = {key: value / pairs for key, value in counts.items()}
+    out["gflop"] = flops.total / pairs / 1e9
     out["reverse_steps"] = len(grid) - 1
+    out["kept_pairs"] = kept / pairs
+    out["unet_evals_per_kept_pair"] = counts["unet_evals"] / kept if kept else float("nan")
     return out
+
+
+def _kept(cfg: Config, factual: np.ndarray, res) -> int:
+    """How many of a batch's pairs `cfgen pack` keeps: finite, and through the pack gates."""
+    from cfgen.metrics import l1
+    from cfgen.quality import gate_failures
+
+    p = cfg.pack
+    return sum(bool(res.finite[j]) and not gate_failures(
+        {"flipped": bool(res.flipped[j]), "p_cf": float(res.p_cf[j]), "l1": l1(factual[b], res.cf[j]),
+         "recon_l1": l1(factual[b], res.recon[j])}, p.min_p_cf, p.max_l1, p.max_recon_l1, p.require_flip)
+        for j, b in enumerate(res.source))
 
 
 def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, work_dir: Path | None = None) -> dict:
@@ -230,6 +250,13 @@ def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, wor
     reference_pairs_per_s = _reference(models, cfg, classes, grid, resident[:reference_samples])
     tflops, peak = _unet_tflops(models, cfg)
     work = work_per_pair(models, cfg, classes, grid, resident)
+    if cfg.guide.mask != "off":  # what localized edits cost in evaluations: the same samples unmasked
+        unmasked = dataclasses.replace(cfg, guide=dataclasses.replace(cfg.guide, mask="off"))
+        plain = work_per_pair(models, unmasked, classes, grid, resident)
+        work["unet_evals_unmasked"] = plain["unet_evals"]
+        work["unet_evals_per_kept_pair_unmasked"] = plain["unet_evals_per_kept_pair"]
+    factual, noise, labels, seeds = _arrays(cfg, resident[:cfg.guide.batch_size])
+    profile = profile_guide(models, cfg, classes, grid, factual, noise, labels, seeds)
     # the whole guided step's achieved rate: counted FLOPs a pair at the compute-alone pairs/s
     step_tflops = work["gflop"] * compute_pairs_per_s / 1e3
     result = {
@@ -246,6 +273,7 @@ def run_bench(cfg: Config, samples: int = 1024, reference_samples: int = 32, wor
         "per_pair": work,
         "guide_tflops": step_tflops,
         "guide_mfu": (step_tflops / peak) if peak else None,
+        "profile": profile,
     }
     return result
 
@@ -265,6 +293,16 @@ def format_bench(r: dict) -> str:
         "per pair, escalation included ({reverse_steps} reverse steps a pass): {unet_evals:.1f} UNet evaluations, "
         "{predictor_forwards:.1f} predictor forwards ({predictor_backwards:.1f} differentiated), "
         "{vae_encodes:.1f} VAE encodes, {vae_decodes:.1f} VAE decodes, {gflop:.2f} GFLOP".format(**r["per_pair"]),
+        _evals_line(r["per_pair"]),
+        *format_profile(r["profile"]),
         json.dumps(r),
     ]
     return "\n".join(lines)
+
+
+def _evals_line(w: dict) -> str:
+    line = (f"UNet evaluations per kept pair           {w['unet_evals_per_kept_pair']:.1f} "
+            f"({w['kept_pairs']:.1%} of the pairs pass the pack gates)")
+    if "unet_evals_unmasked" in w:
+        line += f"; with guide.mask = 'off' {w['unet_evals_per_kept_pair_unmasked']:.1f}"
+    return line

@@ -86,16 +86,35 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directo
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE",
                                                      help="Override a config value (repeatable).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start the stage(s) afresh: delete what an earlier run left in their folders.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (wins over "
+                       "OMP_NUM_THREADS and pipeline.threads; default: the cores this process may use / LOCAL_WORLD_SIZE).")]
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
-def _load(config: Path, sets: list[str] | None) -> Config:
-    """Load and check everything that can be checked before any work starts (api.load_config)."""
+def _load(config: Path, sets: list[str] | None, threads: int | None = None) -> Config:
+    """Load and check everything that can be checked before any work starts (api.load_config); then the
+    thread policy, before any torch work."""
     from cfgen import api
 
-    return api.load_config(config, sets or [])
+    cfg = api.load_config(config, sets or [])
+    _threads(threads, cfg)
+    return cfg
+
+
+def _threads(flag: int | None, cfg: Config | None = None) -> None:
+    """Every command's first step: size torch's thread pools (cfgen/threads.py). The stages say so when
+    their work starts; other commands call `_announce` after their own checks."""
+    from cfgen.threads import configure
+
+    configure(flag, cfg.pipeline.threads if cfg is not None else 0)
+
+
+def _announce() -> None:
+    from cfgen.threads import announce
+
+    announce()
 
 
 def _run_dir(cfg: Config, out: Path | None) -> Path:
@@ -109,49 +128,50 @@ TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint",
                                          help="Allow pickle (.bin/.pt) weights, which can run code when loaded.")]
 
 
-def _stage_config(config: Path, sets: list[str] | None, fail_fast: bool, trust: bool) -> Config:
+def _stage_config(config: Path, sets: list[str] | None, fail_fast: bool, trust: bool,
+                  threads: int | None = None) -> Config:
     flags = (["pipeline.fail_fast=true"] if fail_fast else []) + (["model.trust_checkpoint=true"] if trust else [])
-    return _load(config, [*(sets or []), *flags])
+    return _load(config, [*(sets or []), *flags], threads)
 
 
 @app.command()
 def invert(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
-           fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
+           fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False, threads: ThreadsOpt = None):
     """Abduction: DDIM-invert every input image to its exogenous noise (RUN/invert/)."""
     from cfgen import api
 
-    api.invert(_stage_config(config, set, fail_fast, trust_checkpoint), out, overwrite=overwrite)
+    api.invert(_stage_config(config, set, fail_fast, trust_checkpoint, threads), out, overwrite=overwrite)
 
 
 @app.command()
 def guide(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
-          fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
+          fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False, threads: ThreadsOpt = None):
     """Action + prediction: guided reverse DDIM from the noise to the counterfactual (RUN/guide/)."""
     from cfgen import api
 
-    api.guide(_stage_config(config, set, fail_fast, trust_checkpoint), out, overwrite=overwrite)
+    api.guide(_stage_config(config, set, fail_fast, trust_checkpoint, threads), out, overwrite=overwrite)
 
 
 @app.command()
 def pack(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
-         fail_fast: FailFastOpt = False):
+         fail_fast: FailFastOpt = False, threads: ThreadsOpt = None):
     """Write the pair shards, manifest.parquet, stats.json and sizes.json (RUN/pairs/)."""
     from cfgen import api
     from cfgen.contract import PAIRS
 
-    cfg = _stage_config(config, set, fail_fast, False)
+    cfg = _stage_config(config, set, fail_fast, False, threads)
     _echo_summary(api.pack(cfg, out, overwrite=overwrite, check=False))  # the summary first, then the verdict
     api.check_failures(cfg, api.run_dir(cfg, out), PAIRS)
 
 
 @app.command()
 def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: OverwriteOpt = False,
-        fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False):
+        fail_fast: FailFastOpt = False, trust_checkpoint: TrustOpt = False, threads: ThreadsOpt = None):
     """invert, guide and pack in order (the models are loaded once, for both invert and guide)."""
     from cfgen import api
     from cfgen.contract import PAIRS
 
-    cfg = _stage_config(config, set, fail_fast, trust_checkpoint)
+    cfg = _stage_config(config, set, fail_fast, trust_checkpoint, threads)
     _echo_summary(api.run(cfg, out, overwrite=overwrite, check=False))  # the summary first, then the verdict
     api.check_failures(cfg, api.run_dir(cfg, out), PAIRS)
 
@@ -159,7 +179,7 @@ def run(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: Ov
 @app.command()
 def verify(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")]):
     """Re-read every pair shard and check members, images, JSON schema and counts (exit 1 on problems)."""
-    from cfgen.verify import verify_run
+    from cfgen.verify import verify_run  # no torch here (nor a thread policy): it reads and decodes only
 
     checked, problems = verify_run(run_dir)
     for line in problems:
@@ -201,10 +221,14 @@ def _summary(stats: dict) -> str:
 
 
 @app.command()
-def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")]):
+def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")],
+             threads: ThreadsOpt = None):
     """Judge the pairs with an independent clean classifier; compare l1 with the nearest real image.
     Also writes RUN/evaluate/judge.json, which `cfgen report` shows."""
     from cfgen.evaluate import evaluate_pairs, format_report, write_result
+
+    _threads(threads)
+    _announce()
 
     result = evaluate_pairs(run_dir)
     typer.echo(format_report(result))
@@ -217,7 +241,8 @@ def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: 
           limit: Annotated[int, typer.Option(help="Samples to sweep (the first N of the configured split).")] = 300,
           masks: Annotated[str, typer.Option(help="Localized-edit variants to compare, e.g. 'off,x0,x0:0.3' "
                                                   "(off, x0 or gradient, optionally :threshold); default: "
-                                                  "guide.mask as configured.")] = ""):
+                                                  "guide.mask as configured.")] = "",
+          threads: ThreadsOpt = None):
     """Guide the first --limit samples at each scale (and with escalation) per mask variant; print a table,
     write RUN/sweep/sweep.json."""
     from cfgen.sweep import format_table, parse_masks, run_sweep
@@ -228,15 +253,19 @@ def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: 
         raise UserError(f"--scales: expected comma-separated numbers, got {scales!r}") from None
     if limit < 1:
         raise UserError("--limit must be >= 1")
-    cfg = _load(config, set)
+    cfg = _load(config, set, threads)
     variants = parse_masks(masks, cfg)
     typer.echo(format_table(run_sweep(cfg, _run_dir(cfg, out), values, limit, overwrite, variants)))
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ and guide/ (e.g. runs/shapes).")]):
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ and guide/ (e.g. runs/shapes).")],
+           threads: ThreadsOpt = None):
     """Write RUN_DIR/report/report.html: contact sheets, metric histograms, flip rate vs scale, confusion."""
     from cfgen.report import write_report
+
+    _threads(threads)
+    _announce()
 
     typer.echo(f"wrote {write_report(run_dir)}")
 
@@ -272,13 +301,14 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="A run directory with p
 @app.command()
 def bench(config: ConfigOpt, set: SetOpt = None,
           samples: Annotated[int, typer.Option(help="Samples through the guide stage.")] = 1024,
-          reference_samples: Annotated[int, typer.Option(help="Samples for the one-at-a-time reference.")] = 32):
+          reference_samples: Annotated[int, typer.Option(help="Samples for the one-at-a-time reference.")] = 32,
+          threads: ThreadsOpt = None):
     """Guide-stage throughput: end to end vs compute alone vs a one-at-a-time fp32 reference."""
     from cfgen.bench import format_bench, run_bench
 
     if samples < 1 or reference_samples < 1:
         raise UserError("--samples and --reference-samples must be >= 1")
-    typer.echo(format_bench(run_bench(_load(config, set), samples, reference_samples)))
+    typer.echo(format_bench(run_bench(_load(config, set, threads), samples, reference_samples)))
 
 
 def _train_out(cfg: Config, out: Path | None, component: str) -> Path:
@@ -305,41 +335,48 @@ TRAIN_OUT_HELP = "Output dir (default: runs/<pipeline.name>/models/{}; the model
 
 @train_app.command("diffusion")
 def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
-                        out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("diffusion"))] = None):
+                        out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("diffusion"))] = None,
+                        threads: ThreadsOpt = None):
     """Train the UNet noise predictor; writes OUT/unet and OUT/scheduler (a text-conditioned one, with
     train.diffusion.text_encoder, also OUT/text_encoder.json and OUT/metrics.json)."""
     from cfgen.models.training import train_diffusion
 
-    cfg = _load(config, set)
-    path = train_diffusion(cfg, _train_out(cfg, out, "diffusion"))
+    cfg = _load(config, set, threads)
+    path = _train_out(cfg, out, "diffusion")
+    _announce()
+    path = train_diffusion(cfg, path)
     typer.echo(f"saved unet/ and scheduler/ to {path}; use them with --set model.unet={_set_path(cfg, path / 'unet')} "
                f"--set model.scheduler={_set_path(cfg, path / 'scheduler')}")
 
 
 @train_app.command("classifier")
 def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
-                         out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("classifier"))] = None):
+                         out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("classifier"))] = None,
+                         threads: ThreadsOpt = None):
     """Train the noise-aware classifier p(y|x_t,t); prints held-out accuracy by t."""
     import json
 
     from cfgen.models.training import train_classifier
 
-    cfg = _load(config, set)
+    cfg = _load(config, set, threads)
     path = _train_out(cfg, out, "classifier")
+    _announce()
     typer.echo(json.dumps(train_classifier(cfg, path), indent=2))
     typer.echo(f"saved to {path}; use it with --set model.classifier={_set_path(cfg, path)}")
 
 
 @train_app.command("vlm")
 def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
-                  out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("vlm"))] = None):
+                  out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("vlm"))] = None,
+                  threads: ThreadsOpt = None):
     """Train the embedded VLM's image tower against frozen MiniLM caption embeddings (LiT)."""
     import json
 
     from cfgen.tune.vlm import train_vlm
 
-    cfg = _load(config, set)
+    cfg = _load(config, set, threads)
     path = _train_out(cfg, out, "vlm")
+    _announce()
     typer.echo(json.dumps(train_vlm(cfg, path), indent=2))
     typer.echo(f"saved to {path}; use it with --set tune.vlm={_set_path(cfg, path)}")
 
@@ -348,9 +385,11 @@ def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
 def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
          pairs: Annotated[Optional[str], typer.Option(
              "--pairs", help="Pair shards: a path, glob or brace list (default: tune.pairs, else RUN_DIR/pairs/pairs-*.tar).")] = None,
-         bench: Annotated[bool, typer.Option("--bench", help="Time an epoch with the feature cache vs re-encoding.")] = False):
+         bench: Annotated[bool, typer.Option("--bench", help="Time an epoch with the feature cache vs re-encoding.")] = False,
+         threads: ThreadsOpt = None):
     """Learn on the pairs: zero-shot, each learner without and with them, per objective and cf source (RUN/tune/)."""
-    cfg = _load(config, set)
+    cfg = _load(config, set, threads)
+    _announce()
     run_dir = _run_dir(cfg, out)
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     if bench:
@@ -399,6 +438,9 @@ def _usage_message(exc) -> str:
 def main() -> None:
     import signal
 
+    from cfgen.threads import prepare_environment
+
+    prepare_environment()  # before torch is imported: OpenMP reads its wait policy when it loads
     signal.signal(signal.SIGTERM, _on_signal)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: keep it so
         signal.signal(signal.SIGINT, _on_signal)

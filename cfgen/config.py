@@ -58,6 +58,9 @@ class PipelineConfig:
     """A stage exits 1 with a summary when more than this share of its inputs failed."""
     fail_fast: bool = False
     """Stop at the first failed sample (the shard holding it is not committed); CLI --fail-fast."""
+    threads: int = 0
+    """CPU threads for torch (0 = the cores this process may use / LOCAL_WORLD_SIZE); --threads and
+    OMP_NUM_THREADS win over it (cfgen/threads.py). Not part of a run's fingerprint: outputs do not depend on it."""
 
 
 @dataclass
@@ -583,6 +586,7 @@ def validate(cfg: Config) -> None:
          f"data.image_size={cfg.data.image_size} makes {cfg.data.image_size ** 2:,}-pixel images, more than "
          f"data.max_image_pixels={cfg.data.max_image_pixels:,}")
     need(0.0 <= cfg.pipeline.max_failure_fraction <= 1.0, "pipeline.max_failure_fraction must be in [0, 1]")
+    need(cfg.pipeline.threads >= 0, f"pipeline.threads must be >= 0 (0 = the default), got {cfg.pipeline.threads}")
     need(cfg.invert.steps > 0, "invert.steps must be > 0")
     need(0.0 < cfg.invert.t_inv <= 1.0, f"invert.t_inv must be in (0, 1], got {cfg.invert.t_inv}")
     need(cfg.invert.batch_size > 0, "invert.batch_size must be > 0")

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from cfgen.config import GradientKind, MaskSource
+from cfgen.sections import MASK, PREDICTOR, UNET, section
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """eps(x_t, t) -> predicted noise; t is a (B,) long tensor."""
@@ -129,11 +130,15 @@ def invert(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, grid: 
 
 
 @torch.no_grad()
-def inversion_trajectory(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, grid: list[int]) -> Trajectory:
-    """invert, keeping every x^f_{t_i} and e^f_i: the path localized_reverse falls back to and compares with."""
+def inversion_trajectory(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, grid: list[int],
+                         steps: int | None = None) -> Trajectory:
+    """invert, keeping every x^f_{t_i} and e^f_i: the path localized_reverse falls back to and compares with.
+    `steps`: only the first ones (x[0..steps], eps[0..steps-1]); localized_reverse reads no further than
+    `reference_steps` says, so the rest would be UNet evaluations spent for nothing."""
     a = alphas_cumprod.tolist()
     path, noise = [x0], []
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    last = len(grid) - 1 if steps is None else steps
+    for t_cur, t_next in zip(grid[:last], grid[1:last + 1]):
         x = path[-1]
         noise.append(eps_fn(x, _t(x.shape[0], t_cur, x.device)))
         path.append(ddim_step(x, noise[-1], a[t_cur], a[t_next]))
@@ -185,13 +190,46 @@ def _guided_eps(eps_fn: EpsFn, classifier, x: torch.Tensor, t: torch.Tensor, a_t
                 guided: bool, gradient: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(e^, g, e) at one step of the reverse: e^ = e - s * sqrt(1 - a_t) * g; g is None when not guided."""
     if guided and gradient != "noisy":
-        eps, g = clean_log_prob_grad(eps_fn, classifier, x, t, a_t, target, through_unet=gradient == "unet")
+        with section(PREDICTOR):  # the UNet forward is inside: its output is what the gradient goes through
+            eps, g = clean_log_prob_grad(eps_fn, classifier, x, t, a_t, target, through_unet=gradient == "unet")
         return eps - s * (1.0 - a_t) ** 0.5 * g, g, eps
-    eps = eps_fn(x, t)
+    with section(UNET):
+        eps = eps_fn(x, t)
     if not guided:
         return eps, None, eps
-    g = log_prob_grad(classifier, x, t, target)
+    with section(PREDICTOR):
+        g = log_prob_grad(classifier, x, t, target)
     return eps - s * (1.0 - a_t) ** 0.5 * g, g, eps
+
+
+@dataclass
+class TopStep:
+    """e = eps(u, t_S) and g = grad log p(y* | ...) at the top of the grid, where every reverse from u starts.
+    They depend on u and y* alone, not on the scale: escalation computes them once per pair instead of once
+    per scale tried, and the s = 0 reconstruction reuses e (`top_step`)."""
+    eps: torch.Tensor
+    grad: torch.Tensor | None  # None: no predictor (the reconstruction)
+
+    def select(self, idx: torch.Tensor) -> "TopStep":
+        return TopStep(self.eps[idx], None if self.grad is None else self.grad[idx])
+
+    def guided(self, s: torch.Tensor, a_t: float, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                        torch.Tensor]:
+        """(e^, g, e) as _guided_eps gives them at the top step, from the stored e and g."""
+        if not guided or self.grad is None:
+            return self.eps, None, self.eps
+        return self.eps - s * (1.0 - a_t) ** 0.5 * self.grad, self.grad, self.eps
+
+
+@torch.no_grad()
+def top_step(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor, alphas_cumprod: torch.Tensor,
+             grid: list[int], target: torch.Tensor | None = None, gradient: str = "noisy") -> TopStep:
+    """The first reverse step's e and g for each row of u (module docstring: e, g at t = t_S)."""
+    t = grid[-1]
+    one = torch.ones((), dtype=u.dtype, device=u.device)
+    _, g, eps = _guided_eps(eps_fn, classifier, u, _t(u.shape[0], t, u.device), alphas_cumprod.tolist()[t], target,
+                            one, classifier is not None, gradient)
+    return TopStep(eps, g)
 
 
 def _reverse_setup(classifier, u: torch.Tensor, scale, gradient: str) -> tuple[torch.Tensor, bool]:
@@ -204,20 +242,24 @@ def _reverse_setup(classifier, u: torch.Tensor, scale, gradient: str) -> tuple[t
 @torch.no_grad()
 def guided_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor,
                    alphas_cumprod: torch.Tensor, grid: list[int], target: torch.Tensor | None = None,
-                   scale: torch.Tensor | float = 0.0, gradient: str = "noisy") -> torch.Tensor:
+                   scale: torch.Tensor | float = 0.0, gradient: str = "noisy", top: TopStep | None = None) -> torch.Tensor:
     """Prediction: from the noise u (at t_S) down the grid to t_0, steered toward `target`.
 
     `scale` is s, a float or a (B,) tensor (per-sample scales, for escalation).
     With s = 0 (or no classifier) this is the unguided DDIM reconstruction.
     `gradient` (GRADIENTS): 'noisy' for a noise-aware classifier(x_t, t); 'unet' or 'x0'
     for a clean classifier(x0) on the x0-estimate (clean_log_prob_grad).
+    `top`: the first step's e and g, already computed (top_step); else computed here.
     """
     s, guided = _reverse_setup(classifier, u, scale, gradient)
     a = alphas_cumprod.tolist()
     x = u
-    for t_cur, t_prev in zip(grid[:0:-1], grid[-2::-1]):
-        eps, _, _ = _guided_eps(eps_fn, classifier, x, _t(x.shape[0], t_cur, x.device), a[t_cur], target, s, guided,
-                                gradient)
+    for k, (t_cur, t_prev) in enumerate(zip(grid[:0:-1], grid[-2::-1])):
+        if k == 0 and top is not None:
+            eps, _, _ = top.guided(s, a[t_cur], guided)
+        else:
+            eps, _, _ = _guided_eps(eps_fn, classifier, x, _t(x.shape[0], t_cur, x.device), a[t_cur], target, s,
+                                    guided, gradient)
         x = ddim_step(x, eps, a[t_cur], a[t_prev])
     return x
 
@@ -249,17 +291,24 @@ class EditMask:
         return d >= self.threshold  # >=: tau = 0 is the all-ones mask
 
 
+def reference_steps(steps: int, mask: EditMask) -> int:
+    """How many inversion steps of the factual trajectory localized_reverse reads: the masked steps k >=
+    round(start * steps) read x[i - 1] and, below the top, x[i] and eps[i], i = steps - k; so x[0..n] and
+    eps[0..n] with n = steps - round(start * steps), i.e. n + 1 steps (all of them when masking from the top)."""
+    return min(steps, steps - round(mask.start * steps) + 1)
+
+
 @torch.no_grad()
 def localized_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u: torch.Tensor,
                       reference: Trajectory, alphas_cumprod: torch.Tensor, grid: list[int], mask: EditMask,
                       target: torch.Tensor | None = None, scale: torch.Tensor | float = 0.0,
-                      gradient: str = "noisy") -> tuple[torch.Tensor, torch.Tensor]:
+                      gradient: str = "noisy", top: TopStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """guided_reverse confined to a region found during sampling; returns (x, the last mask (B, 1, H, W)).
 
     `reference` is the factual trajectory from inversion_trajectory; the reverse starts from the stored
     noise u, as guided_reverse does. Before the first masked step, and where the mask is on, the step is
     guided_reverse's; elsewhere the sample is set to x^f_{t_prev}, so outside the last mask the output is
-    x^f_{t_0} = x0 exactly.
+    x^f_{t_0} = x0 exactly. `top` as guided_reverse's.
     """
     s, guided = _reverse_setup(classifier, u, scale, gradient)
     a = alphas_cumprod.tolist()
@@ -269,17 +318,21 @@ def localized_reverse(eps_fn: EpsFn, classifier: LogitsFn | X0LogitsFn | None, u
     m = torch.ones((x.shape[0], 1, *x.shape[2:]), dtype=torch.bool, device=x.device)
     for k, (t_cur, t_prev) in enumerate(zip(grid[:0:-1], grid[-2::-1])):
         i = steps - k  # reference index of t_cur
-        eps_hat, g, eps = _guided_eps(eps_fn, classifier, x, _t(x.shape[0], t_cur, x.device), a[t_cur], target, s,
-                                      guided, gradient)
+        if k == 0 and top is not None:
+            eps_hat, g, eps = top.guided(s, a[t_cur], guided)
+        else:
+            eps_hat, g, eps = _guided_eps(eps_fn, classifier, x, _t(x.shape[0], t_cur, x.device), a[t_cur], target,
+                                          s, guided, gradient)
         x_prev = ddim_step(x, eps_hat, a[t_cur], a[t_prev])
         if k >= first_masked:
-            if mask.source == "gradient":
-                departure = g if g is not None else torch.zeros_like(x)
-            else:
-                factual = x0_estimate(x, eps, a[t_cur]) if i == steps else \
-                    x0_estimate(reference.x[i], reference.eps[i], a[t_cur])
-                departure = x0_estimate(x, eps_hat, a[t_cur]) - factual
-            m = mask.region(departure)
-            x_prev = torch.where(m, x_prev, reference.x[i - 1])
+            with section(MASK):
+                if mask.source == "gradient":
+                    departure = g if g is not None else torch.zeros_like(x)
+                else:
+                    factual = x0_estimate(x, eps, a[t_cur]) if i == steps else \
+                        x0_estimate(reference.x[i], reference.eps[i], a[t_cur])
+                    departure = x0_estimate(x, eps_hat, a[t_cur]) - factual
+                m = mask.region(departure)
+                x_prev = torch.where(m, x_prev, reference.x[i - 1])
         x = x_prev
     return x, m

@@ -139,14 +139,18 @@ def test_bench_prints_its_figures_and_a_consistent_json_last_line():
     assert r["efficiency"] == pytest.approx(r["pairs_per_s"] / r["compute_pairs_per_s"])
     assert r["speedup_vs_reference"] == pytest.approx(r["pairs_per_s"] / r["reference_pairs_per_s"])
     assert r["unet_mfu"] is None and r["guide_mfu"] is None  # no bf16 peak on a CPU
-    # Work per pair without escalation, by hand: invert.steps = 5 -> 5 reverse steps down to t = 0; the
-    # s = 0 reconstruction and the guided pass each take 5 UNet evaluations, and the noise-aware classifier
-    # is differentiated once per guided step; it is also read without grad (closest target, p_cf).
+    # Work per pair without escalation, by hand: invert.steps = 5 -> 5 reverse steps down to t = 0. The
+    # first step at u (UNet + differentiated predictor) is shared by the s = 0 reconstruction and the guided
+    # pass, which then take 4 UNet evaluations each, the guided pass also 4 predictor gradients; the
+    # predictor is also read without grad (closest target, p_cf).
     w = r["per_pair"]
     steps = w["reverse_steps"]
     assert steps == 5
-    # The shipped digits config edits locally (guide.mask): the factual inversion trajectory is 5 more.
-    assert w["unet_evals"] == 3 * steps and w["predictor_backwards"] == steps
+    # The shipped digits config edits locally (guide.mask, start 0.5): the masked steps k = 2..4 read the
+    # factual trajectory up to x[3] and e[3], 4 inversion steps.
+    assert w["unet_evals"] == 1 + 2 * (steps - 1) + 4 and w["predictor_backwards"] == steps
+    assert w["unet_evals_unmasked"] == 1 + 2 * (steps - 1)
+    assert w["kept_pairs"] == 1.0 and w["unet_evals_per_kept_pair"] == w["unet_evals"]  # no pack gate on digits
     assert w["predictor_forwards"] > w["predictor_backwards"]
     assert w["vae_encodes"] == w["vae_decodes"] == 0           # a pixel model
     assert w["gflop"] > 0

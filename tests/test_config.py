@@ -25,8 +25,8 @@ def test_load_digits_toml_values():
     assert cfg.invert.steps == 25
     assert cfg.invert.t_inv == 0.6
     assert cfg.guide.target == "closest"
-    assert cfg.guide.scale == 2.0
-    assert cfg.guide.escalation == [4.0, 8.0, 16.0, 32.0, 64.0]
+    assert cfg.guide.scale == 4.0
+    assert cfg.guide.escalation == [12.0, 32.0, 64.0]
     assert (cfg.guide.mask, cfg.guide.mask_threshold, cfg.guide.mask_dilation, cfg.guide.mask_start) == ("x0", 0.4, 1, 0.5)
     assert cfg.pack.require_flip is False
     assert cfg.train.diffusion.block_out_channels == [32, 64, 64]
@@ -196,7 +196,7 @@ def test_to_dict_makes_paths_absolute():
     assert d["data"]["classes"] == str(REPO / "manifests" / "digits" / "classes.txt")
     assert d["model"]["classifier"] == str(REPO / "models" / "digits" / "classifier")
     assert d["data"]["root"] == ""  # empty paths stay empty
-    assert d["guide"]["escalation"] == [4.0, 8.0, 16.0, 32.0, 64.0]
+    assert d["guide"]["escalation"] == [12.0, 32.0, 64.0]
     assert d["train"]["diffusion"]["steps"] == 4000
 
 

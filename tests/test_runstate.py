@@ -89,7 +89,7 @@ def test_rerun_with_other_settings_is_refused_and_changes_nothing(finished_run, 
     assert code == 2
     line = one_error_line(err)
     assert line.startswith(f"cfgen: error: guide: {run / 'guide'} was made with other settings: ")
-    assert "guide.target 'closest' -> 'random'" in line and "guide.scale 2.0 -> 8.0" in line
+    assert "guide.target 'closest' -> 'random'" in line and "guide.scale 4.0 -> 8.0" in line
     assert "--overwrite" in line
     assert tree(run) == before  # config.toml included: the run's record still tells how it was made
 
@@ -112,7 +112,7 @@ def test_killed_guide_then_other_settings_never_mixes(finished_run, tmp_path, ca
     (run / "guide" / "_state" / "guide-000001_stats.json").unlink()  # what a kill before the marker leaves
     before = tree(run)
     code, _, err = cli(capsys, "guide", "--config", DIGITS, "--out", str(run), sets=FAST + ["guide.scale=8"])
-    assert code == 2 and "guide.scale 2.0 -> 8.0" in one_error_line(err)
+    assert code == 2 and "guide.scale 4.0 -> 8.0" in one_error_line(err)
     assert tree(run) == before
     code, _, err = cli(capsys, "guide", "--config", DIGITS, "--out", str(run))  # the same settings: resumes
     assert code == 0, err

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm import tqdm
 
 from cfgen import distributed
@@ -120,12 +121,71 @@ class _Progress:
     """The live bar of the running stage, counted in samples: `advance` is called from inside a shard's
     batch loop, which `run_shards` does not see (a side channel, so `process` keeps its one argument)."""
     bar: tqdm | None = None
+    carry: float = 0.0  # a fraction of a sample counted but not shown yet (the bar shows whole samples)
 
 
-def advance(samples: int) -> None:
-    """Count `samples` more input samples done in the current shard (a no-op outside run_shards)."""
-    if _Progress.bar is not None:
-        _Progress.bar.update(samples)
+def advance(samples: float) -> None:
+    """Count `samples` more input samples done in the current shard (a no-op outside run_shards); fractions
+    add up until they make a whole sample. Reaching the total does not print: the bar's close() prints the
+    100% line, so it appears once."""
+    bar = _Progress.bar
+    if bar is None:
+        return
+    _Progress.carry += samples
+    whole = min(int(_Progress.carry), bar.total - bar.n)
+    _Progress.carry -= whole
+    _show(bar, whole)
+
+
+def _show(bar: tqdm, whole: int) -> None:
+    """Add `whole` samples to the bar. A count that reads as 100% (the total, or tqdm's rounding of 99.5% and
+    up) is set without a display: close() prints the 100% line, so it is printed once."""
+    if whole <= 0:
+        return
+    if (bar.n + whole) * 200 >= bar.total * 199:
+        bar.n = min(bar.n + whole, bar.total)
+    else:
+        bar.update(whole)
+
+
+class UnetProgress:
+    """Moves the bar during a batch, not once at its end (a batch of 256 on a CPU takes minutes): each UNet
+    forward on b rows counts b / E samples, E the UNet evaluations per sample this stage has measured on its
+    finished batches (before the first: `first_guess`, a lower bound, so the bar never lags and then jumps),
+    never past the batch's last sample until `done` settles it. So it ticks every few samples whatever the
+    batch size, and the ETA follows the work, escalation rounds included.
+
+        progress = UnetProgress(models.unet, first_guess=steps)
+        progress.start(len(batch)); ...compute...; progress.done()     # per batch
+        progress.close()
+    """
+
+    def __init__(self, unet: torch.nn.Module, first_guess: float):
+        self.guess = max(first_guess, 1e-9)
+        self.evals = self.samples = 0
+        self.batch = self.batch_evals = 0
+        self.shown = 0.0
+        self.handle = unet.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        self.batch_evals += int(args[0].shape[0])
+        per_sample = self.evals / self.samples if self.samples else self.guess
+        target = min(self.batch - 1, self.batch_evals / per_sample)
+        if target > self.shown:
+            advance(target - self.shown)
+            self.shown = target
+
+    def start(self, samples: int) -> None:
+        self.batch, self.batch_evals, self.shown = samples, 0, 0.0
+
+    def done(self) -> None:
+        advance(self.batch - self.shown)
+        self.evals += self.batch_evals
+        self.samples += self.batch
+        self.batch = 0
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 def upstream_rows(stage: Stage, run_dir: Path) -> Callable[[int], int]:
@@ -144,6 +204,9 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     number of input samples: the bar (rank 0's) then counts samples, with rate and ETA, as `process`
     calls `advance`; at the end each rank gives one line of counts, samples/s and time.
     """
+    from cfgen.threads import announce
+
+    announce()  # the command's thread policy, now that its checks have passed
     out_dir = stage.dir(run_dir)
     stage.state(run_dir).mkdir(parents=True, exist_ok=True)
     mine = distributed.my_shards(indices)
@@ -165,6 +228,7 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
     expected = {i: sizes(i) for i in todo} if sizes is not None else {i: 1 for i in todo}
     bar = tqdm(total=sum(expected.values()), desc=desc, unit="sample" if sizes is not None else "shard",
                disable=not todo or not distributed.is_main(), dynamic_ncols=True, smoothing=0.1)
+    _Progress.carry = 0.0
     totals = {"ok": 0, "failed": 0, "rejected": 0}
     began = time.perf_counter()
     _Progress.bar = bar if sizes is not None else None
@@ -173,7 +237,8 @@ def run_shards(stage: Stage, cfg: Config, run_dir: Path, indices: list[int],
             before = bar.n
             start = time.perf_counter()
             _one_shard(stage, cfg, run_dir, i, process, start, totals)
-            bar.update(max(0, expected[i] - (bar.n - before)))  # samples the batches did not count
+            _Progress.carry = 0.0  # the shard's count is settled in whole samples:
+            _show(bar, max(0, expected[i] - (bar.n - before)))  # those its batches did not count
     finally:
         _Progress.bar = None
         bar.close()

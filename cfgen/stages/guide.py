@@ -33,15 +33,17 @@ from cfgen.config import Config
 from cfgen.contract import GUIDE, GUIDE_FIELDS, INVERT
 from cfgen.data.images import decode_image, encode_png
 from cfgen.data.sources import list_samples, load_class_names
-from cfgen.diffusion import EditMask, Trajectory, guided_reverse, inversion_trajectory, localized_reverse
+from cfgen.diffusion import (EditMask, TopStep, Trajectory, guided_reverse, inversion_trajectory, localized_reverse,
+                             reference_steps, top_step)
 from cfgen.errors import ConfigError, InputError
 from cfgen.metrics import l1, l2
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
 from cfgen.runstate import claim, require_upstream, run_lock
+from cfgen.sections import ESCALATION, GUIDED_PASS, RECON, TARGETS, TOP_STEP, TRAJECTORY, section
 from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
-from cfgen.stages.common import (advance, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
+from cfgen.stages.common import (UnetProgress, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
                                  upstream_rows)
 from cfgen.stages.text_guide import (TextGuideResult, checked_graph, edits_json, intervention_text, pair_key,
                                      text_guide_batch)
@@ -110,7 +112,7 @@ class Localized:
 
 def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid: list[int],
                     scales: list[float], confidence: float = 0.5, fill: bool | None = None,
-                    localized: Localized | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                    localized: Localized | None = None, top: TopStep | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                                  np.ndarray]:
     """Guided reverse with per-sample escalation.
 
@@ -121,7 +123,7 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
     (the last mask's mean with `localized`; 1 without). `fill` (default: on a GPU) fills escalation
     rounds up to the batch's size with later scales of the pending samples (`escalation_jobs`); every
     pass is a per-sample computation, so the result is the same either way, only the work and the
-    rounds differ.
+    rounds differ. `top`: the first reverse step of every pair (diffusion.top_step), shared by its scales.
     """
     n = u.shape[0]
     fill = models.device.type == "cuda" if fill is None else fill
@@ -134,42 +136,48 @@ def counterfactuals(models: Models, u: torch.Tensor, targets: torch.Tensor, grid
     pending = list(range(n))
     classifier, gradient = models.guidance
     while pending:
-        jobs = escalation_jobs(pending, next_scale, len(scales), n, fill)
-        idx = torch.tensor([i for i, _ in jobs])
-        job_scales = [float(scales[k]) for _, k in jobs]  # one scale for the whole pass stays a plain float
-        s = job_scales[0] if len(set(job_scales)) == 1 else torch.tensor(job_scales, dtype=u.dtype, device=u.device)
-        if localized is None:
-            x = guided_reverse(models.eps, classifier, u[idx], models.alphas_cumprod, grid, gradient=gradient,
-                               target=targets[idx], scale=s)
-            share = torch.ones(len(jobs))
-        else:
-            x, m = localized_reverse(models.eps, classifier, u[idx], localized.reference.select(idx), models.alphas_cumprod,
-                                     grid, localized.mask, gradient=gradient, target=targets[idx], scale=s)
-            share = m.flatten(1).float().mean(1).cpu()
-        x = models.decode(x)  # latent models: back to pixels (identity for pixel models)
-        finite = torch.isfinite(x).flatten(1).all(1).cpu()
-        stored = to_uint8(x)
-        if images is None:
-            images = np.zeros((n, *stored.shape[1:]), dtype=np.uint8)
-        probs = predict_clean(models, to_model_space(torch.from_numpy(stored)).to(models.device))
-        p = probs.gather(1, targets[idx][:, None]).squeeze(1).cpu().double()
-        p[~finite] = float("nan")  # a NaN path must not pass as a (clipped) image
-        flipped = (probs.argmax(1) == targets[idx]).cpu() & finite
-        results = {job: (stored[j], float(p[j]), bool(flipped[j]), float(share[j])) for j, job in enumerate(jobs)}
-        still = []
-        for i in pending:  # walk each sample's tried scales in order: the first that is done is kept
-            finished = False
-            while (i, next_scale[i]) in results:
-                k = next_scale[i]
-                images[i], p_cf[i], flipped_all[i], region[i] = results[(i, k)]
-                used[i] = scales[k]
-                next_scale[i] = k + 1
-                if (flipped_all[i] and p_cf[i] >= confidence) or not np.isfinite(p_cf[i]) or k + 1 == len(scales):
-                    finished = True
-                    break
-            if not finished:
-                still.append(i)
-        pending = still
+        with section(ESCALATION):
+            jobs = escalation_jobs(pending, next_scale, len(scales), n, fill)
+            idx = torch.tensor([i for i, _ in jobs])
+            job_scales = [float(scales[k]) for _, k in jobs]  # one scale for the whole pass stays a plain float
+            s = job_scales[0] if len(set(job_scales)) == 1 else torch.tensor(job_scales, dtype=u.dtype, device=u.device)
+            reference = None if localized is None else localized.reference.select(idx)
+            first = None if top is None else top.select(idx)
+        with section(GUIDED_PASS):
+            if localized is None:
+                x = guided_reverse(models.eps, classifier, u[idx], models.alphas_cumprod, grid, gradient=gradient,
+                                   target=targets[idx], scale=s, top=first)
+                share = torch.ones(len(jobs))
+            else:
+                x, m = localized_reverse(models.eps, classifier, u[idx], reference, models.alphas_cumprod,
+                                         grid, localized.mask, gradient=gradient, target=targets[idx], scale=s,
+                                         top=first)
+                share = m.flatten(1).float().mean(1).cpu()
+        with section(ESCALATION):
+            x = models.decode(x)  # latent models: back to pixels (identity for pixel models)
+            finite = torch.isfinite(x).flatten(1).all(1).cpu()
+            stored = to_uint8(x)
+            if images is None:
+                images = np.zeros((n, *stored.shape[1:]), dtype=np.uint8)
+            probs = predict_clean(models, to_model_space(torch.from_numpy(stored)).to(models.device))
+            p = probs.gather(1, targets[idx][:, None]).squeeze(1).cpu().double()
+            p[~finite] = float("nan")  # a NaN path must not pass as a (clipped) image
+            flipped = (probs.argmax(1) == targets[idx]).cpu() & finite
+            results = {job: (stored[j], float(p[j]), bool(flipped[j]), float(share[j])) for j, job in enumerate(jobs)}
+            still = []
+            for i in pending:  # walk each sample's tried scales in order: the first that is done is kept
+                finished = False
+                while (i, next_scale[i]) in results:
+                    k = next_scale[i]
+                    images[i], p_cf[i], flipped_all[i], region[i] = results[(i, k)]
+                    used[i] = scales[k]
+                    next_scale[i] = k + 1
+                    if (flipped_all[i] and p_cf[i] >= confidence) or not np.isfinite(p_cf[i]) or k + 1 == len(scales):
+                        finished = True
+                        break
+                if not finished:
+                    still.append(i)
+            pending = still
     return images, used, p_cf, flipped_all, region
 
 
@@ -197,20 +205,30 @@ def guide_batch(models: Models, cfg: Config, classes: list[str], grid: list[int]
     x0 = to_model_space(torch.from_numpy(np.require(factual, requirements="W"))).to(models.device)
     u = torch.from_numpy(noise).to(models.device)
     y = torch.tensor(labels, device=models.device)
-    target_sets = choose_target_sets(cfg.guide.target, cfg.guide.top_k, predict_clean(models, x0), y, seeds, classes)
+    with section(TARGETS):
+        target_sets = choose_target_sets(cfg.guide.target, cfg.guide.top_k, predict_clean(models, x0), y, seeds,
+                                         classes)
     per_image = target_sets.shape[1]
     source = torch.arange(len(labels), device=models.device).repeat_interleave(per_image)
-    recon_x = models.decode(guided_reverse(models.eps, None, u, models.alphas_cumprod, grid))
+    pair_u, pair_targets = (u if per_image == 1 else u[source]), target_sets.reshape(-1)
+    classifier, gradient = models.guidance
+    with section(TOP_STEP):  # e and g at u: the same for the reconstruction and every scale of the ladder
+        top = top_step(models.eps, classifier, pair_u, models.alphas_cumprod, grid, pair_targets, gradient)
+    with section(RECON):
+        first_of_image = torch.arange(len(labels), device=models.device) * per_image
+        recon_x = models.decode(guided_reverse(models.eps, None, u, models.alphas_cumprod, grid,
+                                               top=TopStep(top.eps[first_of_image], None)))
     recon_ok = torch.isfinite(recon_x).flatten(1).all(1).cpu().numpy()
     mask = edit_mask(cfg)
     localized = None
     if mask is not None:
-        path = inversion_trajectory(models.eps, models.encode(x0), models.alphas_cumprod, grid)
+        with section(TRAJECTORY):  # only as far up as the masked steps read it
+            path = inversion_trajectory(models.eps, models.encode(x0), models.alphas_cumprod, grid,
+                                        steps=reference_steps(len(grid) - 1, mask))
         localized = Localized(path if per_image == 1 else path.select(source), mask)
-    pair_u = u if per_image == 1 else u[source]
-    cf, used, p_cf, flipped, share = counterfactuals(models, pair_u, target_sets.reshape(-1), grid,
+    cf, used, p_cf, flipped, share = counterfactuals(models, pair_u, pair_targets, grid,
                                                      [cfg.guide.scale, *cfg.guide.escalation], cfg.guide.confidence,
-                                                     localized=localized)
+                                                     localized=localized, top=top)
     src = source.cpu().numpy()
     recon = to_uint8(recon_x)
     return GuideResult(src, target_sets.reshape(-1).cpu().numpy(), recon[src], cf, used, p_cf, flipped,
@@ -332,6 +350,7 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
             for good in prefetched(chunks(samples, cfg.guide.batch_size), parse):
                 if not good:
                     continue
+                progress.start(len(good))
                 batch_rows = [r for r, _, _ in good]
                 factual = np.stack([p for _, p, _ in good])
                 labels, seeds = [r["label"] for r in batch_rows], [r["seed"] for r in batch_rows]
@@ -342,10 +361,23 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
                     res = guide_batch(models, cfg, classes, grid, factual, np.stack([n for _, _, n in good]),
                                       labels, seeds)
                 writer.submit(write, tar, batch_rows, factual, res)
-                advance(len(good))
+                progress.done()
         mark_unread(rows, seen, broken)
         # one row per pair; a factual image that never reached the guided path keeps its own (failed) row
         return [pair for r in rows for pair in pairs_of.get(r["id"], [r])]
 
-    run_shards(GUIDE, cfg, run_dir, indices, process, sizes=upstream_rows(INVERT, run_dir))
+    progress = UnetProgress(models.unet, first_guess=_least_evals(cfg, per_image, len(grid) - 1))
+    try:
+        run_shards(GUIDE, cfg, run_dir, indices, process, sizes=upstream_rows(INVERT, run_dir))
+    finally:
+        progress.close()
     return GUIDE.dir(run_dir)
+
+
+def _least_evals(cfg: Config, pairs: int, steps: int) -> int:
+    """The fewest UNet evaluations an input image can cost (every pair done at its first scale): the progress
+    bar's first guess, a lower bound so that it runs ahead rather than lags (text mode: its reconstruction)."""
+    mask = edit_mask(cfg)
+    if pairs == 0:
+        return steps
+    return pairs * steps + (steps - 1) + (0 if mask is None else reference_steps(steps, mask))

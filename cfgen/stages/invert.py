@@ -32,7 +32,7 @@ from cfgen.errors import InputError
 from cfgen.overlap import BackgroundWriter, chunks, prefetched
 from cfgen.runstate import claim, run_lock
 from cfgen.shards import atomic_tar, npy_bytes, npy_load, read_samples, sample_digest
-from cfgen.stages.common import advance, config_grid, run_shards
+from cfgen.stages.common import UnetProgress, advance, config_grid, run_shards
 from cfgen.targets import sample_seed
 from cfgen.tensors import to_model_space
 
@@ -99,6 +99,7 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
                 if not good:
                     advance(len(decoded))
                     continue
+                progress.start(len(decoded))
                 x0 = to_model_space(torch.from_numpy(np.stack([px for _, px in good]))).to(models.device)
                 eps = models.eps
                 if cfg.guide.mode == "text":  # abduction under each sample's own caption (cfgen/csg.py)
@@ -112,11 +113,15 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
                         continue
                     done.append((row, px, noise))
                 writer.submit(write, tar, done)
-                advance(len(decoded))
+                progress.done()
         return rows
 
-    run_shards(INVERT, cfg, run_dir, list(range(n_shards)), process,
-               sizes=lambda i: len(refs[i * size:(i + 1) * size]))
+    progress = UnetProgress(models.unet, first_guess=len(grid) - 1)  # inversion: one UNet pass a grid step
+    try:
+        run_shards(INVERT, cfg, run_dir, list(range(n_shards)), process,
+                   sizes=lambda i: len(refs[i * size:(i + 1) * size]))
+    finally:
+        progress.close()
     return INVERT.dir(run_dir)
 
 
