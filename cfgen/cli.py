@@ -105,7 +105,8 @@ def _load(config: Path, sets: list[str] | None, threads: int | None = None) -> C
 
 def _threads(flag: int | None, cfg: Config | None = None) -> None:
     """Every command's first step: size torch's thread pools (cfgen/threads.py). The stages say so when
-    their work starts; other commands call `_announce` after their own checks."""
+    their work starts; train and tune call `_announce` after their own checks; evaluate and report, whose
+    checks run inside their work, stay silent."""
     from cfgen.threads import configure
 
     configure(flag, cfg.pipeline.threads if cfg is not None else 0)
@@ -227,8 +228,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
     Also writes RUN/evaluate/judge.json, which `cfgen report` shows."""
     from cfgen.evaluate import evaluate_pairs, format_report, write_result
 
-    _threads(threads)
-    _announce()
+    _threads(threads)  # not announced: the judge's own errors come later and must stay one line
 
     result = evaluate_pairs(run_dir)
     typer.echo(format_report(result))
@@ -264,8 +264,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pa
     """Write RUN_DIR/report/report.html: contact sheets, metric histograms, flip rate vs scale, confusion."""
     from cfgen.report import write_report
 
-    _threads(threads)
-    _announce()
+    _threads(threads)  # not announced: a missing run must stay a one-line error
 
     typer.echo(f"wrote {write_report(run_dir)}")
 

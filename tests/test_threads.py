@@ -63,17 +63,25 @@ def _threads_in_child(args: list[str], env: dict) -> tuple[str, list[str]]:
             "sys.argv = ['cfgen', *sys.argv[1:]]\n"
             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
             "print('THREADS', torch.get_num_threads())\n")
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
     threads = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("THREADS"))
     return threads, [x for x in out.stderr.splitlines() if x.startswith("threads:")]
 
 
-def test_a_command_applies_and_prints_the_policy_once(tmp_path):
-    """`cfgen evaluate` on an empty folder: the policy is applied and said before the command's own error."""
+def test_a_command_applies_the_policy_and_a_stage_says_it_once(tmp_path):
+    """`cfgen evaluate` (on an empty folder: its error) applies the policy silently; `cfgen run` says it once,
+    when the first stage starts, for all three stages."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
     threads, lines = _threads_in_child(["evaluate", str(tmp_path), "--threads", "1"], env)
-    assert threads == "1" and len(lines) == 1 and "1 CPU thread(s) for torch (--threads" in lines[0]
+    assert threads == "1" and lines == []
     threads, lines = _threads_in_child(["evaluate", str(tmp_path)], {**env, "OMP_NUM_THREADS": "1"})
+    assert threads == "1"
+    tiny = ["--config", "pipelines/digits.toml", "--out", str(tmp_path / "run"), "--set", "data.limit=2",
+            "--set", "invert.steps=2", "--set", "guide.escalation=[]"]
+    threads, lines = _threads_in_child(["run", *tiny, "--threads", "1"], env)
+    assert threads == "1" and len(lines) == 1 and "1 CPU thread(s) for torch (--threads" in lines[0]
+    threads, lines = _threads_in_child(["run", *tiny, "--overwrite"], {**env, "OMP_NUM_THREADS": "1"})
     assert threads == "1" and len(lines) == 1 and "(OMP_NUM_THREADS" in lines[0]
 
 
