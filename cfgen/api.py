@@ -22,23 +22,38 @@ from cfgen.errors import ConfigError, RunFailed
 ConfigLike = str | Path | Config
 
 
-def load_config(config: ConfigLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a pipeline TOML with overrides and check what can be checked before any work starts."""
-    from cfgen.config import load_config as load_toml
-    from cfgen.data.sources import load_class_names
+def load_config(config: ConfigLike, overrides: list[str] | tuple[str, ...] | str = ()) -> Config:
+    """Load a pipeline TOML with overrides and check what can be checked before any work starts. A Config
+    is checked again (its fields may have been edited since it was loaded): every stage function calls this."""
+    from cfgen.config import load_config as load_toml, validate
+    from cfgen.data.sources import check_source, load_class_names
     from cfgen.targets import resolve_fixed_target
 
+    overrides = _override_list(overrides)
     if isinstance(config, Config):
         if overrides:
             raise ConfigError("overrides apply to a TOML path; edit a loaded Config's fields directly")
         cfg = config
+        validate(cfg)
+    elif isinstance(config, (str, Path)):
+        cfg = load_toml(Path(config), overrides)
     else:
-        cfg = load_toml(Path(config), list(overrides))
+        raise ConfigError(f"config: expected a pipeline TOML path or a Config, got {type(config).__name__}")
+    check_source(cfg)
     try:
         resolve_fixed_target(cfg.guide.target, load_class_names(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return cfg
+
+
+def _override_list(overrides) -> list[str]:
+    """`overrides` as a list of 'section.key=value' strings; one string is taken as one override."""
+    if isinstance(overrides, str):
+        return [overrides]
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides: expected a list of 'section.key=value' strings, got {overrides!r}")
+    return list(overrides)
 
 
 def run_dir(cfg: Config, out: str | Path | None = None) -> Path:

@@ -9,6 +9,7 @@
     cfgen tune   --config pipelines/digits.toml [--pairs 'runs/digits/pairs/pairs-{000000..000003}.tar'] [--bench]
     cfgen sweep  --config pipelines/shapes.toml --scales 1,2,4,8,16   # flip rate vs scale
     cfgen report runs/shapes                                        # -> runs/shapes/report/report.html
+    cfgen publish runs/digits --repo you/digits-pairs                 # the pairs as a Hugging Face dataset
 
 User errors (bad config, missing files or weights) print one line and exit 2.
 """
@@ -23,7 +24,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cfgen.config import Config, load_config
+from cfgen.config import Config
 from cfgen.errors import RunFailed, UserError
 
 app = typer.Typer(help="Generate factual/counterfactual image pairs as WebDataset shards.",
@@ -56,12 +57,34 @@ def _main_options(version: Annotated[bool, typer.Option("--version", callback=_v
             os.environ.setdefault(key, value)
         for lib in ("transformers", "diffusers", "torch", "huggingface_hub", "accelerate", "webdataset"):
             warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
+
+
+def _flags_take_no_value() -> None:
+    """typer >= 0.2x writes each option's type in the help, flags included (`--overwrite <bool>`), which reads
+    as if the flag took a value: a flag shows none."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "cfgen", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.cfgen = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 train_app = typer.Typer(help="Train the embedded models on the configured dataset.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline TOML file (pipelines/*.toml).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<pipeline.name> of the config).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE",
+                                                     help="Override a config value (repeatable).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start the stage(s) afresh: delete what an earlier run left in their folders.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (wins over "
                        "OMP_NUM_THREADS and pipeline.threads; default: the cores this process may use / LOCAL_WORLD_SIZE).")]
@@ -184,6 +207,8 @@ def _summary(stats: dict) -> str:
     mean_cld = stats.get("mean_cld")
     cld = f"; mean cld {mean_cld:.3f}" if mean_cld is not None and not math.isnan(mean_cld) else ""
     p_cf = f" (mean p(y*) {stats['mean_p_cf']:.3f})" if stats.get("mean_p_cf") is not None else ""
+    if "class_kept_rate" in stats:  # text mode: do()s that keep the class are no flips
+        p_cf += f"; class kept {stats['class_kept_rate']:.3f} ({stats['class_keeping_pairs']} pairs)"
     seconds = stats.get("seconds") or {}
     timing = ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())) if seconds else ""
     out = (f"pairs: {stats['pairs']} of {stats['count']} inputs (failed {stats['failed']}, "
@@ -245,6 +270,34 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pa
 
 
 @app.command()
+def publish(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ (e.g. runs/digits).")],
+            repo: Annotated[Optional[str], typer.Option("--repo", help="Hugging Face dataset repository, "
+                                                        "USER/NAME (created if missing).")] = None,
+            to: Annotated[Optional[Path], typer.Option("--to", help="Copy what would be uploaded to this new "
+                                                       "folder instead.")] = None,
+            private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and list the files; send nothing.")] = False):
+    """Upload RUN/pairs as a Hugging Face dataset, its card as README.md (not config.toml or _state/)."""
+    from cfgen import publish as pub
+
+    if dry_run or (repo is None and to is None):
+        pub.check(run_dir)
+        for name in pub.published_files(run_dir):
+            typer.echo(name)
+        if not dry_run:
+            raise UserError("publish: give --repo USER/NAME (the Hub) or --to DIR (a local folder); "
+                            "the files above are what would go")
+        return
+    if repo is not None and to is not None:
+        raise UserError("publish: give --repo or --to, not both")
+    if to is not None:
+        typer.echo(f"copied {len(pub.copy_to(run_dir, to))} files to {to}")
+        return
+    info = pub.upload(run_dir, repo, private=private)
+    typer.echo(f"uploaded to https://huggingface.co/datasets/{repo} ({getattr(info, 'commit_url', info)})")
+
+
+@app.command()
 def bench(config: ConfigOpt, set: SetOpt = None,
           samples: Annotated[int, typer.Option(help="Samples through the guide stage.")] = 1024,
           reference_samples: Annotated[int, typer.Option(help="Samples for the one-at-a-time reference.")] = 32,
@@ -267,13 +320,21 @@ def _train_out(cfg: Config, out: Path | None, component: str) -> Path:
     return path
 
 
+def _set_path(cfg: Config, path: Path) -> str:
+    """`path` as a `--set` value for this config, which reads a relative path against the config's folder:
+    relative to it when that is short (pipelines/x.toml -> ../runs/...), else absolute."""
+    path = Path(path).resolve()
+    relative = os.path.relpath(path, cfg.base_dir.resolve())
+    return str(path) if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
+
+
 TRAIN_OUT_HELP = "Output dir (default: runs/<pipeline.name>/models/{}; the models the config uses are only replaced " \
            "when --out names them)."
 
 
 @train_app.command("diffusion")
 def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
-                        out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("diffusion"))] = None,
+                        out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("diffusion"))] = None,
                         threads: ThreadsOpt = None):
     """Train the UNet noise predictor; writes OUT/unet and OUT/scheduler (a text-conditioned one, with
     train.diffusion.text_encoder, also OUT/text_encoder.json and OUT/metrics.json)."""
@@ -283,13 +344,13 @@ def train_diffusion_cmd(config: ConfigOpt, set: SetOpt = None,
     path = _train_out(cfg, out, "diffusion")
     _announce()
     path = train_diffusion(cfg, path)
-    typer.echo(f"saved unet/ and scheduler/ to {path}; use them with "
-               f"--set model.unet={path / 'unet'} --set model.scheduler={path / 'scheduler'}")
+    typer.echo(f"saved unet/ and scheduler/ to {path}; use them with --set model.unet={_set_path(cfg, path / 'unet')} "
+               f"--set model.scheduler={_set_path(cfg, path / 'scheduler')}")
 
 
 @train_app.command("classifier")
 def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
-                         out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("classifier"))] = None,
+                         out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("classifier"))] = None,
                          threads: ThreadsOpt = None):
     """Train the noise-aware classifier p(y|x_t,t); prints held-out accuracy by t."""
     import json
@@ -300,24 +361,23 @@ def train_classifier_cmd(config: ConfigOpt, set: SetOpt = None,
     path = _train_out(cfg, out, "classifier")
     _announce()
     typer.echo(json.dumps(train_classifier(cfg, path), indent=2))
-    typer.echo(f"saved to {path}; use it with --set model.classifier={path}")
+    typer.echo(f"saved to {path}; use it with --set model.classifier={_set_path(cfg, path)}")
 
 
 @train_app.command("vlm")
 def train_vlm_cmd(config: ConfigOpt, set: SetOpt = None,
-                  out: Annotated[Optional[Path], typer.Option(help=TRAIN_OUT_HELP.format("vlm"))] = None,
+                  out: Annotated[Optional[Path], typer.Option("--out", "-o", help=TRAIN_OUT_HELP.format("vlm"))] = None,
                   threads: ThreadsOpt = None):
     """Train the embedded VLM's image tower against frozen MiniLM caption embeddings (LiT)."""
     import json
 
     from cfgen.tune.vlm import train_vlm
 
-    cfg = load_config(config, set or [])
-    _threads(threads, cfg)
+    cfg = _load(config, set, threads)
     path = _train_out(cfg, out, "vlm")
     _announce()
     typer.echo(json.dumps(train_vlm(cfg, path), indent=2))
-    typer.echo(f"saved to {path}; use it with --set tune.vlm={path}")
+    typer.echo(f"saved to {path}; use it with --set tune.vlm={_set_path(cfg, path)}")
 
 
 @app.command()
@@ -326,9 +386,8 @@ def tune(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None,
              "--pairs", help="Pair shards: a path, glob or brace list (default: tune.pairs, else RUN_DIR/pairs/pairs-*.tar).")] = None,
          bench: Annotated[bool, typer.Option("--bench", help="Time an epoch with the feature cache vs re-encoding.")] = False,
          threads: ThreadsOpt = None):
-    """Learn prompts on the pairs: zero-shot, baselines (lambda=0), DiCap / CF-VLM per cf source (RUN/tune/)."""
-    cfg = load_config(config, set or [])
-    _threads(threads, cfg)
+    """Learn on the pairs: zero-shot, each learner without and with them, per objective and cf source (RUN/tune/)."""
+    cfg = _load(config, set, threads)
     _announce()
     run_dir = _run_dir(cfg, out)
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
@@ -410,7 +469,9 @@ def main() -> None:
         sys.exit(128 + exc.signum)
     except _usage_errors() as exc:  # usage errors arrive here in standalone_mode=False
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `cfgen` or `cfgen train`: the help, not an error
-            text = exc.ctx.get_help()  # typer's rich help prints itself and returns ''
+            # the error was made from ctx.get_help(), which typer's rich help already printed (its message is
+            # then ''); asking for the help again would print it twice
+            text = exc.format_message()
             if text:
                 typer.echo(text)
             sys.exit(2)

@@ -33,14 +33,16 @@ GuideMask = Literal["off", MaskSource]
 GuideMode = Literal["classifier", "text"]
 TextMaskRule = Literal["quantile", "relative"]
 TextEditPrompt = Literal["concept", "counterfactual"]
+ImageFormat = Literal["png", "jpeg", "webp"]
 """How guidance takes grad log p(y*): cfgen/diffusion.py's GRADIENTS."""
 Gradient = Literal["auto", GradientKind]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 ModelKind = Literal["auto", "pixel", "latent"]
 Predictor = Literal["noise_aware", "hf_classifier", "clip_zero_shot"]
 TuneBackend = Literal["embedded", "transformers"]
-Learner = Literal["coop", "coop_csc", "cocoop"]
-Objective = Literal["dicap", "cfvlm"]
+Learner = Literal["coop", "coop_csc", "cocoop", "linear", "adapter"]
+Objective = Literal["dicap", "cfvlm", "augment", "dicap_sym"]
+SelectMode = Literal["validation", "fixed"]
 TextEncoderName = Literal["", "minilm"]
 CfSource = Literal["generated", "true", "nearest"]
 """Which image plays x^cf in the counterfactual objectives (cfgen/tune/cfsources.py)."""
@@ -66,7 +68,8 @@ class DataConfig:
     source: str = "digits"
     """'digits' (scikit-learn's handwritten digits), 'shapes' (synthetic, known causal model: cfgen/data/shapes.py),
     'shapes-text' (shapes captioned over a concept graph: cfgen/data/shapes_text.py),
-    'folder' (root/<class>/<image>, any format PIL decodes) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES."""
+    'folder' (root/<class>/<image>, any format PIL decodes) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES
+    (checked there, by check_source, before any work)."""
     root: str = ""
     """Dataset root: the image folder, or the directory that manifest paths are relative to."""
     manifest: str = ""
@@ -247,6 +250,14 @@ class PackConfig:
     """Gate: reject pairs whose L1 factual -> counterfactual is above this (1.0, the maximum, keeps all)."""
     max_recon_l1: float = 1.0
     """Gate: reject pairs whose s = 0 reconstruction L1 is above this (1.0 keeps all)."""
+    image_format: ImageFormat = "png"
+    """Image members of the pairs: 'png' (lossless: the pixels the metrics were measured on), 'jpeg' or 'webp'
+    (lossy, at image_quality; smaller for large images). The members are K.png / K.jpg / K.webp (and K.cf.*)."""
+    image_quality: int = 95
+    """jpeg and webp: the encoder's quality, 1-100 (ignored for png)."""
+    license: str = "unknown"
+    """The dataset card's license: a Hugging Face license id (apache-2.0, cc-by-4.0, other, ...). The pairs
+    derive from the source images and the models, so their licenses bound it; only the card changes with it."""
 
 
 @dataclass
@@ -297,6 +308,30 @@ class TrainConfig:
 
 
 @dataclass
+class SelectConfig:
+    """How each row's lr / epochs / lambda are chosen (cfgen/tune/select.py), never on tune.eval_split."""
+
+    mode: SelectMode = "validation"
+    """'validation': per seed and row, the grid point with the best criterion on the shot pool's held-out
+    pairs (factual and counterfactual accuracy); 'fixed': tune.lr / epochs / lam (image learners:
+    tune.image_lr / image_epochs) as given, nothing chosen."""
+    lr: list[float] = field(default_factory=lambda: [0.002, 0.02, 0.2])
+    """Learning rates tried for the prompt learners (SGD, momentum 0.9)."""
+    epochs: list[int] = field(default_factory=lambda: [10, 25, 50])
+    """Epoch budgets of CoOp / CoOp-CSC: checkpoints of one run, cosine over the largest."""
+    cocoop_epochs: list[int] = field(default_factory=lambda: [2, 5, 10])
+    """Epoch budgets of CoCoOp."""
+    lam: list[float] = field(default_factory=lambda: [1.0])
+    """lambda values tried for the prompt learners (objectives of the form L1 + lambda * ...)."""
+    image_lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    """Learning rates tried for the image-side learners (Adam)."""
+    image_epochs: list[int] = field(default_factory=lambda: [10, 25, 50, 100, 200])
+    """Epoch budgets of the image-side learners."""
+    image_lam: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """lambda values tried for the image-side learners."""
+
+
+@dataclass
 class TuneConfig:
     pairs: str = ""
     """Pair shards to learn from: a path, glob or brace list (pairs-{000000..000003}.tar); '' = RUN_DIR/pairs/pairs-*.tar."""
@@ -306,23 +341,26 @@ class TuneConfig:
     """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint.
     "" = runs/<pipeline.name>/models/vlm under the working directory, where `cfgen train vlm` writes."""
     learners: list[Learner] = field(default_factory=lambda: ["coop"])
-    """Prompt learners, each a baseline row (lambda = 0) and a row per objective and cf source:
+    """Learners, each a baseline row (lambda = 0) and a row per objective and cf source: prompts
     'coop' (one shared context), 'coop_csc' (CoOp with a context per class), 'cocoop' (the context
-    shifted by a meta-net of the image feature)."""
+    shifted by a meta-net of the image feature); image side 'linear' (class vectors started at the
+    zero-shot text features) and 'adapter' (a residual adapter on the image features)."""
     n_ctx: int = 4
     """Number of learned context vectors in front of the class name."""
     ctx_init: str = "a photo of a"
     """Phrase whose token embeddings start the context (n_ctx tokens long), also the zero-shot prompt; '' = N(0, 0.02)."""
     objectives: list[Objective] = field(default_factory=lambda: ["dicap"])
-    """Counterfactual objectives: 'dicap' (L1 + lam*L2), 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd);
-    every learner's baseline is L1 alone (lambda = 0), with the same shots, init and batch order."""
+    """Counterfactual objectives: 'dicap' (L1 + lam*L2), 'cfvlm' (alpha*L_align + beta*L_csd + gamma*L_fcd),
+    'augment' (each x^cf a labelled image of y*: L1 + lam*CE(x^cf, y*)), 'dicap_sym' (L1 + lam*(L2 + its
+    mirror)); every learner's baseline is L1 alone (lambda = 0), with the same shots, init and batch order."""
     cf_sources: list[CfSource] = field(default_factory=lambda: ["generated"])
     """What plays the counterfactual x^cf of a shot (x, y*): 'generated' (the pair's own cf image),
     'true' (the source's causal model renders x under y*; shapes), 'nearest' (the real image of class
     y* nearest to x in the frozen VLM's feature space, from the samples outside eval_split)."""
     rows: list[str] = field(default_factory=list)
     """Train only these rows, each 'learner+objective[cf source]' of the lists above (e.g.
-    'cocoop+dicap[generated]'); every listed learner still gets its baseline. [] = every combination."""
+    'cocoop+dicap[generated]') or 'learner+*' (all of that learner's); every listed learner still gets
+    its baseline. [] = every combination."""
     lam: float = 1.0
     """lambda of DiCap's L = L1 + lambda*L2 (L2: factual vs counterfactual image, true-class prompt as anchor)."""
     alpha: float = 1.0
@@ -348,7 +386,19 @@ class TuneConfig:
     batch_size: int = 32
     """Pairs per optimizer step."""
     lr: float = 0.002
-    """SGD learning rate (momentum 0.9, cosine decay), as CoOp."""
+    """SGD learning rate of the prompt learners (momentum 0.9, cosine decay), as CoOp (select.mode='fixed')."""
+    image_lr: float = 0.001
+    """Adam learning rate of the image-side learners (select.mode='fixed')."""
+    image_epochs: int = 50
+    """Epochs of the image-side learners (select.mode='fixed')."""
+    workers: int = 0
+    """Processes the seeds are trained in, one thread each (CPU only); 0 = one per usable core, at most one
+    per seed. The figures do not depend on it."""
+    head_c: float = 1.0
+    """Inverse L2 strength of the linear head, as scikit-learn's LogisticRegression C (its default, 1.0):
+    the loss adds |W|^2 / (2 C n), W the trained classes' logit-scale vectors, n the shots; 0 = no L2."""
+    select: SelectConfig = field(default_factory=SelectConfig)
+    """How lr / epochs / lambda are chosen: on held-out pairs of the shot pool, or fixed."""
     eval_split: str = ""
     """Evaluate on the source's samples that data.split marks with this split (the whole split: data.limit,
     use_split, only_classes and class_limit do not apply), shots from the pairs outside it;
@@ -498,16 +548,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that must fail before any work starts."""
+    """Type and range checks that must fail before any work starts. Also run on a Config edited after
+    loading (api.load_config), so every field is checked against its type again first."""
     def need(ok: bool, msg: str):
         if not ok:
             raise ConfigError(msg)
 
-    from cfgen.data.sources import SOURCES  # the registry: a new source is a new entry there
-
-    need(cfg.data.source in SOURCES, f"data.source: expected {_one_of(sorted(SOURCES))}, got {cfg.data.source!r}")
-    need(not cfg.train.classifier.balance_groups or SOURCES[cfg.data.source].records_groups,
-         f"train.classifier.balance_groups needs a source that records groups; {cfg.data.source!r} does not")
+    _check_types(cfg, "")
+    # data.source against the registry: where a config meets a source (data/sources.check_source, run by
+    # api.load_config before any work), so that this module needs nothing of the data package
     need(cfg.model.dtype != "fp16", "model.dtype='fp16' is refused: guidance gradients are not loss-scaled and "
                                     "underflow in fp16; use 'bf16' (fp32's range, same memory) or 'fp32'")
     need(cfg.data.shapes_count > 0, "data.shapes_count must be > 0")
@@ -518,12 +567,24 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.pack.min_p_cf <= 1.0, f"pack.min_p_cf must be in [0, 1], got {cfg.pack.min_p_cf}")
     need(cfg.pack.max_l1 >= 0.0, f"pack.max_l1 must be >= 0, got {cfg.pack.max_l1}")
     need(cfg.pack.max_recon_l1 >= 0.0, f"pack.max_recon_l1 must be >= 0, got {cfg.pack.max_recon_l1}")
+    need(1 <= cfg.pack.image_quality <= 100, f"pack.image_quality must be in 1..100, got {cfg.pack.image_quality}")
+    need(cfg.pack.image_format != "webp" or cfg.data.channels == 3,
+         "pack.image_format = 'webp' stores colour only: a data.channels = 1 run would read back with 3 channels; "
+         "use 'png' or 'jpeg'")
+    need(re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", cfg.pack.license) is not None,
+         f"pack.license: expected a Hugging Face license id such as 'apache-2.0' or 'other', got {cfg.pack.license!r}")
     need(cfg.data.image_size > 0, "data.image_size must be > 0")
     need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.shard_size > 0, "data.shard_size must be > 0")
     need(cfg.data.limit >= 0, "data.limit must be >= 0")
     need(cfg.data.class_limit >= 0, "data.class_limit must be >= 0")
     need(cfg.data.repeat >= 1, "data.repeat must be >= 1")
+    need(cfg.data.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {cfg.data.max_image_pixels}")
+    # the models' own images are held in batches of invert.batch_size: one larger than the decompression-bomb
+    # limit would be an allocation of tens of GB, not an image
+    need(cfg.data.image_size ** 2 <= cfg.data.max_image_pixels,
+         f"data.image_size={cfg.data.image_size} makes {cfg.data.image_size ** 2:,}-pixel images, more than "
+         f"data.max_image_pixels={cfg.data.max_image_pixels:,}")
     need(0.0 <= cfg.pipeline.max_failure_fraction <= 1.0, "pipeline.max_failure_fraction must be in [0, 1]")
     need(cfg.pipeline.threads >= 0, f"pipeline.threads must be >= 0 (0 = the default), got {cfg.pipeline.threads}")
     need(cfg.invert.steps > 0, "invert.steps must be > 0")
@@ -538,6 +599,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.text.threshold <= 1.0, f"text.threshold must be in [0, 1], got {cfg.text.threshold}")
     need(cfg.text.warmup >= 0, f"text.warmup must be >= 0, got {cfg.text.warmup}")
     need(cfg.guide.mode == "classifier" or bool(cfg.text.intervene), "text.intervene names no concept")
+    need(len(set(cfg.text.intervene)) == len(cfg.text.intervene),
+         f"text.intervene: a concept is listed twice ({cfg.text.intervene}); each gives its own pairs once")
     need(cfg.guide.top_k >= 1, f"guide.top_k must be >= 1, got {cfg.guide.top_k}")
     need(cfg.guide.top_k == 1 or cfg.guide.target == "closest",
          f"guide.top_k = {cfg.guide.top_k} needs guide.target = 'closest' (got {cfg.guide.target!r}); "
@@ -561,6 +624,20 @@ def validate(cfg: Config) -> None:
          f"train.diffusion.caption_dropout must be in [0, 1), got {cfg.train.diffusion.caption_dropout}")
     _validate_model(cfg, need)
     _validate_tune(cfg, need)
+
+
+def _check_types(obj, prefix: str) -> None:
+    """Every field of `obj` (a Config or a section) coerced to its type again, in place: a Config edited in
+    Python after loading gets the checks a TOML value gets (a Literal's choices, numbers, lists)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.name == "base_dir":
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{prefix}{f.name}.")
+        else:
+            setattr(obj, f.name, _coerce(value, hints[f.name], f"{prefix}{f.name}"))
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -615,12 +692,23 @@ def _validate_tune(cfg: Config, need) -> None:
     need(t.lr > 0, "tune.lr must be > 0")
     need(not t.eval_split or bool(cfg.data.split), f"tune.eval_split={t.eval_split!r} needs data.split (a CSV of id,split)")
     need(t.cocoop_epochs >= 0, "tune.cocoop_epochs must be >= 0")
+    need(t.workers >= 0, f"tune.workers must be >= 0, got {t.workers}")
+    need(math.isfinite(t.head_c) and t.head_c >= 0, f"tune.head_c must be a finite number >= 0, got {t.head_c}")
+    need(math.isfinite(t.image_lr) and t.image_lr > 0 and t.image_epochs >= 1,
+         "tune.image_lr must be > 0 and tune.image_epochs >= 1")
+    s = t.select
+    for key in ("lr", "epochs", "cocoop_epochs", "lam", "image_lr", "image_epochs", "image_lam"):
+        v = getattr(s, key)
+        need(len(v) >= 1 and len(set(v)) == len(v) and all(math.isfinite(x) and x >= 0 for x in v),
+             f"tune.select.{key}: give one or more distinct finite numbers >= 0, got {v}")
+    need(all(x > 0 for x in s.lr + s.image_lr + s.epochs + s.cocoop_epochs + s.image_epochs),
+         "tune.select: learning rates and epochs must be > 0")
     for key in ("learners", "objectives", "cf_sources"):
         v = getattr(t, key)
         need(len(v) >= 1 and len(set(v)) == len(v), f"tune.{key}: give one or more distinct values, got {v}")
     combos = [f"{lr}+{o}[{c}]" for lr in t.learners for o in t.objectives for c in t.cf_sources]
     for row in t.rows:
-        need(row in combos, f"tune.rows: {row!r} is not one of tune.learners x tune.objectives x tune.cf_sources "
+        need(row in combos or row in [f"{lr}+*" for lr in t.learners], f"tune.rows: {row!r} is not one of tune.learners x tune.objectives x tune.cf_sources "
                             f"({', '.join(combos)})")
     need(len(set(t.rows)) == len(t.rows), "tune.rows: a row is listed twice")
     need("nearest" not in t.cf_sources or bool(t.eval_split),

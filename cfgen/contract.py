@@ -24,11 +24,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-CONTRACT_VERSION = 5
+CONTRACT_VERSION = 6
 """Bumped whenever a member, a K.json field, the manifest schema or the folder layout changes (2: manifest
 column sha256; 3: K.json and manifest factual_id, several pairs per factual image; manifest mask_fraction;
 4: per-shard parquet, done markers and fingerprint in <folder>/_state/; 5: K.json and manifest intervention and
-edits, manifest caption, cf_caption and the concept checks of text interventions)."""
+edits, manifest caption, cf_caption and the concept checks of text interventions; 6: the image members' extension
+follows pack.image_format (png, jpg, webp); K.json and manifest concept, changes_class, class_kept,
+concepts_before, concepts_after and the concept checks, `flipped` only where the do() changes the class; manifest
+t_inv, steps, and `origin` relative to data.root). Readers take v5 pairs too (PNG members, the v5 fields)."""
 STATE = "_state"
 """The sub-folder of every stage folder that holds its bookkeeping (per-shard rows, done markers, fingerprint)."""
 
@@ -75,6 +78,26 @@ class Stage:
 INVERT = Stage("invert", "invert", "invert", ("json", "noise.npy", "png"))
 GUIDE = Stage("guide", "guide", "guide", ("cf.png", "json", "png", "recon.png"))
 PAIRS = Stage("pack", "pairs", "pairs", ("png", "txt", "cls", "cf.png", "cf.txt", "cf.cls", "json"))
+"""The pair members with pack.image_format = 'png'; `pair_members` gives them for any format."""
+
+IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+"""pack.image_format -> the extension of the image members (K.<ext>, K.cf.<ext>). Every WebDataset and Hugging
+Face reader picks an image decoder by the member's extension, so the extension is the format."""
+
+
+def pair_members(image_format: str = "png") -> tuple[str, ...]:
+    """The members of a pair written with `image_format`: the image members carry its extension."""
+    ext = IMAGE_EXTENSIONS[image_format]
+    return tuple(ext if m == "png" else f"cf.{ext}" if m == "cf.png" else m for m in PAIRS.members)
+
+
+def image_keys(sample: dict) -> tuple[str, str]:
+    """(factual, counterfactual) member names of a pair sample, whatever format it was written in (a v5 pair:
+    png); KeyError when it has no image member of a known format."""
+    for ext in IMAGE_EXTENSIONS.values():
+        if ext in sample:
+            return ext, f"cf.{ext}"
+    raise KeyError(f"no image member ({', '.join(IMAGE_EXTENSIONS.values())})")
 
 # K.json of a pair: these keys, in this order, with these types, in every sample (HF datasets
 # infers its columns from the first samples and fails on a mismatch).
@@ -82,20 +105,26 @@ PAIR_FIELDS: dict[str, type] = {
     "id": str, "label": int, "label_name": str, "cf_label": int, "cf_label_name": str,
     "target_strategy": str, "guidance_scale": float, "t_inv": float, "steps": int, "seed": int,
     "p_cf": float, "flipped": bool, "l1": float, "l2": float, "recon_l1": float, "factual_id": str,
-    "intervention": str, "edits": str,
+    "intervention": str, "edits": str, "concept": str, "changes_class": bool, "class_kept": bool,
+    "concepts_before": dict, "concepts_after": dict, "intervened_ok": bool, "descendants_ok": bool,
+    "non_descendants_ok": bool,
 }
+NULLABLE_FIELDS = ("intervened_ok", "descendants_ok", "non_descendants_ok")
+"""K.json fields that are null where nothing could say: the concept checks need a source that reads concepts back
+from pixels (shapes-text's renderer oracle); descendants_ok is also null for a concept with no descendants."""
 
 INVERT_FIELDS = ("id", "label", "label_name", "origin", "seed")
 """The manifest columns an invert sample's K.json carries (plus steps, t_inv and the DDIM grid)."""
 GUIDE_FIELDS = ("id", "label", "label_name", "cf_label", "cf_label_name", "target_strategy", "guidance_scale",
                 "seed", "p_cf", "flipped", "l1", "l2", "recon_l1", "factual_id", "intervention", "edits", "caption",
-                "cf_caption")
+                "cf_caption", "concept", "changes_class", "class_kept", "concepts_before", "concepts_after")
 """The manifest columns a guide sample's K.json carries (plus steps and t_inv)."""
 
 
 def pair_json(meta: dict) -> bytes:
-    """The K.json of a pair: exactly PAIR_FIELDS, cast to their types, in their order."""
-    return json.dumps({k: typ(meta[k]) for k, typ in PAIR_FIELDS.items()}).encode()
+    """The K.json of a pair: exactly PAIR_FIELDS, cast to their types (None kept where NULLABLE), in their order."""
+    return json.dumps({k: None if meta[k] is None and k in NULLABLE_FIELDS else typ(meta[k])
+                       for k, typ in PAIR_FIELDS.items()}).encode()
 
 
 # One row per input sample, in every stage's parquet and in manifest.parquet.
@@ -103,7 +132,7 @@ ROW_SCHEMA = pa.schema([
     ("id", pa.string()),            # the sample key (dot-free): the input's id, or <id>_to_<y*> with several targets
     ("factual_id", pa.string()),    # the input sample (factual image) the pair belongs to
     ("shard", pa.int32()),          # shard index
-    ("origin", pa.string()),        # source path or digits:<i>
+    ("origin", pa.string()),        # source path relative to data.root, or digits:<i>, shapes:<i>
     ("status", pa.string()),        # ok | failed | rejected
     ("error", pa.string()),         # why, when not ok
     ("label", pa.int32()),
@@ -113,8 +142,10 @@ ROW_SCHEMA = pa.schema([
     ("target_strategy", pa.string()),
     ("guidance_scale", pa.float64()),
     ("seed", pa.int64()),
+    ("t_inv", pa.float64()),        # invert.t_inv and invert.steps the pair was made with
+    ("steps", pa.int32()),
     ("p_cf", pa.float64()),
-    ("flipped", pa.bool_()),
+    ("flipped", pa.bool_()),        # the do() changes the class and the predictor's top class is cf_label
     ("l1", pa.float64()),
     ("l2", pa.float64()),
     ("recon_l1", pa.float64()),
@@ -122,6 +153,11 @@ ROW_SCHEMA = pa.schema([
     ("edits", pa.string()),                 # JSON, FM-CGM's manipulator record: the intervened and propagated changes
     ("caption", pa.string()),               # K.txt: the factual caption
     ("cf_caption", pa.string()),            # K.cf.txt: the counterfactual's (the edited caption, in text mode)
+    ("concept", pa.string()),               # the intervened concept: 'label' on the classifier path
+    ("changes_class", pa.bool_()),          # the do() asks for another class (cf_label != label)
+    ("class_kept", pa.bool_()),             # the do() keeps the class and the predictor still gives it
+    ("concepts_before", pa.map_(pa.string(), pa.string())),  # concept -> value of the factual image
+    ("concepts_after", pa.map_(pa.string(), pa.string())),   # ... and as the do() (and the graph) set them
     ("mask_fraction", pa.float64()),        # share of the image a localized edit could touch (guide.mask; else null)
     # quality (cfgen/quality.py), filled by pack; the truth columns only where the causal model is known
     ("changed_fraction", pa.float64()),     # share of pixels changed visibly

@@ -37,6 +37,27 @@ def my_shards(indices: list[int]) -> list[int]:
     return [i for i in indices if i % w == r]
 
 
+def _group():
+    """torch.distributed, joined to the group the launcher set up (gloo / nccl)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(timeout=BARRIER_TIMEOUT)  # joins the group the launcher set up (gloo / nccl)
+    if not dist.is_initialized():  # launched by something accelerate does not recognise (plain torchrun)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=BARRIER_TIMEOUT)
+    return dist
+
+
+def _local_device():
+    """This rank's own GPU: nccl collectives run on a device, and GPU 0 is not every rank's."""
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def barrier() -> None:
     """Wait for every process (no-op when running alone).
 
@@ -47,16 +68,19 @@ def barrier() -> None:
     """
     if world_size() == 1:
         return
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        from accelerate import PartialState
-
-        PartialState(timeout=BARRIER_TIMEOUT)  # joins the group the launcher set up (gloo / nccl)
-    if not dist.is_initialized():  # launched by something accelerate does not recognise (plain torchrun)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=BARRIER_TIMEOUT)
-    if dist.get_backend() == "nccl":  # nccl's barrier runs on a device: this rank's own, not GPU 0
-        dist.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))])
+    dist = _group()
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[_local_device().index])
     else:
         dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` (any picklable object) on every rank; a collective, so every rank must call it.
+    Running alone: `value` itself."""
+    if world_size() == 1:
+        return value
+    dist = _group()
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_local_device() if dist.get_backend() == "nccl" else None)
+    return box[0]

@@ -100,9 +100,14 @@ def truth_metrics(factual: np.ndarray, cf: np.ndarray, recon: np.ndarray, render
 
 def gate_failures(row: dict, min_p_cf: float, max_l1: float, max_recon_l1: float,
                   require_flip: bool = False) -> list[str]:
-    """The gates a guided pair fails, each as 'reason: detail', in a fixed order (empty: keep it)."""
+    """The gates a guided pair fails, each as 'reason: detail', in a fixed order (empty: keep it).
+    require_flip holds a do() that changes the class to a flip, and one that keeps it (text mode's
+    do(environment)) to the class kept, both as the guiding predictor sees them."""
     out = []
-    if require_flip and not row["flipped"]:
+    if require_flip and row.get("changes_class") is False:
+        if not row["class_kept"]:
+            out.append("class_not_kept")
+    elif require_flip and not row["flipped"]:
         out.append("not_flipped")
     if row["p_cf"] < min_p_cf:
         out.append(f"p_cf_below_min: {row['p_cf']:.3f} < {min_p_cf}")

@@ -112,7 +112,12 @@ def _images(cfg: Config, run_dir: Path, wanted: list[dict]) -> dict[str, dict]:
     causal = open_source(cfg).causal
     if causal is not None:
         for r in wanted:
-            if r["id"] in out:
+            if r["id"] not in out:
+                continue
+            concept = r.get("concept")
+            if concept not in (None, "label") and hasattr(causal, "intervene"):  # a text do(): its own truth
+                out[r["id"]]["truth"] = causal.intervene(r["origin"], concept, dict(r["concepts_after"])[concept])[0]
+            else:
                 out[r["id"]]["truth"] = causal.true_counterfactual(r["origin"], r["cf_label"])
     return out
 
@@ -122,24 +127,35 @@ def select(rows: list[dict], has_truth: bool) -> dict[str, list[dict]]:
     guided = [r for r in rows if r["cf_label"] is not None and r["l1"] is not None]
     ok = [r for r in guided if r["status"] == "ok"] or guided
     per_pair = defaultdict(list)
-    for r in ok:
-        per_pair[(r["label"], r["cf_label"])].append(r)
+    for r in ok:  # text mode: per intervened concept too (do(environment) and do(size) keep the class pair)
+        per_pair[(r["label"], r["cf_label"], r.get("concept") or "")].append(r)
     class_pairs = []
     for key in sorted(per_pair):
         group = sorted(per_pair[key], key=lambda r: (r["l1"], r["id"]))
         class_pairs.append(group[len(group) // 2])  # the median-L1 example: typical, not cherry-picked
     if has_truth:
-        # best among the valid ones (oracle flipped, closer to the truth): a small truth_l1 alone
-        # also rewards counterfactuals that hardly changed a factual already close to its truth
-        valid = [r for r in guided if r["oracle_flipped"] and r["truth_closer"]]
+        # best among the valid ones (oracle flipped, or every concept check passed, and closer to the truth): a
+        # small truth_l1 alone also rewards counterfactuals that hardly changed a factual already close to its truth
+        valid = [r for r in guided if (r["oracle_flipped"] or concept_ok(r)) and r["truth_closer"]]
         best = sorted(valid, key=lambda r: (r["truth_l1"], r["id"]))[:SHEET_SIZE]
         worst = sorted(guided, key=lambda r: (-r["truth_l1"], r["id"]))[:SHEET_SIZE]
     else:
-        flipped = sorted((r for r in guided if r["flipped"]), key=lambda r: (r["l1"], r["id"]))
+        flipped = sorted((r for r in guided if r["flipped"] or r.get("class_kept")), key=lambda r: (r["l1"], r["id"]))
         best = flipped[:SHEET_SIZE]
         worst = sorted(guided, key=lambda r: (r["p_cf"], r["id"]))[:SHEET_SIZE]
     rejected = sorted((r for r in guided if r["status"] == "rejected"), key=lambda r: r["id"])[:REJECTED_CARDS]
     return {"class_pairs": class_pairs[:CLASS_PAIR_CARDS], "best": best, "worst": worst, "rejected": rejected}
+
+
+def concept_ok(r: dict) -> bool:
+    """Every concept check of a text pair passed (a null check has nothing to fail)."""
+    checks = [r.get(k) for k in ("intervened_ok", "descendants_ok", "non_descendants_ok")]
+    return checks[0] is not None and all(c is not False for c in checks)
+
+
+def changes_class(r: dict) -> bool:
+    """The pair's do() asks for another class: only those can flip (text mode's do(environment) keeps it)."""
+    return r.get("changes_class") is not False
 
 
 # ----------------------------------------------------------------------------- figures, computed
@@ -157,8 +173,9 @@ def judge_result(run_dir: Path) -> dict | None:
     return result
 
 
-def headline(stats: dict, judge: dict | None, run_dir: Path) -> list[tuple[str, str, str]]:
-    """(figure, value, meaning) rows: counts, then validity, then size of the edit, then minimality."""
+def headline(stats: dict, judge: dict | None, run_dir: Path, text: bool = False) -> list[tuple[str, str, str]]:
+    """(figure, value, meaning) rows: counts, then validity, then size of the edit, then minimality. `text`: the
+    pairs were made in text mode, where the classifier only reads them."""
     n = stats["count"]
     share = (lambda k: f"{stats[k]} ({stats[k] / n:.0%})") if n else (lambda k: str(stats[k]))
     rows = [("inputs", str(n), "samples read from the data source"),
@@ -166,19 +183,33 @@ def headline(stats: dict, judge: dict | None, run_dir: Path) -> list[tuple[str, 
             ("rejected", share("rejected"), "guided, but failed a pack gate (listed below)"),
             ("failed", share("failed"), "an error before a pair existed (listed below)"),
             ("flip rate, guiding predictor", H.fmt(stats.get("flip_rate")),
-             "share whose counterfactual the guiding predictor puts in the target class"),
-            ("mean p(y*)", H.fmt(stats.get("mean_p_cf")),
-             "guiding predictor's probability of the target class on the counterfactual")]
+             "share whose counterfactual the guiding predictor puts in the target class"
+             + (f", over the {stats['class_changing_pairs']} pairs whose do() changes the class"
+                if "class_changing_pairs" in stats else ""))]
+    if "class_kept_rate" in stats:  # text mode: a do() that keeps the class is no flip
+        rows.append(("class kept, guiding predictor", H.fmt(stats["class_kept_rate"]),
+                     f"share of the {stats['class_keeping_pairs']} pairs whose do() keeps the class (environment, "
+                     "size, ...) that the guiding predictor still puts in their class"))
+    if text:  # the classifier reads the pairs; the text edit steered them
+        rows = [(a.replace("guiding predictor", "classifier"), b, c.replace("guiding predictor", "classifier (it "
+                 "did not steer the edit)")) for a, b, c in rows]
+    rows.append(("mean p(y*)", H.fmt(stats.get("mean_p_cf")),
+                 "guiding predictor's probability of the target class on the counterfactual"))
     if judge is None:
         rows.append(("flip rate, independent judge", "not measured", f"run `cfgen evaluate {run_dir}`"))
     else:
-        note = "an SVM fitted on the factual images, not the guiding predictor"
+        note = (f"an SVM fitted on {judge.get('judge_fit_images')} of the data source's images (held-out accuracy "
+                f"{H.fmt(judge.get('judge_heldout_accuracy'))}), not the guiding predictor")
         if judge["stale"]:
             note += f"; STALE: measured before the last pack, run `cfgen evaluate {run_dir}` again"
         rows.append(("flip rate, independent judge", H.fmt(judge.get("oracle_flip_rate")), note))
+        if "judge_class_kept_rate" in judge:
+            rows.append(("class kept, independent judge", H.fmt(judge["judge_class_kept_rate"]),
+                         "over the pairs whose do() keeps the class"))
     if "oracle_flip_rate" in stats:  # the source knows its causal model
         rows += [("flip rate, renderer oracle", H.fmt(stats["oracle_flip_rate"]),
-                  "share the causal model's renderer reads as the target class"),
+                  "share the causal model's renderer reads as the target class"
+                  + (", over the pairs whose do() changes the class" if "class_changing_pairs" in stats else "")),
                  ("closer to the true counterfactual", H.fmt(stats["truth_closer_rate"]),
                   "L1 to the truth below L1 to the factual image"),
                  ("mean L1 to the true counterfactual", H.fmt(stats["mean_truth_l1"], ".4f"), "0–1 intensity"),
@@ -222,11 +253,12 @@ def class_counts(rows: list[dict], classes: list[str]) -> list[dict]:
         if not mine:
             continue
         ok = [r for r in mine if r["status"] == "ok"]
+        flips = [r["flipped"] for r in ok if changes_class(r)]  # a do() that keeps the class cannot flip
         out.append({"class": name, "written": len(ok),
                     "rejected": sum(r["status"] == "rejected" for r in mine),
                     "failed": sum(r["status"] == "failed" for r in mine),
                     "targets": Counter(r["cf_label"] for r in ok),
-                    "flip_rate": float(np.mean([r["flipped"] for r in ok])) if ok else None,
+                    "flips": len(flips), "flip_rate": float(np.mean(flips)) if flips else None,
                     "mean_p_cf": float(np.mean([r["p_cf"] for r in ok])) if ok else None})
     return out
 
@@ -251,8 +283,27 @@ def scale_counts(rows: list[dict]) -> list[tuple[float, int, float]]:
     by = defaultdict(list)
     for r in rows:
         if r["status"] == "ok" and r["guidance_scale"] is not None:
-            by[r["guidance_scale"]].append(r["flipped"])
-    return [(s, len(v), float(np.mean(v))) for s, v in sorted(by.items())]
+            by[r["guidance_scale"]].append(r["flipped"] if changes_class(r) else None)
+    return [(s, len(v), float(np.mean(f)) if (f := [x for x in v if x is not None]) else float("nan"))
+            for s, v in sorted(by.items())]
+
+
+def intervention_counts(rows: list[dict]) -> list[dict]:
+    """Per intervened concept (text mode): written pairs, whether the do() changes the class, the guiding
+    predictor's verdict (flip rate, or class kept) and the concept oracle's checks, where there is one."""
+    def share(values) -> float | None:
+        values = [bool(v) for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    by = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok" and r.get("concept") is not None:
+            by[r["concept"]].append(r)
+    return [{"concept": c, "pairs": len(mine), "changes_class": share(changes_class(r) for r in mine),
+             "flip_rate": share(r["flipped"] for r in mine if changes_class(r)),
+             "class_kept_rate": share(r["class_kept"] for r in mine if not changes_class(r)),
+             **{k: share(r.get(k) for r in mine) for k in ("intervened_ok", "descendants_ok", "non_descendants_ok")}}
+            for c, mine in sorted(by.items())]
 
 
 def _write_cards(out: Path, cfg: Config, run_dir: Path, wanted: list[dict], classes: list[str],
@@ -305,21 +356,35 @@ def write_report(run_dir: Path) -> Path:
         report_plots.save(report_plots.sweep_figure(sweep), out / "flip_vs_scale.png")
 
     name = H.esc(cfg.pipeline.name)
+    text = cfg.guide.mode == "text"
+    how = (f"text mode: do() on {', '.join(cfg.text.intervene)}, graph {'on' if cfg.text.propagate else 'off'}, "
+           f"CSG {'on' if cfg.text.csg else 'off'}, edit scale {cfg.text.edit_scale:g}" if text else
+           f"target '{cfg.guide.target}', scales "
+           f"{' → '.join(f'{s:g}' for s in [cfg.guide.scale, *cfg.guide.escalation])}, confidence "
+           f"{cfg.guide.confidence}")
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>cfgen report: {name}</title>"
               f"<style>{H.CSS}</style></head><body>"), f"<h1>cfgen report: {name}</h1>",
              H.legend(f"{run_dir.resolve()} · source {cfg.data.source}, {cfg.data.image_size} px · t_inv "
-                      f"{cfg.invert.t_inv}, {cfg.invert.steps} steps, target '{cfg.guide.target}', scales "
-                      f"{' → '.join(f'{s:g}' for s in [cfg.guide.scale, *cfg.guide.escalation])}, confidence "
-                      f"{cfg.guide.confidence} · gates: p(y*) ≥ {cfg.pack.min_p_cf}, L1 ≤ {cfg.pack.max_l1}, "
-                      f"round-trip L1 ≤ {cfg.pack.max_recon_l1}")]
+                      f"{cfg.invert.t_inv}, {cfg.invert.steps} steps, {how} · gates: p(y*) ≥ {cfg.pack.min_p_cf}, "
+                      f"L1 ≤ {cfg.pack.max_l1}, round-trip L1 ≤ {cfg.pack.max_recon_l1} · images "
+                      f"{cfg.pack.image_format}")]
     parts += [H.warning(w) for w in warnings(stats)]
     parts += ["<h2>Figures</h2><div class='row'>",
-              H.box("The written pairs", H.figures_table(headline(stats, judge, run_dir))),
+              H.box("The written pairs", H.figures_table(headline(stats, judge, run_dir, text))),
               "<div>", H.judge_box(judge, run_dir), H.timing_box(stats),
               H.counts_boxes(not_written(rows), scale_counts(rows)), "</div></div>"]
+    interventions = intervention_counts(rows)
+    if text and interventions:
+        parts += ["<h2>Per intervention</h2>",
+                  H.legend("Rows: the intervened concept. A do() that keeps the class (environment, size, ...) is no "
+                           "flip: the classifier's verdict on it is whether the class is kept. Intervened / "
+                           "descendants / non-descendants: the share the renderer oracle reads as the concept graph "
+                           "says (n/a: no oracle, or no such concept)."),
+                  H.intervention_table(interventions)]
     parts += ["<h2>Per class</h2>",
-              H.legend("Rows: the factual class. Counts of inputs by outcome; flip rate and mean p(y*) over the "
-                       "written pairs; then the written pairs per target class."),
+              H.legend("Rows: the factual class. Counts of inputs by outcome; flip rate (over the pairs whose do() "
+                       "changes the class) and mean p(y*) over the written pairs; then the written pairs per target "
+                       "class."),
               H.class_table(class_counts(rows, classes), classes)]
     parts += ["<h2>Metric histograms</h2>",
               H.legend("Blue: written pairs, red: rejected; dashed: a pack gate inside the data's range. Last "
@@ -335,10 +400,11 @@ def write_report(run_dir: Path) -> Path:
         worst_by = "largest L1 to the true counterfactual"
     else:
         best_by, worst_by = "flipped pairs with the smallest L1", "the lowest p(y*)"
-    n_class_pairs = len({(r["label"], r["cf_label"]) for r in rows
+    n_class_pairs = len({(r["label"], r["cf_label"], r.get("concept") or "") for r in rows
                          if r["cf_label"] is not None and r["l1"] is not None and r["status"] == "ok"})
     capped = f" (the first {CLASS_PAIR_CARDS} of {n_class_pairs})" if n_class_pairs > CLASS_PAIR_CARDS else ""
-    for key, title in (("class_pairs", f"One pair per class pair (the median-L1 example){capped}"),
+    per = "class pair and intervened concept" if text else "class pair"
+    for key, title in (("class_pairs", f"One pair per {per} (the median-L1 example){capped}"),
                        ("best", f"Best {SHEET_SIZE}: {best_by}"), ("worst", f"Worst {SHEET_SIZE}: {worst_by}")):
         parts += [f"<h2>{H.esc(title)}</h2>", H.legend(panel_legend), "<div class='sheet'>"]
         parts += [cards[r["id"]] for r in sheets[key] if r["id"] in cards]

@@ -129,9 +129,12 @@ def class_table(counts: list[dict], classes: list[str]) -> str:
             row.append((", ".join(f"{classes[j]} {n}" for j, n in c["targets"].most_common(5)), "note"))
         body.append(row)
     written = sum(c["written"] for c in counts)
-    # over all written pairs: the per-class figures weighted by their counts (stats.json's flip_rate, mean_p_cf)
-    pooled = {k: sum(c[k] * c["written"] for c in counts if c["written"]) / written if written else None
-              for k in ("flip_rate", "mean_p_cf")}
+    # over all written pairs: the per-class figures weighted by their counts (stats.json's flip_rate, mean_p_cf);
+    # the flip rate by the pairs that could flip (their do() changes the class)
+    flips = sum(c["flips"] for c in counts)
+    pooled = {"flip_rate": sum(c["flip_rate"] * c["flips"] for c in counts if c["flips"]) / flips if flips else None,
+              "mean_p_cf": sum(c["mean_p_cf"] * c["written"] for c in counts if c["written"]) / written
+              if written else None}
     total = ["all", str(written), str(sum(c["rejected"] for c in counts)), str(sum(c["failed"] for c in counts)),
              fmt(pooled["flip_rate"]), fmt(pooled["mean_p_cf"])]
     if matrix:
@@ -139,12 +142,33 @@ def class_table(counts: list[dict], classes: list[str]) -> str:
     return table(head, body, total if matrix else total + [""])
 
 
+def intervention_table(counts: list[dict]) -> str:
+    head = ["do() on", "pairs", "changes the class", "flip rate (predictor)", "class kept (predictor)",
+            "intervened (oracle)", "descendants (oracle)", "non-descendants (oracle)"]
+    body = [[c["concept"], str(c["pairs"]), fmt(c["changes_class"], ".0%") if c["changes_class"] is not None else "n/a",
+             fmt(c["flip_rate"]), fmt(c["class_kept_rate"]), fmt(c["intervened_ok"]), fmt(c["descendants_ok"]),
+             fmt(c["non_descendants_ok"])] for c in counts]
+    return table(head, body)
+
+
+def _verdict(r: dict) -> str:
+    """What the guiding predictor says of a pair: a flip for a do() that changes the class, else the class kept."""
+    if r.get("changes_class") is False:
+        return f"class kept {fmt(r.get('class_kept'))} (no flip asked)"
+    return f"flipped {fmt(r['flipped'])}"
+
+
 def pair_card(r: dict, panels: list[dict], classes: list[str], has_truth: bool) -> str:
-    lines = [f"p(y*) {fmt(r['p_cf'])} · flipped {fmt(r['flipped'])} · s {fmt(r['guidance_scale'], 'g')}",
+    lines = [f"p(y*) {fmt(r['p_cf'])} · {_verdict(r)} · s {fmt(r['guidance_scale'], 'g')}",
              f"L1 {fmt(r['l1'], '.4f')} · round trip {fmt(r['recon_l1'], '.4f')} · CLD {fmt(r.get('cld'))}"]
-    if has_truth:
-        oracle = classes[r["oracle_label"]] if r["oracle_label"] is not None else "n/a"
-        lines.append(f"vs truth L1 {fmt(r['truth_l1'], '.4f')} · oracle: {oracle}")
+    if r.get("intervention") and r.get("concept") not in (None, "label"):  # text mode: the do() and the oracle's checks
+        checks = " · ".join(f"{name} {fmt(r.get(k))}" for name, k in (
+            ("intervened", "intervened_ok"), ("descendants", "descendants_ok"), ("others kept", "non_descendants_ok"))
+            if r.get(k) is not None)
+        lines.append(r["intervention"] + (f" · oracle: {checks}" if checks else ""))
+    if has_truth:  # a text pair that keeps the class has no oracle class, only its truth
+        oracle = f" · oracle: {classes[r['oracle_label']]}" if r["oracle_label"] is not None else ""
+        lines.append(f"vs truth L1 {fmt(r['truth_l1'], '.4f')}{oracle}")
     flags = []
     if r.get("edit_within_recon"):
         flags.append(("noise", "edit ≤ round-trip error"))
@@ -181,7 +205,9 @@ def judge_box(judge: dict | None, run_dir: Path) -> str:
         body = table(None, [
             ["judge", (str(judge.get("judge", "")), "note")],
             ["pairs judged", str(judge.get("pairs"))],
-            [f"{judge.get('judge_cv_folds')}-fold accuracy on the factual images", fmt(judge.get("judge_cv_accuracy"))],
+            ["data source images it was fitted on", str(judge.get("judge_fit_images"))],
+            [f"held-out accuracy (on {judge.get('judge_heldout_images')} other source images)",
+             fmt(judge.get("judge_heldout_accuracy"))],
             ["flip rate by the judge", fmt(judge.get("oracle_flip_rate"))],
             ["mean L1 factual → counterfactual", fmt(judge.get("mean_l1"), ".4f")],
             ["mean L1 factual → nearest real target image", fmt(judge.get("mean_nearest_target_l1"), ".4f")],
@@ -232,24 +258,25 @@ def _ci(d: dict | None) -> str:
 
 
 def tune_section(metrics: dict) -> str:
-    """The `cfgen tune` table (RUN/tune/metrics.json) as HTML."""
-    from cfgen.tune.protocol import METRICS
+    """The `cfgen tune` table (RUN/tune/metrics.json) as HTML, the same columns as the printed one."""
+    from cfgen.tune.protocol import TABLE_COLUMNS, format_captured, table_cells
 
     p = metrics["protocol"]
     where = f"the '{p['eval_split']}' split" if p["eval_split"] else "every sample that is not a shot"
-    hp = p.get("hyperparameters", {})
+    sel = p.get("selection") or {"mode": "fixed", "rule": p.get("hyperparameters", {}).get("selection", "")}
+    how = (f"lr / epochs / lambda chosen per seed and row on held-out pairs of the shot pool: {sel['criterion']}"
+           if sel["mode"] == "validation" else f"hyper-parameters {sel.get('rule', '')}")
     text = (f"Evaluation on {where} of the data source: {p['eval_images']} images, {len(p['cells'])} (group, class) "
             f"cells; base classes {p['base']}, novel {p['novel']}; {p['shots']} shots per base class from "
-            f"{p['shot_pool']} pairs outside it; mean ± std over seeds {p['seeds']}. Δ: paired difference to the "
-            f"learner's baseline (lambda = 0, same seed, shots, init and batch order), mean [95% t interval]. "
-            f"Hyper-parameters {hp.get('selection', '')}: lam {hp.get('lam')}, epochs {hp.get('epochs')} "
-            f"(CoCoOp {hp.get('cocoop_epochs')}), lr {hp.get('lr')}.")
-    head = ["method", "base", "novel", "HM", "worst-group", "Δ worst-group", "Δ HM", "s/seed"]
+            f"{p['shot_pool']} pairs outside it; mean ± std over seeds {p['seeds']}. Worst base / novel: the worst "
+            f"(group, class) cell of the base / novel classes. Δ: paired difference to the learner's baseline "
+            f"(no pairs, same seed, shots, init and batch order), mean [95% t interval]; {how}.")
+    head = ["method"] + [h for _, h in TABLE_COLUMNS] + ["s/seed"]
     body = []
     for r in (metrics["rows"][k] for k in metrics["order"]):
-        delta = r.get("delta") or {}
-        cells = [r["label"]] + [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in METRICS]
-        cells += [_ci(delta.get("worst_group")), _ci(delta.get("hm")), f"{r['seconds']['mean']:.1f}"]
+        cells = [r["label"]] + table_cells(r) + [f"{r['seconds']['mean']:.1f}"]
         body.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    return ("<h2>Prompt tuning (cfgen tune)</h2>" + legend(text) + "<table class='stats'><tr>"
-            + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
+    captured = format_captured(metrics)
+    text2 = legend(" ".join(line.strip() for line in captured)) if captured else ""
+    return ("<h2>Tuning on the pairs (cfgen tune)</h2>" + legend(text) + "<table class='stats'><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>" + text2)

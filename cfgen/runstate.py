@@ -50,7 +50,7 @@ STAGE_KEYS = {
               ("text", "edit_prompt"), ("text", "threshold"), ("text", "warmup"), ("text", "intersect"),
               ("text", "preserve"), ("text", "mask_rule")],
     "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
-             ("pack", "max_recon_l1")],
+             ("pack", "max_recon_l1"), ("pack", "image_format"), ("pack", "image_quality")],
 }
 ORDER = (INVERT, GUIDE, PAIRS)
 BIG_FILE = 256 << 20
@@ -138,10 +138,12 @@ def differences(old: dict, new: dict) -> list[str]:
     if old.get("contract") != new["contract"]:
         out.append(f"output contract version {old.get('contract')} -> {new['contract']}")
     defaults = _default_settings()
-    for key, value in new["config"].items():
+    old_config = old.get("config", {})
+    for key in [*new["config"], *(k for k in old_config if k not in new["config"])]:
         # a setting newer than the run: the run was made with what is now its default (so a run from
         # before text.edit_prompt existed resumes under 'concept', the only rule there was)
-        before = old.get("config", {}).get(key, defaults.get(key, "<unset>"))
+        before = old_config.get(key, defaults.get(key, "<unset>"))
+        value = new["config"].get(key, "<unset>")
         if before != value:
             out.append(f"{key} {before!r} -> {value!r}")
     if old.get("classes") != new["classes"]:
@@ -149,8 +151,14 @@ def differences(old: dict, new: dict) -> list[str]:
     before = old.get("inputs", {})
     if before.get("digest") != new["inputs"]["digest"]:
         out.append(f"the input samples ({before.get('count')} -> {new['inputs']['count']}, or changed files)")
-    for key, digest in new["models"].items():
-        if old.get("models", {}).get(key) != digest:
+    # a model key is recorded only when it is used (text.graph when set): absent on one side is a change too
+    old_models = old.get("models", {})
+    for key in [*new["models"], *(k for k in old_models if k not in new["models"])]:
+        if key not in new["models"]:
+            out.append(f"{key} (set then, unset now)")
+        elif key not in old_models:
+            out.append(f"{key} (unset then, set now)")
+        elif old_models[key] != new["models"][key]:
             out.append(f"the files of {key}")
     return out
 
@@ -227,11 +235,20 @@ def check_out_dir(cfg: Config, run_dir: Path) -> None:
         raise UserError(f"the run directory {run_dir} is inside data.root {root}; choose an --out outside the dataset")
 
 
+LOCK = ".lock"
+"""RUN/.lock: held (flock) by rank 0 of the one launch writing the run directory."""
+
+
 @contextmanager
 def run_lock(run_dir: Path, cfg: Config | None = None):
-    """Hold `run_dir`'s lock for this rank (re-entrant within a process). A second process on the
-    same directory and rank exits 2 at once; a killed holder leaves nothing stuck (flock dies with it).
-    With `cfg`, a run directory inside the input data is refused first, before anything is created."""
+    """Hold `run_dir`'s lock (re-entrant within a process): one launch writes a run directory at a time.
+
+    Rank 0 takes an exclusive flock on RUN/.lock and tells every rank of its launch whether it got it, so a
+    second process, or every rank of a second launch, exits 2 at once; a killed holder leaves nothing stuck
+    (flock dies with it). The lock file goes when the lock is released, and so do the folders taking it
+    created if nothing was written into them: a refusal inside the lock (a stage's own check) leaves the
+    disk as it was. With `cfg`, a run directory inside the input data is refused first, before anything
+    is created."""
     if cfg is not None:
         check_out_dir(cfg, run_dir)
     run_dir = Path(run_dir).resolve()
@@ -244,25 +261,68 @@ def run_lock(run_dir: Path, cfg: Config | None = None):
             count, fh = _held[run_dir]
             _held[run_dir] = (count - 1, fh)
         return
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(run_dir / f".lock-rank{distributed.rank()}", "a+")
-    except OSError as exc:
-        raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise RunStateError(f"another cfgen process is writing {run_dir}; wait for it to finish, "
-                            "or use another --out") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    fh, refusal, created = None, None, _missing(run_dir)
+    if distributed.is_main():
+        fh, refusal = _take(run_dir)
+    refusal = distributed.from_main(refusal)  # every rank of this launch goes on, or stops, with rank 0
+    if refusal is not None:
+        kind, message = refusal
+        raise UserError(message) if kind == "w" else RunStateError(message)
     _held[run_dir] = (1, fh)
     try:
         yield
     finally:
         _held.pop(run_dir, None)
+        if fh is not None:
+            _release(run_dir, fh, created)
+
+
+def _take(run_dir: Path) -> tuple[object, tuple[str, str] | None]:
+    """(the open lock file, None), or (None, (kind, message)): 'w' the directory cannot be written, 'b' busy."""
+    path = run_dir / LOCK
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+")
+        except OSError as exc:
+            return None, ("w", f"cannot write the run directory {run_dir}: {exc.strerror or exc}")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None, ("b", f"another cfgen process is writing {run_dir}; wait for it to finish, "
+                               "or use another --out")
+        try:
+            if os.path.samestat(os.fstat(fh.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()  # its holder removed this file as it let go (_release): lock the one there now
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh, None
+
+
+def _missing(path: Path) -> list[Path]:
+    """`path` and each of its parents that does not exist yet, deepest first."""
+    out = []
+    while not path.exists():
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _release(run_dir: Path, fh, created: list[Path]) -> None:
+    """Unlock. While still locked, what taking the lock made goes again: the lock file, then the folders it
+    created, as far as they are empty (a refusal before any work)."""
+    try:
+        (run_dir / LOCK).unlink(missing_ok=True)
+        for folder in created:  # deepest first; the first one with anything in it stops the walk
+            folder.rmdir()
+    except OSError:
+        pass
+    finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()

@@ -8,7 +8,7 @@ the run's own shards), then guided at each scale alone -- no escalation -- and
 once more with the configured escalation (guide.scale, then guide.escalation),
 which is what `cfgen run` does. Per row: the guiding predictor's flip rate, the
 flip rate by an independent oracle (shapes: the renderer, quality.nearest_render;
-other sources: an RBF SVM fitted on the train split's clean images), mean L1
+other sources: `cfgen evaluate`'s judge, an RBF SVM fitted on the source's own images), mean L1
 factual -> counterfactual and, where the true counterfactual is known, the mean
 L1 to it, the share closer to it than to the factual image and the share of
 pixels changed outside the causal region, the mean CLD (cfgen/cld.py, against the swept factual
@@ -29,10 +29,10 @@ import torch
 from cfgen.cld import References, batch_cld
 from cfgen.config import Config
 from cfgen.contract import INVERT
-from cfgen.data.sources import list_samples, load_class_names, open_source
+from cfgen.data.sources import load_class_names, open_source
 from cfgen.diffusion import MASK_SOURCES, inversion_trajectory
 from cfgen.errors import ConfigError, InputError
-from cfgen.evaluate import fit_judge, flat
+from cfgen.evaluate import flat, reference_judge
 from cfgen.metrics import l1, mean
 from cfgen.quality import changed_fraction, edit_within_recon, pair_quality
 from cfgen.shards import atomic_write_json
@@ -53,14 +53,6 @@ def _load_inverted(cfg: Config, directory: Path) -> tuple[list[dict], np.ndarray
         raise InputError(f"nothing was inverted in {INVERT.dir(directory)}")
     arrays = [s.arrays(cfg) for s in samples]
     return [s.meta for s in samples], np.stack([a for a, _ in arrays]), np.stack([n for _, n in arrays])
-
-
-def _judge(cfg: Config):
-    """An RBF SVM on the clean train-split images: the independent judge where no causal model is known."""
-    cfg = copy.deepcopy(cfg)
-    cfg.data.limit = 0  # the whole train split, not the swept samples
-    refs = [r for r in list_samples(cfg, split="train" if cfg.data.split else "") if not r.error]
-    return fit_judge(np.stack([r.load() for r in refs]), [r.label for r in refs])
 
 
 def _row(causal, scale, metas, factual, cf, recon, targets, p_cf, flipped, judge, refs, seconds) -> dict:
@@ -134,7 +126,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     classes = load_class_names(cfg)
     grid = config_grid(cfg, models.num_train_timesteps)
     causal = open_source(cfg).causal
-    judge = None if causal is not None else _judge(cfg)
+    judge = None if causal is not None else reference_judge(cfg).model  # cfgen evaluate's judge
     labels, seeds = [m["label"] for m in metas], [m["seed"] for m in metas]
     refs = References.of(zip(labels, [m["origin"] for m in metas], factual))  # CLD's real images
     bs = cfg.guide.batch_size

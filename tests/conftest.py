@@ -34,6 +34,22 @@ def run_pipeline(run_dir: Path, overrides: list[str] | None = None) -> dict:
     return run_stages(load_config(DIGITS, SMALL + (overrides or [])), run_dir)
 
 
+def cfgen_here(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`cfgen ARGS` through cli.main in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import sys
+
+    from cfgen.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cfgen", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def write_config(path: Path, table: dict, sections: dict):
     """A pipeline TOML: `table` with each of `sections` merged into its section, written to `path` and
     loaded back as a user's would be."""

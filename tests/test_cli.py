@@ -26,6 +26,28 @@ def test_help_lists_the_stages():
     assert sub.returncode == 0 and "--set" in sub.stdout and "--out" in sub.stdout
 
 
+def test_help_is_printed_once_and_its_placeholders_read():
+    """Bare `cfgen` prints the help once (not twice); flags show no `<bool>`, --set says what it takes."""
+    import os
+
+    bare = cfgen()
+    assert bare.returncode == 2 and bare.stdout.count("Usage: cfgen") == 1 and bare.stderr == ""
+    env = {**os.environ, "COLUMNS": "200"}
+    for args in (["run"], ["train", "classifier"], ["publish"]):
+        out = subprocess.run([sys.executable, "-m", "cfgen", *args, "--help"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300, env=env)
+        assert out.returncode == 0 and "<bool>" not in out.stdout and "<list[str]>" not in out.stdout, out.stdout
+    run_help = cfgen("run", "--help").stdout
+    assert "SECTION.KEY=VALUE" in run_help and "--overwrite" in run_help
+
+
+def test_train_takes_o_like_every_stage(tmp_path):
+    out = cfgen("train", "classifier", "--config", DIGITS, "-o", str(tmp_path / "clf"), "--set",
+                "train.classifier.steps=2", "--set", "train.classifier.batch_size=8")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "clf" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("args,default", [(["run"], "runs/<pipeline.name>"),
                                           (["train", "vlm"], "runs/<pipeline.name>/models/vlm"),
                                           (["train", "diffusion"], "runs/<pipeline.name>/models/diffusion")])
@@ -181,7 +203,8 @@ def test_train_writes_a_new_directory_never_the_shipped_models(tmp_path):
     assert out.returncode == 0, out.stderr
     made = tmp_path / "runs" / "digits" / "models" / "classifier"
     assert (made / "metrics.json").is_file() and (made / "config.json").is_file()
-    assert f"--set model.classifier={Path('runs/digits/models/classifier')}" in out.stdout
+    # a --set path is read against the config's folder (pipelines/), not the working directory
+    assert f"--set model.classifier={made.resolve()}" in out.stdout
     assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert again.returncode == 2 and "already holds a trained model" in again.stderr

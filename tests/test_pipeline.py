@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from conftest import run_pipeline
-from contract_spec import PAIR_FIELDS, PAIR_MEMBERS
+from contract_spec import PAIR_FIELDS, PAIR_MEMBERS, has_type
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -65,7 +65,7 @@ def test_json_schema_captions_and_classes(digits_run):
         for s in read_samples(tar_file):
             meta = json.loads(s["json"])
             assert list(meta) == list(PAIR_FIELDS)
-            assert all(type(meta[k]) is t for k, t in PAIR_FIELDS.items())
+            assert all(has_type(meta, k) for k in PAIR_FIELDS)
             assert meta["id"] == s["__key__"]
             assert int(s["cls"]) == meta["label"] and int(s["cf.cls"]) == meta["cf_label"]
             assert meta["cf_label"] != meta["label"]
@@ -171,6 +171,9 @@ def test_unreadable_image_becomes_a_failure_row(tmp_path):
     assert stats["count"] == 14 and stats["pairs"] == 12 and stats["failed"] == 2
     broken = [r for r in manifest.values() if r["origin"].endswith("broken.png")][0]
     empty = [r for r in manifest.values() if r["origin"].endswith("empty.png")][0]
+    # origins are relative to data.root (the manifest names no path of this machine), with the inversion's settings
+    assert broken["origin"] == "three/broken.png" and not any(str(tmp_path) in r["origin"] for r in manifest.values())
+    assert all(r["t_inv"] == 0.6 and r["steps"] == 25 for r in manifest.values())
     assert broken["status"] == "failed" and broken["error"].startswith("not an image")
     assert empty["status"] == "failed" and empty["error"] == "empty file"
     assert stats["errors"] == {"not an image (unidentified format)": 1, "empty file": 1}
@@ -286,7 +289,7 @@ def test_pairs_folder_opens_as_a_folder_with_its_dataset_card(digits_run, tmp_pa
     assert len(streamed) == 40 and sorted(s["json"]["id"] for s in streamed) == sorted(m["id"] for m in metas)
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "license" in card.split("---")[1]
-    assert "| localized edits | x0 (threshold 0.4" in card and f"| pairs | {stats['pairs']} |" in card
+    assert "| localized edits | x0 (threshold 0.4" in card and f"| pairs written | {stats['pairs']} |" in card
 
 
 def test_every_reader_of_the_pairs_folder_counts_each_pair_once(digits_run):

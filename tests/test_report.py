@@ -157,38 +157,52 @@ def test_report_shows_the_tune_table_when_the_run_has_one(shapes_report, tmp_pat
     from cfgen.report import write_report
 
     run_dir, _, page, _ = shapes_report
-    assert "Prompt tuning" not in page.read_text()  # no RUN/tune/metrics.json: no section, still a report
+    assert "Tuning on the pairs" not in page.read_text()  # no RUN/tune/metrics.json: no section, still a report
     for stage in ("guide", "pairs"):
         shutil.copytree(run_dir / stage, tmp_path / stage)
     fig = {"mean": 0.75, "std": 0.05}
     delta = {"n": 5, "mean": 0.04, "sd": 0.02, "t": 2.776445, "half_width": 0.024833, "low": 0.015167, "high": 0.064833}
     rows = {
         "zero_shot": {"label": "zero-shot", "learner": None, "objective": None, "cf_source": None, "baseline": None,
-                      "base": fig, "novel": fig, "hm": fig, "worst_group": fig, "delta": None,
-                      "seconds": {"mean": 0.1, "total": 0.5}},
+                      "worst_base": fig, "worst_novel": fig, "base": fig, "novel": fig, "hm": fig, "worst_group": fig,
+                      "delta": None, "seconds": {"mean": 0.1, "total": 0.5}},
         "coop": {"label": "CoOp", "learner": "coop", "objective": None, "cf_source": None, "baseline": None,
-                 "base": fig, "novel": fig, "hm": fig, "worst_group": fig, "delta": None,
-                 "seconds": {"mean": 2.0, "total": 10.0}},
-        "coop+dicap[true]": {"label": "CoOp+DiCap[true]", "learner": "coop", "objective": "dicap", "cf_source": "true",
-                             "baseline": "coop", "base": fig, "novel": fig, "hm": fig,
-                             "worst_group": {"mean": 0.62, "std": 0.03},
-                             "delta": {k: delta for k in ("base", "novel", "hm", "worst_group")},
-                             "seconds": {"mean": 2.0, "total": 10.0}},
+                 "worst_base": fig, "worst_novel": fig, "base": fig, "novel": fig, "hm": fig, "worst_group": fig,
+                 "delta": None, "seconds": {"mean": 2.0, "total": 10.0}},
+        "coop+augment[true]": {"label": "CoOp+CF-aug[true]", "learner": "coop", "objective": "augment",
+                               "cf_source": "true", "baseline": "coop", "worst_base": {"mean": 0.62, "std": 0.03},
+                               "worst_novel": fig, "base": {"mean": 0.88, "std": 0.01}, "novel": fig, "hm": fig,
+                               "worst_group": fig,
+                               "delta": {k: delta for k in ("worst_base", "worst_novel", "base", "novel", "hm",
+                                                            "worst_group")},
+                               "seconds": {"mean": 2.0, "total": 10.0}},
     }
     metrics = {"protocol": {"eval_split": "test", "eval_images": 600, "cells": {"sand/circle": 70, "sky/square": 60},
                             "classes": ["circle", "square", "triangle"], "base": [0, 1], "novel": [2], "pairs": 150,
                             "shot_pool": 150, "shots": 16, "seeds": [1, 2, 3, 4, 5],
-                            "hyperparameters": {"selection": "fixed in advance", "lam": 1.0, "epochs": 50,
-                                                "cocoop_epochs": 10, "lr": 0.002}},
-               "order": ["zero_shot", "coop", "coop+dicap[true]"], "rows": rows}
+                            "selection": {"mode": "validation", "criterion": "0.5 * accuracy of the validation ..."}},
+               "order": ["zero_shot", "coop", "coop+augment[true]"], "rows": rows,
+               "captured": [{"learner": "coop", "objective": "augment", "label": "CoOp+CF-aug",
+                             "delta_generated": 0.5, "delta_true": 0.25, "share": 2.0}]}
     (tmp_path / "tune").mkdir()
     (tmp_path / "tune" / "metrics.json").write_text(json.dumps(metrics))
     text = write_report(tmp_path).read_text()
-    section = text[text.index("<h2>Prompt tuning (cfgen tune)</h2>"):]
-    assert "600 images, 2 (group, class) cells" in section and "CoCoOp 10" in section
-    order = [section.index(f"<td>{label}</td>") for label in ("zero-shot", "CoOp", "CoOp+DiCap[true]")]
+    section = text[text.index("<h2>Tuning on the pairs (cfgen tune)</h2>"):]
+    assert "600 images, 2 (group, class) cells" in section and "chosen per seed and row on held-out pairs" in section
+    order = [section.index(f"<td>{label}</td>") for label in ("zero-shot", "CoOp", "CoOp+CF-aug[true]")]
     assert order == sorted(order)
-    assert "<td>0.620 ± 0.030</td><td>+0.040 [+0.015, +0.065]</td><td>+0.040 [+0.015, +0.065]</td>" in section
+    # worst base, its paired difference, then base: the table leads with the worst group
+    assert ("<td>CoOp+CF-aug[true]</td><td>0.620 ± 0.030</td><td>+0.040 [+0.015, +0.065]</td><td>0.880 ± 0.010</td>"
+            in section)
+    assert "share captured 2.00" in section
+    # a metrics.json of an older cfgen (no worst base / novel) still shows, those cells empty
+    for r in rows.values():
+        del r["worst_base"], r["worst_novel"]
+    metrics["protocol"] = {**metrics["protocol"], "hyperparameters": {"selection": "fixed in advance"}}
+    del metrics["protocol"]["selection"], metrics["captured"]
+    (tmp_path / "tune" / "metrics.json").write_text(json.dumps(metrics))
+    section = write_report(tmp_path).read_text().split("<h2>Tuning on the pairs (cfgen tune)</h2>")[1]
+    assert "hyper-parameters fixed in advance" in section and "<td>CoOp</td><td></td><td></td><td>0.750 ± 0.050</td>" in section
 
 
 def test_sweep_mask_variants_parse_and_refuse():
@@ -424,12 +438,17 @@ def test_judge_figures_shown_when_measured_and_marked_stale_after_a_repack(tmp_p
     text = write_report(run).read_text(encoding="utf-8")
     assert rows(text)["flip rate, independent judge"] == ["not measured", f"run `cfgen evaluate {run}`"]
     assert f"not measured, run `cfgen evaluate {run}`" in _section(text, "Figures")
-    write_result(run, {"pairs": 4, "factual_images": 4, "judge": "SVC(rbf) on factual images",
-                       "judge_cv_accuracy": 0.9, "judge_cv_folds": 2, "oracle_flip_rate": 0.25, "mean_l1": 0.04,
-                       "mean_nearest_target_l1": 0.2, "l1_over_nearest": 0.2})
+    write_result(run, {"pairs": 4, "factual_images": 4, "judge": "SVC(rbf) on the data source's images",
+                       "judge_fit_images": 1437, "judge_heldout_images": 360, "judge_heldout_accuracy": 0.9,
+                       "oracle_flip_rate": 0.25, "mean_l1": 0.04, "mean_nearest_target_l1": 0.2,
+                       "l1_over_nearest": 0.2})
     text = write_report(run).read_text(encoding="utf-8")
     assert rows(text)["flip rate, independent judge"][0] == "0.250"
+    note = rows(text)["flip rate, independent judge"][1]
+    assert "fitted on 1437 of the data source's images (held-out accuracy 0.900)" in note
     assert rows(text)["flip rate by the judge"] == ["0.250"]
+    assert rows(text)["data source images it was fitted on"] == ["1437"]
+    assert rows(text)["held-out accuracy (on 360 other source images)"] == ["0.900"]
     assert "STALE" not in text
     manifest = run / "pairs" / "manifest.parquet"
     pq.write_table(pq.read_table(manifest).slice(0, 6), manifest)  # packed again: other pairs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import json
 import random
 import subprocess
 import sys
@@ -216,8 +217,9 @@ def _rewrite_tar(path: Path, edit) -> None:
 def _invert_then(tmp_path: Path, damage, checksums: bool = True) -> tuple[dict, list[dict]]:
     """Run the small digits pipeline's invert, damage invert shard 0, then guide + pack.
 
-    checksums=False blanks the shard's per-sample sha256 column first (as a shard written without
-    them): the damage then reaches the decoders instead of being caught by the checksum."""
+    checksums=False blanks the shard's per-sample sha256 column first, and its marker's checksum of the
+    parquet (as a shard written without them): the damage then reaches the decoders instead of being
+    caught by the checksum."""
     from cfgen.config import load_config
     from cfgen.stages.guide import run_guide
     from cfgen.stages.invert import run_invert
@@ -231,6 +233,8 @@ def _invert_then(tmp_path: Path, damage, checksums: bool = True) -> tuple[dict, 
         rows = pq.read_table(rows_path)
         blank = pa.nulls(rows.num_rows, rows.schema.field("sha256").type)
         pq.write_table(rows.set_column(rows.schema.get_field_index("sha256"), "sha256", blank), rows_path)
+        marker = tmp_path / "invert" / "_state" / "invert-000000_stats.json"
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "rows_sha256"}))
     damage(tmp_path / "invert" / "invert-000000.tar")
     run_guide(cfg, tmp_path)
     stats = run_pack(cfg, tmp_path)

@@ -310,7 +310,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not (run / ".lock-rank0").is_file() and time.time() < deadline:
+        while not (run / ".lock").is_file() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)
         second = subprocess.run(args, capture_output=True, text=True, timeout=300)

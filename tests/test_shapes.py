@@ -87,8 +87,10 @@ def test_group_balanced_weights_draw_every_cell_equally():
 
 
 def test_balance_groups_needs_a_source_with_groups():
+    from cfgen.api import load_config as load_checked
+
     with pytest.raises(ConfigError, match="balance_groups"):
-        load_config(ROOT / "pipelines" / "digits.toml", ["train.classifier.balance_groups=true"])
+        load_checked(ROOT / "pipelines" / "digits.toml", ["train.classifier.balance_groups=true"])
 
 
 def test_spurious_cue_exists_in_train_only():
@@ -337,7 +339,7 @@ def test_shipped_shapes6_vlm_leans_on_the_cue_as_its_metrics_say():
     import json
 
     from cfgen.trainkit import load_arrays
-    from cfgen.tune.backends import MiniLMText
+    from cfgen.models.minilm import MiniLMText
     from cfgen.tune.image_tower import ImageTower
     from cfgen.tune.vlm import ZERO_SHOT_TEMPLATE, zero_shot_breakdown, zero_shot_logits
 

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from conftest import run_stages, tame, write_config
-from contract_spec import PAIR_FIELDS, PAIR_MEMBERS
+from test_runstate import one_error_line
+from contract_spec import PAIR_FIELDS, PAIR_MEMBERS, has_type
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["circle", "square", "triangle"]
@@ -103,7 +104,7 @@ def test_every_intervention_is_a_pair_with_its_edited_caption_and_record(text_ru
     assert stats["pairs"] == len(pairs) == 16
     for key, s in pairs.items():
         meta = json.loads(s["json"])
-        assert list(meta) == list(PAIR_FIELDS) and all(isinstance(meta[k], t) for k, t in PAIR_FIELDS.items())
+        assert list(meta) == list(PAIR_FIELDS) and all(has_type(meta, k) for k in PAIR_FIELDS)
         fid = meta["factual_id"]
         before = state(int(fid.split("-")[1]))
         record = json.loads(meta["edits"])
@@ -135,6 +136,70 @@ def test_manifest_has_the_concept_checks_and_stats_their_rates(text_run):
     assert c["all"]["pairs"] == 16 and c["shape"]["pairs"] == c["environment"]["pairs"] == 8
     assert c["shape"]["intervened_rate"] == np.mean([r["intervened_ok"] for r in rows
                                                      if r["intervention"].startswith("do(shape")])
+
+
+def test_pairs_say_what_happened_as_the_renderer_oracle_reads_it(text_run):
+    """K.json and the manifest name the do()'s concept, the concept states before and after, whether the do()
+    changes the class (only then can it flip: do(environment) keeps the class and is no flip, whatever the
+    predictor says), and the renderer oracle's verdict, read back here from each stored counterfactual."""
+    from cfgen.data.shapes_text import graph, read_concepts, state
+    from cfgen.report import class_counts, headline
+
+    run_dir, stats = text_run
+    g = graph()
+    rows = {r["id"]: r for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist()}
+    verdicts = {"shape": [], "environment": []}
+    for key, s in _pairs(run_dir).items():
+        meta, row = json.loads(s["json"]), rows[key]
+        record = json.loads(meta["edits"])
+        concept, value = record["target_concept_name"], record["new_value"]
+        before = state(int(meta["factual_id"].split("-")[1]))
+        after = g.do(before, concept, value).after
+        assert meta["concept"] == row["concept"] == concept
+        assert meta["concepts_before"] == dict(row["concepts_before"]) == {c: before[c] for c in g.concepts}
+        assert meta["concepts_after"] == dict(row["concepts_after"]) == {c: after[c] for c in g.concepts}
+        assert meta["changes_class"] == row["changes_class"] == (concept == "shape") == (meta["cf_label"] != meta["label"])
+        if concept == "environment":
+            assert meta["flipped"] is False and row["flipped"] is False  # the class was never to change
+        else:
+            assert meta["class_kept"] is False
+        read = read_concepts(_img(s["cf.png"]))  # the oracle, on the stored counterfactual
+        oracle = {"intervened_ok": read[concept] == after[concept],
+                  "descendants_ok": all(read[d] == after[d] for d in g.descendants(concept)) if concept == "shape" else None,
+                  "non_descendants_ok": all(read[n] == before[n] for n in g.non_descendants(concept))}
+        for k, v in oracle.items():
+            assert meta[k] == row[k] == v, (key, k)
+        verdicts[concept].append(meta["flipped"] if concept == "shape" else meta["class_kept"])
+    assert len(verdicts["shape"]) == len(verdicts["environment"]) == 8
+    assert stats["flip_rate"] == np.mean(verdicts["shape"]) and stats["class_changing_pairs"] == 8
+    assert stats["class_kept_rate"] == np.mean(verdicts["environment"]) and stats["class_keeping_pairs"] == 8
+    # the report counts flips over the class-changing pairs only, and says what the rest kept
+    counts = class_counts(list(rows.values()), SHAPES)
+    assert sum(c["flips"] for c in counts) == 8 and sum(c["written"] for c in counts) == 16
+    figures = {name: value for name, value, _ in headline(stats, None, run_dir, text=True)}
+    assert figures["flip rate, classifier"] == f"{stats['flip_rate']:.3f}"
+    assert figures["class kept, classifier"] == f"{stats['class_kept_rate']:.3f}"
+
+
+def test_report_of_a_text_run_counts_no_class_keeping_flip(text_run):
+    from cfgen.report import write_report
+
+    run_dir, _ = text_run
+    page = write_report(run_dir).read_text()
+    assert "<h2>Per intervention</h2>" in page and "(no flip asked)" in page and "do(environment=" in page
+    assert "One pair per class pair and intervened concept" in page
+    # a do(environment) card's true counterfactual is the scene under that do(), not the class's rendering
+    from cfgen.config import load_config
+    from cfgen.data.sources import open_source
+    from cfgen.report import _images
+
+    cfg = load_config(run_dir / "pairs" / "config.toml")
+    causal = open_source(cfg).causal
+    rows = [r for r in pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist() if r["concept"] == "environment"]
+    for r in rows[:2]:
+        truth = _images(cfg, run_dir, [r])[r["id"]]["truth"]
+        assert (truth == causal.intervene(r["origin"], "environment", dict(r["concepts_after"])["environment"])[0]).all()
+        assert not (truth == causal.true_counterfactual(r["origin"], r["label"])).all()
 
 
 def test_csg_edits_stay_inside_their_masks(text_run):
@@ -278,3 +343,90 @@ def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):
         meta = json.loads(s["json"])
         assert list(meta) == list(PAIR_FIELDS) and _img(s["cf.png"]).shape == (16, 16, 3)
         assert s["cf.txt"].decode() == g.caption(json.loads(meta["edits"])["final_concept_states"])
+
+
+# ------------------------------------------------------------------ trust (issue 25): graphs, resume, verify
+
+def _graph_file(path: Path, caption: str | None = None, environments: dict | None = None) -> Path:
+    """The shipped graph, with another caption template and/or environment domain."""
+    from cfgen.data.shapes_text import graph_dict
+
+    data = graph_dict()
+    if caption is not None:
+        data["cfgen"]["caption"] = caption
+    if environments is not None:
+        data["cfgen"]["domains"]["environment"] = environments
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _cli_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`cfgen args` in this process: (exit code, stdout, stderr)."""
+    from test_runstate import cli
+
+    return cli(capsys, *args, sets=[])
+
+
+def test_resume_refuses_a_switch_from_a_custom_graph_back_to_the_default(models_dir, tmp_path, capsys):
+    """A custom text.graph (its own caption template) then the default (text.graph = ""): guide's fingerprint
+    records the graph only when it is set, and a key on one side only is a change, so the resume is refused."""
+    custom = _graph_file(tmp_path / "custom.json", caption="{size} {colour} {shape} on {environment}")
+    cfg = _config(models_dir, tmp_path, text={"intervene": ["shape"], "graph": str(custom)})
+    run = tmp_path / "run"
+    _run(cfg, run)
+    before = sorted(p.name for p in (run / "guide").glob("*.tar"))
+    for command in ("run", "guide"):
+        code, _, err = _cli_here(capsys, command, "--config", str(tmp_path / "pipeline.toml"), "--out", str(run),
+                                 "--set", "text.graph=")
+        assert code == 2
+        assert one_error_line(err) == (f"cfgen: error: guide: {run / 'guide'} was made with other settings: "
+                                       "text.graph (set then, unset now). Re-run with --overwrite to redo this stage, "
+                                       "or use another --out")
+    assert sorted(p.name for p in (run / "guide").glob("*.tar")) == before
+
+
+def test_verify_vouches_for_text_pairs_and_catches_captions_of_another_graph(text_run, tmp_path, capsys):
+    """Text pairs are captioned by the concept graph, not pack.caption: a clean run verifies clean, and pairs
+    whose captions another graph made (the config beside them names the default one) are named."""
+    import shutil
+    import tomllib
+
+    import tomli_w
+
+    run_dir, stats = text_run
+    code, out, _ = _cli_here(capsys, "verify", str(run_dir))
+    assert code == 0 and out.strip() == f"verified {stats['pairs']} samples: 0 problem(s)"
+    mixed = tmp_path / "run"
+    shutil.copytree(run_dir, mixed)
+    config = mixed / "pairs" / "config.toml"
+    resolved = tomllib.loads(config.read_text())
+    other = _graph_file(tmp_path / "other.json", caption="{shape} {colour} {size} on {environment}")
+    resolved["text"]["graph"] = str(other)
+    config.write_text(tomli_w.dumps(resolved))
+    code, out, _ = _cli_here(capsys, "verify", str(mixed))
+    assert code == 1
+    problems = out.strip().splitlines()[:-1]
+    assert len(problems) == 2 * stats["pairs"]
+    assert all(p.endswith(("txt: not the caption the concept graph makes of the state before the do()",
+                           "cf.txt: not the caption the concept graph makes of final_concept_states"))
+               for p in problems)
+
+
+def test_a_graph_with_a_value_the_source_lacks_is_refused_before_work(models_dir, tmp_path, capsys):
+    """An environment the renderer cannot draw: pack's oracle could never judge those pairs. Refused before
+    invert, in one line; so is a graph without a value the source's samples have."""
+    cfg_path = tmp_path / "pipeline.toml"
+    _config(models_dir, tmp_path, text={"intervene": ["environment"]})
+    envs = {"sand": "a sand background", "grass": "a grass background", "sky": "a sky background"}
+    more = _graph_file(tmp_path / "more.json", environments={**envs, "lava": "a lava background"})
+    code, _, err = _cli_here(capsys, "run", "--config", str(cfg_path), "--out", str(tmp_path / "run"),
+                             "--set", f"text.graph={more}")
+    assert code == 2
+    assert one_error_line(err) == ("cfgen: error: the concept graph does not fit data.source 'shapes-text': "
+                                   "environment = 'lava' is not a value the source knows (sand, grass, sky), so no "
+                                   "pair that sets it could be judged")
+    fewer = _graph_file(tmp_path / "fewer.json", environments={"sand": "a sand background"})
+    code, _, err = _cli_here(capsys, "run", "--config", str(cfg_path), "--out", str(tmp_path / "run"),
+                             "--set", f"text.graph={fewer}")
+    assert code == 2 and "the concept graph does not fit data.source 'shapes-text': a sample's environment: " in err
+    assert not (tmp_path / "run").exists()

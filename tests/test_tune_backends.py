@@ -211,3 +211,21 @@ def test_unset_tune_vlm_means_where_train_vlm_writes(tmp_path, monkeypatch):
     assert cfg.vlm_dir() == Path("runs") / "digits" / "models" / "vlm"
     with pytest.raises(ModelLoadError, match=r"runs/digits/models/vlm \(tune.vlm is unset; train one there"):
         load_vlm(cfg)
+
+
+def test_tune_text_longer_than_clip_holds_is_one_line(clip_dir, tmp_path, monkeypatch, capsys):
+    """A zero-shot prompt longer than the CLIP's 16 positions: `cfgen tune` says so in one line, exit 2, before
+    it encodes any image (as `cfgen run` does for model.clip_prompts), not a traceback from inside CLIP."""
+    from test_tune_cli import DIGITS, cfgen_here, sets, write_pair_shards
+
+    shards = write_pair_shards(tmp_path / "pairs")
+    long_init = " ".join(["a photo of"] * 4)  # 12 tokens: [BOS] + 12 + the class name + '.' + [EOS] > 16
+    code, out, err = cfgen_here(monkeypatch, capsys, "tune", "--config", DIGITS, "--out", str(tmp_path / "run"),
+                                "--pairs", str(shards / "pairs-{000000..000001}.tar"),
+                                *sets("tune.backend=transformers", f"tune.vlm={clip_dir}", "tune.eval_split=test",
+                                      f"tune.ctx_init={long_init}", "tune.n_ctx=12", "tune.shots=2"))
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("cfgen:")]
+    assert len(lines) == 1 and lines[0].startswith(f"cfgen: error: tune: '{long_init} ")  # the longest class name's
+    assert lines[0].endswith(f" tokens; the text encoder in {clip_dir} holds 16")
+    assert not (tmp_path / "run" / "tune").exists()

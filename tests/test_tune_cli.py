@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from cfgen.shards import atomic_tar
+from conftest import cfgen_here
 from contract_spec import pair_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,29 +122,26 @@ def cfgen(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cfgen", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def cfgen_here(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`cfgen ARGS` through cli.main in this process (no interpreter start-up): exit code, stdout, stderr."""
-    from cfgen.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cfgen", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
-DIGITS_SMALL = ["tune.shots=2", "tune.epochs=4", "tune.seeds=[1, 2]", "tune.eval_split=test"]
+DIGITS_SMALL = ["tune.shots=2", "tune.epochs=4", "tune.seeds=[1, 2]", "tune.eval_split=test",
+                "tune.select.mode=fixed", "tune.workers=1"]
 SHAPES_SMALL = [f"data.shapes_count={SHAPES_COUNT}", f"tune.vlm={DIGITS_VLM}", "tune.shots=2", "tune.epochs=2",
-                "tune.seeds=[1, 2, 3]"]
-ROW_KEYS = {"label", "learner", "objective", "cf_source", "baseline", "base", "novel", "hm", "worst_group", "delta",
-            "seconds"}
+                "tune.seeds=[1, 2, 3]", "tune.select.mode=fixed", "tune.workers=1"]
+FIGURES = ("worst_base", "worst_novel", "base", "novel", "hm", "worst_group")
+ROW_KEYS = {"label", "learner", "objective", "cf_source", "baseline", *FIGURES, "delta", "seconds", "chosen"}
+TABLE_HEAD = ["method", "worst", "base", "Δ", "worst", "base", "base", "novel", "worst", "novel", "HM", "Δ", "HM",
+              "s/seed"]
+
+
+def table_labels(stdout: str) -> list[str]:
+    """The first word of each row of the printed table (between the column header and the gain summary)."""
+    lines = stdout.strip().splitlines()
+    rows = lines[3:]
+    end = next((i for i, line in enumerate(rows) if line.startswith("share of the true")), len(rows))
+    return [line.split()[0] for line in rows[:end]]
 DELTA_KEYS = {"n", "mean", "sd", "t", "half_width", "low", "high"}
 
 
@@ -157,28 +155,31 @@ def test_tune_digits_end_to_end_writes_the_table_metrics_prompts_and_reuses_the_
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("base-to-novel accuracy on the 'test' split (360 images, 10 (group, class) cells), "
                                "2 shots per base class; mean ± std over seeds 1, 2")
-    assert lines[2].split() == ["method", "base", "novel", "HM", "worst-group", "Δ", "worst-group", "Δ", "HM", "s/seed"]
-    assert [line.split()[0] for line in lines[3:]] == ["zero-shot", "CoOp", "CoOp+DiCap[generated]",
-                                                       "CoOp+DiCap[nearest]"]
+    assert lines[2].split() == TABLE_HEAD
+    assert table_labels(out.stdout) == ["zero-shot", "CoOp", "CoOp+DiCap[generated]", "CoOp+DiCap[nearest]"]
 
     metrics = json.loads((run / "tune" / "metrics.json").read_text())
-    assert set(metrics) == {"protocol", "order", "rows"}
+    assert set(metrics) == {"protocol", "order", "rows", "captured"}
     assert metrics["order"] == ["zero_shot", "coop", "coop+dicap[generated]", "coop+dicap[nearest]"]
     p = metrics["protocol"]
     assert (p["eval_split"], p["eval_images"], p["base"], p["novel"]) == ("test", 360, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
     assert sorted(p["cells"]) == sorted(NAMES) and sum(p["cells"].values()) == 360  # no groups: one cell per class
     # 50 pairs, 8 of them test ids (never shots); hyper-parameters are fixed in advance and said so
     assert (p["pairs"], p["shot_pool"], p["shots"], p["seeds"]) == (50, 42, 2, [1, 2])
-    assert p["hyperparameters"]["selection"].startswith("fixed in advance")
+    assert p["selection"]["mode"] == "fixed" and p["selection"]["rule"].startswith("fixed in advance")
     assert (p["hyperparameters"]["lam"], p["hyperparameters"]["epochs"], p["hyperparameters"]["lr"]) == (1.0, 4, 0.002)
     for key, row in metrics["rows"].items():
         assert set(row) == ROW_KEYS
-        for k in ("base", "novel", "hm", "worst_group"):
+        for k in FIGURES:
             assert set(row[k]) == {"mean", "std"} and 0.0 <= row[k]["mean"] <= 1.0
         assert (row["delta"] is None) == (key in ("zero_shot", "coop"))
+        # fixed mode: every seed's 'choice' is the config's own lr / epochs / lambda
+        expected = [] if key == "zero_shot" else [{"lr": 0.002, "epochs": 4, "lam": 0.0 if key == "coop" else 1.0,
+                                                   "criterion": 0.0}] * 2
+        assert row["chosen"] == expected
     row = metrics["rows"]["coop+dicap[nearest]"]
     assert (row["learner"], row["objective"], row["cf_source"], row["baseline"]) == ("coop", "dicap", "nearest", "coop")
-    assert set(row["delta"]) == {"base", "novel", "hm", "worst_group"} and set(row["delta"]["hm"]) == DELTA_KEYS
+    assert set(row["delta"]) == set(FIGURES) and set(row["delta"]["hm"]) == DELTA_KEYS
 
     runs = json.loads((run / "tune" / "runs.json").read_text())
     splits = dict(line.split(",") for line in (ROOT / "manifests" / "digits" / "split.csv").read_text().split()[1:])
@@ -217,7 +218,7 @@ def test_tune_digits_end_to_end_writes_the_table_metrics_prompts_and_reuses_the_
     assert "(2 cached, 0 encoded)" in logs[0] and "360 evaluation images (cached)" in logs[0]
     assert "(encoded)" not in logs[0]  # the nearest-image pool too
     for key in metrics["order"]:  # seeded: the same figures again (the timings differ)
-        for k in ("base", "novel", "hm", "worst_group", "delta"):
+        for k in (*FIGURES, "delta"):
             assert again["rows"][key][k] == metrics["rows"][key][k]
 
 
@@ -228,7 +229,7 @@ def test_tune_shapes_every_cf_source_learner_and_objective(shapes_pairs, tmp_pat
     code, stdout, stderr = cfgen_here(monkeypatch, capsys, "tune", "--config", SHAPES, "--out", str(run), "--pairs",
                                       str(shapes_pairs / "pairs-*.tar"), *sets(*overrides))
     assert code == 0, stderr
-    labels = [line.split()[0] for line in stdout.strip().splitlines()[3:]]
+    labels = table_labels(stdout)
     sources = ["generated", "true", "nearest"]
     assert labels == (["zero-shot", "CoOp"] + [f"CoOp+{o}[{s}]" for o in ("DiCap", "CF-VLM") for s in sources]
                       + ["CoCoOp"] + [f"CoCoOp+{o}[{s}]" for o in ("DiCap", "CF-VLM") for s in sources])
@@ -257,6 +258,17 @@ def test_tune_shapes_every_cf_source_learner_and_objective(shapes_pairs, tmp_pat
     state = load_file(str(run / "tune" / "prompts" / "cocoop-cfvlm-true-seed3.safetensors"))
     assert state["ctx"].shape == (4, 384) and state["meta_net.0.weight"].shape == (24, 384)
     assert set(runs[0]["methods"]["cocoop+cfvlm[true]"]) >= {"align", "csd", "fcd"}
+    # the gain summary: one line per objective with generated, true and nearest rows, from the deltas
+    captured = {(c["learner"], c["objective"]): c for c in metrics["captured"]}
+    assert set(captured) == {(lr, o) for lr in ("coop", "cocoop") for o in ("dicap", "cfvlm")}
+    c = captured[("coop", "dicap")]
+    d_gen = metrics["rows"]["coop+dicap[generated]"]["delta"]["worst_base"]["mean"]
+    d_true = metrics["rows"]["coop+dicap[true]"]["delta"]["worst_base"]["mean"]
+    assert (c["delta_generated"], c["delta_true"]) == (d_gen, d_true)
+    assert c["share"] == (pytest.approx(d_gen / d_true) if abs(d_true) > 1e-12 else None)
+    near = [r["methods"]["coop+dicap[nearest]"]["worst_base"] for r in runs]
+    gen = [r["methods"]["coop+dicap[generated]"]["worst_base"] for r in runs]
+    assert c["generated_minus_nearest"]["mean"] == pytest.approx(np.mean(gen) - np.mean(near))
     assert set(runs[0]["methods"]["coop+dicap[generated]"]) >= {"l1", "l2"}
 
 
@@ -296,26 +308,31 @@ def test_true_and_nearest_counterfactual_features(shapes_pairs, tmp_path, vlm, o
         assert torch.allclose(near[k], encode_images(vlm, ref.load()[None])[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["coop", "coop_csc", "cocoop"])
+@pytest.mark.parametrize("kind", ["coop", "coop_csc", "cocoop", "adapter"])
 def test_a_learners_rows_trained_in_lockstep_equal_separate_runs(kind, vlm, one_thread):
-    """Same init, same batches, own gradients: one encoder call for all rows changes nothing."""
+    """Same init, same batches, own gradients (and own learning rates): one encoder call for all rows
+    changes nothing."""
     from cfgen.config import load_config
-    from cfgen.tune.train import RowRun, make_task, train_prompt, train_prompts
+    from cfgen.tune.fit import RowRun, fit_rows
+    from cfgen.tune.train import make_task, zero_shot_text
 
     t = load_config(DIGITS, ["tune.epochs=2", "tune.batch_size=4"]).tune
     task = make_task(NAMES[:4])  # base 0, 1; novel 2, 3
+    zs = zero_shot_text(vlm, task, "a photo of a")
     gen = torch.Generator().manual_seed(0)
     feat, cf_a, cf_b = (torch.randn(6, 384, generator=gen) for _ in range(3))
     label, cf_label = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1, 2, 3, 0, 2, 3])
-    rows = [RowRun("dicap", 0.0, cf_a), RowRun("dicap", 1.0, cf_b), RowRun("cfvlm", 1.0, cf_a)]
-    together, infos, _ = train_prompts(vlm, task, feat, label, cf_label, rows, t, 7, kind)
-    assert not torch.allclose(together[0].ctx, together[1].ctx)  # the objectives did differ
+    lr = 0.01 if kind == "adapter" else 0.002
+    rows = [RowRun("dicap", 0.0, cf_a, lr), RowRun("dicap", 1.0, cf_b, lr), RowRun("cfvlm", 1.0, cf_a, lr),
+            RowRun("augment", 1.0, cf_b, lr), RowRun("dicap_sym", 2.0, cf_a, 2 * lr)]
+    together, infos, _ = fit_rows(vlm, task, kind, rows, feat, label, cf_label, t, 7, 2, zs)
+    params = [torch.cat([p.detach().flatten() for p in learner.parameters()]) for learner in together]
+    assert not torch.allclose(params[0], params[1])  # the objectives did differ
     for r, learner, info in zip(rows, together, infos):
-        alone, info_alone = train_prompt(vlm, task, feat, r.cf_feat, label, cf_label, t, 7, kind, r.objective, r.lam)
-        assert torch.allclose(learner.ctx, alone.ctx, atol=1e-5)
-        for a, b in zip(learner.parameters(), alone.parameters()):
+        alone, info_alone, _ = fit_rows(vlm, task, kind, [r], feat, label, cf_label, t, 7, 2, zs)
+        for a, b in zip(learner.parameters(), alone[0].parameters()):
             assert torch.allclose(a, b, atol=1e-5)
-        assert info == pytest.approx({k: v for k, v in info_alone.items() if k != "train_seconds"}, abs=1e-5)
+        assert info == pytest.approx(info_alone[0], abs=1e-5)
 
 
 def test_true_source_without_a_causal_model_is_one_line_exit_2(pair_shards, tmp_path, monkeypatch, capsys):
@@ -374,7 +391,11 @@ def test_tune_user_error_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("overrides, message", [
     (["tune.shots=4"], "tune.shots=4 but class 'one' has only 3 training pairs outside tune.eval_split='test'"),
-    (['tune.learners=["maple"]'], "tune.learners[0]: expected 'coop', 'coop_csc' or 'cocoop', got 'maple'"),
+    (['tune.learners=["maple"]'],
+     "tune.learners[0]: expected 'coop', 'coop_csc', 'cocoop', 'linear' or 'adapter', got 'maple'"),
+    (['tune.select.image_lam=[]'], "tune.select.image_lam: give one or more distinct finite numbers >= 0"),
+    (['tune.select.mode=test'], "tune.select.mode: expected 'validation' or 'fixed', got 'test'"),
+    (["tune.workers=-1"], "tune.workers must be >= 0"),
     (['tune.cf_sources=["none"]'], "tune.cf_sources[0]: expected 'generated', 'true' or 'nearest', got 'none'"),
     (['tune.objectives=["dicap", "dicap"]'], "tune.objectives: give one or more distinct values"),
     (['tune.rows=["cocoop+dicap[generated]"]'], "tune.rows: 'cocoop+dicap[generated]' is not one of tune.learners"),

@@ -118,7 +118,7 @@ def test_summary_mean_std_and_harmonic_mean():
     assert harmonic_mean(0.0, 0.0) == 0.0
     seeds = [{"base": 0.9, "novel": 0.6, "hm": 0.72, "worst_group": 0.5},
              {"base": 0.7, "novel": 0.6, "hm": 2 * 0.7 * 0.6 / 1.3, "worst_group": 0.3}]
-    s = summarize(seeds)
+    s = summarize(seeds, ("base", "novel", "hm", "worst_group"))
     assert set(s) == {"base", "novel", "hm", "worst_group"}
     assert s["base"] == {"mean": pytest.approx(0.8), "std": pytest.approx(math.sqrt(0.02))}  # ddof=1
     assert s["novel"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.0)}

@@ -26,8 +26,10 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
 
 
-def _image_loader(path: Path, cfg):
-    return lambda: decode_image(path, cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels)
+def _image_loader(path: Path, cfg, name: str):
+    """Decodes `path` later; its errors call it `name` (the origin, relative to data.root: no local path in
+    the manifest)."""
+    return lambda: decode_image(path, cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels, name=name)
 
 
 def printable(name: str) -> str:
@@ -97,8 +99,10 @@ class FolderSource(Source):
             if key in seen:  # a.png beside a.jpg: the second keeps its extension in the id
                 key = safe_key(rel.as_posix())
             seen.add(key)
-            refs.append(SampleRef(id=key, label=label, origin=printable(str(path)),
-                                  load=_image_loader(path, self.cfg), error=error, stamp=stamp(path)))
+            # relative to data.root: the manifest names the file the same on any machine, and no local path leaks
+            origin = printable(rel.as_posix())
+            refs.append(SampleRef(id=key, label=label, origin=origin,
+                                  load=_image_loader(path, self.cfg, origin), error=error, stamp=stamp(path)))
         return refs
 
 
@@ -152,6 +156,6 @@ class ManifestSource(Source):
             full = (root / raw_path).resolve()
             if error is None and not full.is_relative_to(root.resolve()):
                 error = f"path escapes the dataset root: {raw_path}"
-            refs.append(SampleRef(id=key, label=label, origin=raw_path, load=_image_loader(full, cfg), error=error,
+            refs.append(SampleRef(id=key, label=label, origin=raw_path, load=_image_loader(full, cfg, raw_path), error=error,
                                   stamp=stamp(full)))
         return refs

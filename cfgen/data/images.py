@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cfgen.errors import ImageDecodeError
 
-__all__ = ["ImageDecodeError", "decode_image", "decode_png", "encode_png"]
+__all__ = ["ImageDecodeError", "decode_image", "decode_png", "encode_image", "encode_png"]
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -46,14 +46,15 @@ def _square_resize(img: Image.Image, size: int) -> Image.Image:
 
 
 def decode_image(source: str | Path | bytes, size: int, channels: int,
-                 max_pixels: int = 89_478_485) -> np.ndarray:
-    """Decode a file path or encoded bytes to uint8 (size, size, channels)."""
+                 max_pixels: int = 89_478_485, name: str | None = None) -> np.ndarray:
+    """Decode a file path or encoded bytes to uint8 (size, size, channels); `name` is how errors call the
+    file (the manifest's origin, relative to data.root; default: the path)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
-            raise ImageDecodeError(f"missing file: {path}")
+            raise ImageDecodeError(f"missing file: {name or path}")
         if not path.is_file():
-            raise ImageDecodeError(f"not a file: {path}")
+            raise ImageDecodeError(f"not a file: {name or path}")
         data = path.read_bytes()
     else:
         data = bytes(source)
@@ -84,7 +85,8 @@ def decode_image(source: str | Path | bytes, size: int, channels: int,
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """A stored image (a pair or shard member) as uint8 (H, W, C) at its own size: grey stays one channel."""
+    """A stored image (a pair or shard member: PNG, or a pair's JPEG / WebP) as uint8 (H, W, C) at its own size:
+    grey stays one channel."""
     with Image.open(io.BytesIO(data)) as im:
         arr = np.asarray(im.convert("L") if im.mode in ("L", "I", "I;16", "P", "1") else im.convert("RGB"))
     return arr[:, :, None] if arr.ndim == 2 else arr
@@ -96,4 +98,21 @@ def encode_png(arr: np.ndarray) -> bytes:
     img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def encode_image(arr: np.ndarray, image_format: str, quality: int) -> bytes:
+    """A pair's image as pack.image_format says: 'png' (encode_png, lossless), 'jpeg' or 'webp' at `quality`
+    (lossy; deterministic: the same pixels and settings give the same bytes)."""
+    if image_format == "png":
+        return encode_png(arr)
+    arr = np.asarray(arr, dtype=np.uint8)
+    img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
+    buf = io.BytesIO()
+    if image_format == "jpeg":
+        img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    elif image_format == "webp":
+        img.save(buf, format="WEBP", quality=quality, method=4, exact=False)
+    else:
+        raise ValueError(f"unknown image format {image_format!r}")
     return buf.getvalue()

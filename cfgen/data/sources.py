@@ -1,6 +1,7 @@
 """The source registry, and the sample list every stage and trainer reads.
 
     SOURCES["shapes"]              -> ShapesSource (data.source names one of these)
+    check_source(cfg)              -> a ConfigError when the config asks what its source cannot give
     open_source(cfg)               -> the configured Source (base.py: class names, samples, causal model)
     list_samples(cfg, split=None)  -> every input SampleRef, filtered by split, classes, class/total limit, repeated
     load_class_names(cfg)          -> data.classes, else the source's own list
@@ -29,11 +30,19 @@ SOURCES: dict[str, type[Source]] = {s.name: s for s in (DigitsSource, ShapesSour
                                                         ManifestSource)}
 
 
+def check_source(cfg: Config) -> None:
+    """What the config asks of its source, checked before any work (api.load_config): the source is one
+    of the registry's, and it records groups when the classifier is to be balanced over them."""
+    if cfg.data.source not in SOURCES:
+        raise ConfigError(f"data.source: unknown source {cfg.data.source!r} (known: {', '.join(SOURCES)})")
+    if cfg.train.classifier.balance_groups and not SOURCES[cfg.data.source].records_groups:
+        raise ConfigError(f"train.classifier.balance_groups needs a source that records groups; "
+                          f"{cfg.data.source!r} does not")
+
+
 def open_source(cfg: Config) -> Source:
-    try:
-        return SOURCES[cfg.data.source](cfg)
-    except KeyError:
-        raise ConfigError(f"data.source: unknown source {cfg.data.source!r} (known: {', '.join(SOURCES)})") from None
+    check_source(cfg)
+    return SOURCES[cfg.data.source](cfg)
 
 
 def load_class_names(cfg: Config) -> list[str]:
@@ -91,4 +100,16 @@ def list_samples(cfg: Config, split: str | None = None) -> list[SampleRef]:
         refs = refs[: cfg.data.limit]
     if cfg.data.repeat > 1:
         refs = refs + [dataclasses.replace(r, id=f"{r.id}-r{k}") for k in range(1, cfg.data.repeat) for r in refs]
+    _check_unique(refs, cfg)
     return refs
+
+
+def _check_unique(refs: list[SampleRef], cfg: Config) -> None:
+    """Ids are tar keys and manifest rows: two samples with one id would overwrite each other in a shard."""
+    seen: set[str] = set()
+    for r in refs:
+        if r.id in seen:
+            why = (f" (data.repeat={cfg.data.repeat} names the k-th copy of a sample <id>-r<k>, and an input "
+                   "already has that id)" if cfg.data.repeat > 1 else "")
+            raise ConfigError(f"data: two input samples have the id {r.id!r}{why}; ids must be unique")
+        seen.add(r.id)

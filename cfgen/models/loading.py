@@ -28,9 +28,10 @@ from diffusers.utils import logging as diffusers_logging
 from cfgen.config import Config, guidance_gradient
 from cfgen.device import pick_device, pick_dtype, use_gpu_math
 from cfgen.errors import ConfigError, ModelLoadError
-from cfgen.models.classifier import NoiseAwareClassifier
+from cfgen.models.classifier import NoiseAwareClassifier, schedule_mismatch
 from cfgen.models.latent import LatentCodec, PromptEncoder
-from cfgen.models.predictors import CLIP_STATS, ClipZeroShot, HFImageClassifier, ImagePreprocess, label_columns
+from cfgen.models.predictors import (CLIP_STATS, ClipZeroShot, HFImageClassifier, ImagePreprocess, check_text_fits,
+                                     label_columns)
 from cfgen.models.runtime import Models
 from cfgen.models.text import TEXT_ENCODER_FILE, CaptionEncoder
 from cfgen.models.weights import check_weights, component_dir, pipeline_root, read_json, resolve_dir
@@ -73,9 +74,15 @@ def load_scheduler(path: Path) -> DDIMScheduler:
     return DDIMScheduler.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")})
 
 
-def load_classifier(path: Path, trust_checkpoint: bool = False) -> NoiseAwareClassifier:
+def load_classifier(path: Path, trust_checkpoint: bool = False,
+                    scheduler: DDIMScheduler | None = None) -> NoiseAwareClassifier:
+    """The noise-aware classifier; with `scheduler` (guidance reads it at x_t), refused when it was trained
+    under another noise schedule: its gradient at a level it never saw is silently wrong, not weaker."""
     path = resolve_dir(path, "classifier", "config.json")
     safe = check_weights(path, trust_checkpoint)
+    if scheduler is not None and (why := schedule_mismatch(path, scheduler)):
+        raise ModelLoadError(f"model.classifier {path} was trained under another noise schedule than "
+                             f"model.scheduler ({why}); train one under this scheduler (`cfgen train classifier`)")
     return _from_pretrained(NoiseAwareClassifier, path, use_safetensors=safe)
 
 
@@ -147,11 +154,15 @@ def load_condition(cfg: Config, unet: torch.nn.Module,
     return cond.to(device), text
 
 
-def load_predictor(cfg: Config, classes: list[str]) -> tuple[torch.nn.Module, bool]:
-    """(predictor, clean): the noise-aware classifier (clean = False) or a clean one on pixel images."""
+def load_predictor(cfg: Config, classes: list[str],
+                   scheduler: DDIMScheduler | None = None) -> tuple[torch.nn.Module, bool]:
+    """(predictor, clean): the noise-aware classifier (clean = False) or a clean one on pixel images. Where
+    guidance reads the classifier at x_t (gradient 'noisy', classifier mode), it must know `scheduler`'s noise
+    levels; at t = 0 alone (gradient 'unet' / 'x0', or text mode's p(y*)) any schedule will do."""
     m = cfg.model
     if m.predictor == "noise_aware":
-        classifier = load_classifier(cfg.path(m.classifier), m.trust_checkpoint)
+        noisy = cfg.guide.mode == "classifier" and guidance_gradient(m) == "noisy"
+        classifier = load_classifier(cfg.path(m.classifier), m.trust_checkpoint, scheduler if noisy else None)
         if classifier.config.num_classes != len(classes):
             raise ModelLoadError(f"model.classifier {cfg.path(m.classifier)} has {classifier.config.num_classes} "
                                  f"outputs but the class list has {len(classes)} classes")
@@ -178,12 +189,8 @@ def load_predictor(cfg: Config, classes: list[str]) -> tuple[torch.nn.Module, bo
                                  f"{type(model).__name__}")
         pre = ImagePreprocess.from_processor(processor, model.config.vision_config.image_size, CLIP_STATS, 3)
         tokenizer = load_tokenizer(path)
-        limit = model.config.text_config.max_position_embeddings
-        prompts = [t.format(label_name=c) for t in m.clip_prompts for c in classes]
-        longest = max(prompts, key=lambda p: len(tokenizer(p)["input_ids"]))
-        if len(tokenizer(longest)["input_ids"]) > limit:
-            raise ConfigError(f"model.clip_prompts: {longest!r} is {len(tokenizer(longest)['input_ids'])} tokens; "
-                              f"the text encoder in {path} holds {limit}")
+        check_text_fits(tokenizer, [t.format(label_name=c) for t in m.clip_prompts for c in classes],
+                        model.config.text_config.max_position_embeddings, "model.clip_prompts", path)
         return ClipZeroShot(model, tokenizer, pre, classes, m.clip_prompts), True
     raise ConfigError(f"model.predictor: unknown predictor {m.predictor!r}")
 
@@ -229,7 +236,7 @@ def load_models(cfg: Config, predictor: bool = True) -> Models:
     cond, text = load_condition(cfg, unet, device)
     classifier, clean = None, cfg.model.predictor != "noise_aware"
     if predictor:
-        classifier, clean = load_predictor(cfg, load_class_names(cfg))
+        classifier, clean = load_predictor(cfg, load_class_names(cfg), scheduler)
         classifier = classifier.to(device, memory_format=fmt).eval().requires_grad_(False)
     image_channels = unet.config.in_channels if vae is None else vae.image_channels
     if vae is not None and unet.config.in_channels != vae.latent_channels:

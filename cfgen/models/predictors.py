@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfgen.errors import ConfigError
+
 # PIL resampling codes (transformers processors store them) -> torch interpolation modes.
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
 IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -146,6 +148,16 @@ class HFImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(pixel_values=self.preprocess(images)).logits
         return logits if self.columns is None else logits.index_select(1, self.columns)
+
+
+def check_text_fits(tokenizer, texts: list[str], limit: int, key: str, where) -> None:
+    """A ConfigError naming the longest of `texts` when it has more tokens than the text encoder in `where`
+    holds (`limit`, its position embeddings): the library would raise from inside its forward instead."""
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    longest = max(range(len(texts)), key=lengths.__getitem__)
+    if lengths[longest] > limit:
+        raise ConfigError(f"{key}: {texts[longest]!r} is {lengths[longest]} tokens; the text encoder in {where} "
+                          f"holds {limit}")
 
 
 def pooled(out) -> torch.Tensor:

@@ -40,7 +40,7 @@ class CaptionEncoder:
     def __init__(self, name: str = "minilm"):
         if name not in ENCODERS:
             raise ModelLoadError(f"unknown text encoder {name!r} (known: {', '.join(ENCODERS)})")
-        from cfgen.tune.backends import MiniLMText
+        from cfgen.models.minilm import MiniLMText
 
         self.name = name
         self.model = MiniLMText()

@@ -44,7 +44,7 @@ from cfgen.device import pick_device
 from cfgen.diffusion import guided_reverse, invert, q_sample, timestep_grid
 from cfgen.errors import ModelLoadError
 from cfgen.metrics import l1
-from cfgen.models.classifier import NoiseAwareClassifier
+from cfgen.models.classifier import SCHEDULE_FILE, NoiseAwareClassifier, schedule_record
 from cfgen.models.loading import load_codec, load_scheduler
 from cfgen.models.runtime import Models
 from cfgen.models.text import (CaptionEncoder, caption_table, drop_captions, pad_states, padding_mask,
@@ -295,4 +295,5 @@ def train_classifier(cfg: Config, out: Path | None = None) -> dict:
     out = out or cfg.path(cfg.model.classifier)
     model.save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / SCHEDULE_FILE).write_text(json.dumps(schedule_record(scheduler), indent=2) + "\n")
     return report

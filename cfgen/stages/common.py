@@ -39,6 +39,11 @@ def finished_inputs(stage: Stage, run_dir: Path) -> list[int]:
     indices = stage.finished(run_dir)
     if not indices:
         raise InputError(f"no finished {stage.name} shards in {stage.dir(run_dir)}; run `cfgen {stage.name}` first")
+    for i in indices:  # an altered tar is caught per sample (its rows' checksums); altered rows only here
+        why = rows_changed(stage, run_dir, i)
+        if why:
+            raise InputError(f"{stage.name} shard {i} was changed after it was finished ({why}); "
+                             f"re-run `cfgen {stage.name}` to redo it")
     return indices
 
 
@@ -80,18 +85,36 @@ def error_reason(error: str | None) -> str:
 
 
 def damage(stage: Stage, run_dir: Path, index: int) -> str | None:
-    """Why a finished shard cannot be trusted (its tar or parquet missing, or the tar's bytes not those
+    """Why a finished shard cannot be trusted (its tar or parquet missing, or the bytes of either not those
     its marker recorded), or None."""
     tar, rows = stage.tar(run_dir, index), stage.rows(run_dir, index)
     if not tar.is_file() or not rows.is_file():
         return f"{(tar if not tar.is_file() else rows).name} is missing"
-    try:
-        recorded = json.loads(stage.marker(run_dir, index).read_text()).get("sha256")
-    except ValueError:
+    marker = _marker(stage, run_dir, index)
+    if marker is None:
         return f"{stage.marker(run_dir, index).name} is unreadable"
-    if recorded != file_digest(tar):
+    if marker.get("sha256") != file_digest(tar):
         return f"{tar.name} differs from the checksum its marker recorded"
+    return rows_changed(stage, run_dir, index)
+
+
+def rows_changed(stage: Stage, run_dir: Path, index: int) -> str | None:
+    """Why a finished shard's parquet is not the one its marker recorded, or None. A row has no checksum of
+    its own (a sample's checksum is in it); a marker from before `rows_sha256` vouches for the tar alone."""
+    marker, rows = _marker(stage, run_dir, index), stage.rows(run_dir, index)
+    if marker is None:
+        return f"{stage.marker(run_dir, index).name} is unreadable"
+    if "rows_sha256" in marker and (not rows.is_file() or marker["rows_sha256"] != file_digest(rows)):
+        return f"{rows.name} differs from the checksum its marker recorded"
     return None
+
+
+def _marker(stage: Stage, run_dir: Path, index: int) -> dict | None:
+    try:
+        marker = json.loads(stage.marker(run_dir, index).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 class _Progress:
@@ -242,7 +265,7 @@ def _one_shard(stage: Stage, cfg: Config, run_dir: Path, i: int, process: Callab
     # The marker is written last: its presence means the tar and parquet are complete.
     atomic_write_json(stage.marker(run_dir, i), {
         "shard": i, "count": len(rows), **counts, "seconds": time.perf_counter() - start,
-        "sha256": file_digest(stage.tar(run_dir, i))})
+        "sha256": file_digest(stage.tar(run_dir, i)), "rows_sha256": file_digest(stage.rows(run_dir, i))})
     for k, v in counts.items():
         totals[k] += v
 

@@ -32,7 +32,7 @@ import torch
 from cfgen.config import Config
 from cfgen.contract import GUIDE, GUIDE_FIELDS, INVERT
 from cfgen.data.images import decode_image, encode_png
-from cfgen.data.sources import list_samples, load_class_names, open_source
+from cfgen.data.sources import list_samples, load_class_names
 from cfgen.diffusion import (EditMask, TopStep, Trajectory, guided_reverse, inversion_trajectory, localized_reverse,
                              reference_steps, top_step)
 from cfgen.errors import ConfigError, InputError
@@ -45,18 +45,27 @@ from cfgen.sections import ESCALATION, GUIDED_PASS, RECON, TARGETS, TOP_STEP, TR
 from cfgen.shards import atomic_tar, npy_load, read_rows, sample_digest
 from cfgen.stages.common import (UnetProgress, config_grid, finished_inputs, mark_unread, run_shards, samples_until_error,
                                  upstream_rows)
-from cfgen.stages.text_guide import (TextGuideResult, check_text_config, edits_json, intervention_text, load_graph,
-                                     pair_key, text_guide_batch)
+from cfgen.stages.text_guide import (TextGuideResult, checked_graph, edits_json, intervention_text, pair_key,
+                                     text_guide_batch)
 from cfgen.targets import choose_target_sets, resolve_fixed_target, targets_per_image
 from cfgen.tensors import to_model_space, to_uint8
 
 
-def class_intervention(label_name: str, cf_label_name: str) -> tuple[str, str]:
-    """(intervention, edits) of a classifier-path pair: do(label = y*), recorded as the text path records
-    a do(), with no propagated changes (the classifier path knows no graph)."""
+def class_intervention(label_name: str, cf_label_name: str) -> dict:
+    """The do() columns of a classifier-path pair: do(label = y*), recorded as the text path records a do(),
+    with no propagated changes (the classifier path knows no graph) and the one concept it knows, the label."""
     record = {"target_concept_name": "label", "original_value": label_name, "new_value": cf_label_name,
               "propagated_changes": [], "final_concept_states": {}}
-    return f"do(label={cf_label_name})", json.dumps(record, sort_keys=True)
+    return {"intervention": f"do(label={cf_label_name})", "edits": json.dumps(record, sort_keys=True),
+            "concept": "label", "concepts_before": {"label": label_name}, "concepts_after": {"label": cf_label_name}}
+
+
+def verdicts(label: int, cf_label: int, top_is_target: bool) -> dict:
+    """What the guiding predictor says happened to the class: a do() that changes it (cf_label != label)
+    `flipped` when the predictor's top class is now cf_label; a do() that keeps it (text mode's do(environment),
+    do(size)) is no flip, and `class_kept` when the predictor still gives the class."""
+    changes = cf_label != label
+    return {"changes_class": changes, "flipped": changes and top_is_target, "class_kept": not changes and top_is_target}
 
 
 @torch.no_grad()
@@ -240,19 +249,14 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
         fixed = None if text else resolve_fixed_target(cfg.guide.target, classes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    graph = load_graph(cfg, open_source(cfg)) if text else None
-    if graph is not None:
-        check_text_config(cfg, graph)
     indices = finished_inputs(INVERT, run_dir)
     refs = list_samples(cfg)  # the input list both fingerprints digest, listed once
+    graph = checked_graph(cfg, refs) if text else None
     concepts = {r.id: r.concepts for r in refs} if text else {}
-    if text and not all(concepts.values()):
-        raise ConfigError(f"guide.mode = 'text' needs each sample's concept state: data.source = "
-                          f"{cfg.data.source!r} gives none (shapes-text does)")
     require_upstream(INVERT, cfg, run_dir, refs)
-    claim(GUIDE, cfg, run_dir, overwrite, refs)
     models = models or load_models(cfg)
     grid = config_grid(cfg, models.num_train_timesteps)
+    claim(GUIDE, cfg, run_dir, overwrite, refs)  # last: a refusal above leaves no record of this run
 
     def parse(samples: list[dict]) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """Decode a batch of invert samples (on the prefetch thread); bad ones become failed rows."""
@@ -306,11 +310,12 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
             if text:
                 iv = res.interventions[j]
                 row = dict(batch_rows[b], id=pair_key(fid, iv), intervention=intervention_text(iv),
-                           edits=edits_json(iv), caption=res.captions[j], cf_caption=res.cf_captions[j])
+                           edits=edits_json(iv), caption=res.captions[j], cf_caption=res.cf_captions[j],
+                           concept=iv.concept, concepts_before={c: iv.before[c] for c in graph.concepts},
+                           concepts_after={c: iv.after[c] for c in graph.concepts})
             else:
                 row = batch_rows[b] if per_image == 1 else dict(batch_rows[b], id=f"{fid}_to_{y}")
-                intervention, edits = class_intervention(batch_rows[b]["label_name"], classes[y])
-                row.update(intervention=intervention, edits=edits)
+                row.update(class_intervention(batch_rows[b]["label_name"], classes[y]))
             pairs_of.setdefault(fid, []).append(row)
             if not res.finite[j]:
                 row.update(status="failed", error="non-finite output from the UNet or the predictor")
@@ -318,7 +323,7 @@ def _guide(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) -
             masked = text and cfg.text.csg and cfg.text.preserve or not text and cfg.guide.mask != "off"
             row.update(cf_label=y, cf_label_name=classes[y],
                        guidance_scale=cfg.text.edit_scale if text else float(res.scale[j]),
-                       p_cf=float(res.p_cf[j]), flipped=bool(res.flipped[j]),
+                       p_cf=float(res.p_cf[j]), **verdicts(row["label"], y, bool(res.flipped[j])),
                        l1=l1(factual[b], res.cf[j]), l2=l2(factual[b], res.cf[j]),
                        recon_l1=l1(factual[b], res.recon[j]),
                        mask_fraction=float(res.mask_fraction[j]) if masked else None)

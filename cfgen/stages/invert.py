@@ -24,7 +24,7 @@ import torch
 from cfgen.config import Config
 from cfgen.contract import INVERT, INVERT_FIELDS, make_row
 from cfgen.data.images import ImageDecodeError, decode_image, encode_png
-from cfgen.data.sources import list_samples, load_class_names, open_source
+from cfgen.data.sources import list_samples, load_class_names
 from cfgen.diffusion import invert
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
@@ -52,12 +52,12 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
     classes = load_class_names(cfg)
     captions = {ref.id: ref.caption for ref in refs}
     if cfg.guide.mode == "text":  # the graph and its concepts are checked before any work
-        from cfgen.stages.text_guide import check_text_config, load_graph
+        from cfgen.stages.text_guide import checked_graph
 
-        check_text_config(cfg, load_graph(cfg, open_source(cfg)))
-    claim(INVERT, cfg, run_dir, overwrite, refs)
+        checked_graph(cfg, refs)
     models = models or load_models(cfg, predictor=False)
     grid = config_grid(cfg, models.num_train_timesteps)
+    claim(INVERT, cfg, run_dir, overwrite, refs)  # last: a refusal above leaves no record of this run
     size = cfg.data.shard_size
     n_shards = max(1, math.ceil(len(refs) / size))
 
@@ -67,7 +67,8 @@ def _invert(cfg: Config, run_dir: Path, overwrite: bool, models: Models | None) 
         for ref in batch:
             row = make_row(id=ref.id, factual_id=ref.id, shard=index, origin=ref.origin, label=ref.label,
                            label_name=classes[ref.label] if ref.label >= 0 else None,
-                           seed=sample_seed(cfg.pipeline.seed, ref.id), status="ok")
+                           seed=sample_seed(cfg.pipeline.seed, ref.id), t_inv=cfg.invert.t_inv,
+                           steps=cfg.invert.steps, status="ok")
             pixels = None
             if ref.error:
                 row.update(status="failed", error=ref.error)

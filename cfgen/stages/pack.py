@@ -6,12 +6,14 @@ RUN/pairs/pairs-<i>.tar (one per guide shard), each sample K with exactly:
     K.png  K.txt  K.cls            the factual image, its caption, its class index
     K.cf.png  K.cf.txt  K.cf.cls   the counterfactual, its caption, its class index
     K.json                         contract.PAIR_FIELDS, the same schema everywhere
-and beside them manifest.parquet (one row per input sample, failures
-included), stats.json and sizes.json ({"pairs-000000.tar": n, ...}, which
-open_clip reads). Pairs that fail a gate (pack.require_flip, min_p_cf, max_l1,
+(the images K.jpg / K.webp with pack.image_format = 'jpeg' / 'webp', re-encoded from the guide shards'
+PNGs at pack.image_quality; 'png' copies their bytes) and beside them manifest.parquet (one row per input
+sample, failures included), stats.json, sizes.json ({"pairs-000000.tar": n, ...}, which open_clip reads)
+and the dataset card README.md (cfgen/card.py). Pairs that fail a gate (pack.require_flip, min_p_cf, max_l1,
 max_recon_l1) are rows with status 'rejected', every failed gate in `error`, and
 are not written; stats.json counts them by first reason (`errors`) and by gate
-(`rejected_by_gate`). The quality columns of cfgen/quality.py are filled here
+(`rejected_by_gate`). `flip_rate` is over the pairs whose do() changes the class; text mode's do()s that
+keep it (environment, size) are `class_kept_rate`'s. The quality columns of cfgen/quality.py are filled here
 for every guided pair, with edit_within_recon (l1 <= recon_l1; stats.json: edit_within_recon_rate)
 and cld (cfgen/cld.py, against the run's own factual images by class, read from the guide shards
 once, when the first pair needs them; stats.json: mean_cld); where the source knows its causal model
@@ -32,15 +34,15 @@ import pyarrow.parquet as pq
 from cfgen import distributed
 from cfgen.cld import References
 from cfgen.config import Config
-from cfgen.contract import GUIDE, INVERT, PAIRS, ROW_SCHEMA, pair_json
-from cfgen.data.images import decode_image
-from cfgen.card import card_text
+from cfgen.card import write_card
+from cfgen.contract import GUIDE, IMAGE_EXTENSIONS, INVERT, PAIRS, ROW_SCHEMA, pair_json
+from cfgen.data.images import decode_image, encode_image
 from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.metrics import mean
 from cfgen.concepts import class_concept as concept_of_class
 from cfgen.quality import changed_fraction, concept_quality, edit_within_recon, gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
-from cfgen.shards import atomic_tar, atomic_write_bytes, atomic_write_json, read_rows, sample_digest
+from cfgen.shards import atomic_tar, atomic_write_json, read_rows, sample_digest
 from cfgen.stages.common import (advance, error_reason, finished_inputs, mark_unread, run_shards, samples_until_error,
                                  stage_rows, upstream_rows)
 
@@ -57,6 +59,8 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
     require_upstream(GUIDE, cfg, run_dir, refs)
     claim(PAIRS, cfg, run_dir, overwrite, refs)
     caption = cfg.pack.caption
+    fmt, quality = cfg.pack.image_format, cfg.pack.image_quality
+    ext = IMAGE_EXTENSIONS[fmt]
     causal = open_source(cfg).causal
     graph = getattr(causal, "graph", None)  # a causal model over concepts (shapes-text) checks each do()
     class_concept = concept_of_class(graph, load_class_names(cfg)) if graph is not None else None
@@ -97,7 +101,7 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
                 if not references:
                     references.append(cld_references(cfg, run_dir, indices))
                 row["cld"] = references[0].pair(factual, cf, row["label"], meta["cf_label"], row["origin"])
-                failed = gate_failures(meta, cfg.pack.min_p_cf, cfg.pack.max_l1, cfg.pack.max_recon_l1,
+                failed = gate_failures(row, cfg.pack.min_p_cf, cfg.pack.max_l1, cfg.pack.max_recon_l1,
                                        cfg.pack.require_flip)
                 if failed:
                     row.update(status="rejected", error="; ".join(failed))
@@ -105,12 +109,14 @@ def _pack(cfg: Config, run_dir: Path, overwrite: bool) -> dict | None:
                 # text mode's own captions (the edited one for K.cf.txt), else pack.caption of each class
                 row["caption"] = meta.get("caption") or caption.format(label_name=meta["label_name"])
                 row["cf_caption"] = meta.get("cf_caption") or caption.format(label_name=meta["cf_label_name"])
+                # what the source's oracle read back (null without one): K.json says what happened, not only what was asked
+                meta.update({k: row[k] for k in ("intervened_ok", "descendants_ok", "non_descendants_ok")})
                 pair = {
                     "__key__": meta["id"],
-                    "png": sample["png"], "txt": row["caption"].encode(),
-                    "cls": str(meta["label"]).encode(),
-                    "cf.png": sample["cf.png"], "cf.txt": row["cf_caption"].encode(),
-                    "cf.cls": str(meta["cf_label"]).encode(),
+                    ext: sample["png"] if fmt == "png" else encode_image(factual, fmt, quality),
+                    "txt": row["caption"].encode(), "cls": str(meta["label"]).encode(),
+                    f"cf.{ext}": sample["cf.png"] if fmt == "png" else encode_image(cf, fmt, quality),
+                    "cf.txt": row["cf_caption"].encode(), "cf.cls": str(meta["cf_label"]).encode(),
                     "json": pair_json(meta),
                 }
                 row["sha256"] = sample_digest(pair)
@@ -191,7 +197,8 @@ def merge(run_dir: Path, cfg: Config) -> dict:
         "failed": sum(r["status"] == "failed" for r in rows),
         "rejected": sum(r["status"] == "rejected" for r in rows),
         "errors": dict(Counter(error_reason(r["error"]) for r in rows if r["status"] != "ok")),
-        "flip_rate": mean(float(r["flipped"]) for r in ok),
+        # a flip is a class change the predictor sees; a do() that keeps the class is counted as kept, not as a flip
+        "flip_rate": mean(float(r["flipped"]) for r in ok if r["changes_class"] is not False),
         "mean_l1": mean(r["l1"] for r in ok),
         "mean_l2": mean(r["l2"] for r in ok),
         "mean_recon_l1": mean(r["recon_l1"] for r in ok),
@@ -207,10 +214,14 @@ def merge(run_dir: Path, cfg: Config) -> dict:
         "shards": len(indices),
         "seconds": {"invert": _stage_seconds(INVERT, run_dir), "guide": _stage_seconds(GUIDE, run_dir),
                     "pack": _stage_seconds(PAIRS, run_dir)},
-        "pairs_dir": str(out_dir),
         # of the merging process: bounded by one shard's working set, not by the dataset size
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "image_format": cfg.pack.image_format,
     }
+    if any(r["changes_class"] is False for r in ok):  # text mode: do()s that keep the class
+        kept = [r for r in ok if r["changes_class"] is False]
+        stats.update(class_changing_pairs=len(ok) - len(kept), class_keeping_pairs=len(kept),
+                     class_kept_rate=mean(float(r["class_kept"]) for r in kept))
     if any(r["mask_fraction"] is not None for r in ok):  # localized edits (guide.mask)
         stats["mean_mask_fraction"] = mean(r["mask_fraction"] for r in ok)
     if any(r["truth_l1"] is not None for r in ok):  # the source knows its causal model
@@ -225,6 +236,6 @@ def merge(run_dir: Path, cfg: Config) -> dict:
         graph = getattr(open_source(cfg).causal, "graph", None)
         stats["concepts"] = concept_stats(ok, concept_of_class(graph, load_class_names(cfg)) if graph else None)
     atomic_write_json(out_dir / "stats.json", stats)
-    atomic_write_bytes(out_dir / "README.md", card_text(cfg, load_class_names(cfg), stats).encode())
-    return stats
+    write_card(run_dir, cfg, stats)
+    return {**stats, "pairs_dir": str(out_dir)}  # where they are: for the caller, not in stats.json (no local path)
 

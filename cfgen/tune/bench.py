@@ -24,6 +24,7 @@ import torch
 
 from cfgen.config import Config
 from cfgen.data.sources import load_class_names
+from cfgen.contract import image_keys
 from cfgen.data.images import decode_png
 from cfgen.device import pick_device
 from cfgen.shards import read_samples
@@ -31,8 +32,9 @@ from cfgen.tune.backends import load_vlm
 from cfgen.tune.features import encode_images
 from cfgen.tune.losses import normalize
 from cfgen.tune.protocol import sample_shots
-from cfgen.tune.train import (check_class_names, cpu_threads, load_features, make_task, new_learner, objective_loss,
-                              pair_shards, tune_dir)
+from cfgen.tune.fit import RowRun, learner_loss, new_learner, optimizer_for
+from cfgen.tune.train import (check_class_names, cpu_threads, load_features, make_task, pair_shards, tune_dir,
+                              zero_shot_text)
 
 
 def bench_cache(cfg: Config, run_dir: Path, pairs: str | None = None, epochs: int = 3,
@@ -62,15 +64,17 @@ def _bench(cfg: Config, run_dir: Path, pairs: str | None, epochs: int, device: t
     ycf_all = torch.tensor([base_pos.get(int(c), -1) for c in data.cf_label[train_idx]], device=device)
     classes = task.base.to(device)
     scale = 1.0 / t.temperature if t.temperature > 0 else vlm.logit_scale
-    learner = new_learner(vlm, task, t, learner_kind, torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=t.lr, momentum=0.9)
+    zs = zero_shot_text(vlm, task, t.ctx_init or "a photo of a").to(device)
+    learner = new_learner(vlm, task, t, learner_kind, torch.Generator().manual_seed(seed), zs)
+    row = RowRun(objective, t.lam, torch.empty(0), t.image_lr if learner_kind in ("linear", "adapter") else t.lr)
+    opt = optimizer_for(learner, row.lr)
     gen = torch.Generator().manual_seed(seed)
 
     def steps(f: torch.Tensor, fcf: torch.Tensor) -> None:
         order = torch.randperm(len(f), generator=gen)
         for s in range(0, len(f), t.batch_size):
             b = order[s: s + t.batch_size].to(device)
-            loss, _ = objective_loss(learner, t, objective, t.lam, scale, f[b], fcf[b], y_all[b], ycf_all[b], classes)
+            loss, _ = learner_loss(learner, row, t, scale, f[b], fcf[b], y_all[b], ycf_all[b], classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -88,8 +92,9 @@ def _bench(cfg: Config, run_dir: Path, pairs: str | None, epochs: int, device: t
         for shard in shards:  # stream every shard; decode only the shots' images
             for sample in read_samples(shard):
                 if sample["__key__"] in shot_ids:
-                    images.append(decode_png(sample["png"]))
-                    cf_images.append(decode_png(sample["cf.png"]))
+                    image, cf_image = image_keys(sample)
+                    images.append(decode_png(sample[image]))
+                    cf_images.append(decode_png(sample[cf_image]))
                     keys.append(sample["__key__"])
         t1 = time.perf_counter()
         perm = np.argsort([order_in_data[k] for k in keys])  # the same order as the cached features

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cfgen.contract import PAIRS
+from cfgen.contract import PAIRS, image_keys
 from cfgen.data.images import decode_png
 from cfgen.errors import ImageDecodeError, InputError, ShardError
 from cfgen.shards import read_samples
@@ -82,7 +82,12 @@ def read_shard_images(path: Path) -> ShardImages:
     """Decode a pair shard (contract.PAIRS)."""
     ids, factual_ids, images, cf_images, labels, cf_labels, names = [], [], [], [], [], [], {}
     for sample in read_samples(path):
-        missing = [m for m in PAIRS.members if m not in sample]
+        try:  # the image members carry pack.image_format's extension (png, jpg, webp)
+            image, cf_image = image_keys(sample)
+        except KeyError as exc:
+            raise ShardError(f"{path.name}: sample {sample['__key__']}: {exc.args[0]}; not a pair shard") from None
+        missing = [m for m in PAIRS.members if not m.endswith("png") and m not in sample] + \
+            [m for m in (cf_image,) if m not in sample]
         if missing:
             raise ShardError(f"{path.name}: sample {sample['__key__']} lacks {', '.join(missing)}; not a pair shard")
         meta = json.loads(sample["json"])
@@ -91,8 +96,8 @@ def read_shard_images(path: Path) -> ShardImages:
         names.setdefault(ycf, str(meta.get("cf_label_name", ycf)))
         ids.append(sample["__key__"])
         factual_ids.append(str(meta.get("factual_id", sample["__key__"])))  # contract v2 shards: the key
-        images.append(decode_png(sample["png"]))
-        cf_images.append(decode_png(sample["cf.png"]))
+        images.append(decode_png(sample[image]))
+        cf_images.append(decode_png(sample[cf_image]))
         labels.append(y)
         cf_labels.append(ycf)
     if not ids:
@@ -201,7 +206,7 @@ PIXEL_INDEPENDENT = ("limit", "repeat", "use_split", "only_classes", "class_limi
 
 def refs_fingerprint(cfg, refs: Sequence, extra: object = None) -> str:
     """sha1 of what decides the pixels of `refs` (SampleRefs): the data config, the source's code,
-    each sample's id, label, group and origin (plus size and mtime when the origin is a file)."""
+    each sample's id, label, group, origin and stamp (a file's size and mtime)."""
     from cfgen.data.sources import SOURCES
 
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in PIXEL_INDEPENDENT}
@@ -213,11 +218,8 @@ def refs_fingerprint(cfg, refs: Sequence, extra: object = None) -> str:
         except (OSError, TypeError):
             pass
     for r in refs:
-        h.update(f"{r.id}|{r.label}|{r.group}|{r.origin}".encode())
-        p = Path(r.origin)
-        if r.origin and p.is_file():
-            st = p.stat()
-            h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+        # the stamp (a file's size and mtime) rather than a stat of the origin: origins are relative to data.root
+        h.update(f"{r.id}|{r.label}|{r.group}|{r.origin}|{getattr(r, 'stamp', '')}".encode())
     if extra is not None:
         h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -23,6 +23,16 @@ CF-VLM (alpha*L_align + beta*L_csd + gamma*L_fcd; defaults 1.0 / 0.45 / 0.55):
     L_fcd   = mean_i max(0, m2 - cos(x_i, p_{y_i}) + cos(x_i^cf, p_{y_i}))
               (the minimally edited image scores below the factual one under the
               factual text; one counterfactual per image, so it is the hardest)
+
+Objectives that use x_i^cf as an image of its own class y_i^cf (DESIGN §10); V is the
+set of pairs whose y_i^cf is a training class (the others are left out, as in L_csd):
+    augment:    L1 + lambda * L_cf,  L_cf = -mean_{i in V} log softmax_c(scale * cos(f(x_i^cf), g(p_c)))[y_i^cf]
+                (counterfactual augmentation: within a class-flip pair the cue is constant and the
+                label changes, so the cue stops predicting the label)
+    dicap_sym:  L1 + lambda * (L2 + L2*),
+                L2* = -mean_{i in V} log [ e^{scale*t_i^cf} / (e^{scale*t_i^cf} + e^{scale*t_i}) ],
+                t_i^cf = cos(g(p_{y_i^cf}), f(x_i^cf)),  t_i = cos(g(p_{y_i^cf}), f(x_i))
+                (DiCap's L2 and its mirror: the counterfactual's own class prefers it to the factual)
 """
 
 from __future__ import annotations
@@ -80,3 +90,31 @@ def cfvlm_loss(cos: torch.Tensor, y: torch.Tensor, image: torch.Tensor, text_tru
     fcd = F.relu(margin_fcd - s_true + s_cf_true).mean()
     loss = alpha * align + beta * csd + gamma * fcd
     return loss, {"align": align.item(), "csd": csd.item(), "fcd": fcd.item()}
+
+
+def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid entries; 0 (still in the graph) when there are none."""
+    return values[valid].mean() if bool(valid.any()) else values.sum() * 0.0
+
+
+def augment_loss(cos: torch.Tensor, y: torch.Tensor, cos_cf: torch.Tensor, y_cf: torch.Tensor,
+                 cf_valid: torch.Tensor, scale: float, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + lam * L_cf. cos (B, C) factual images vs class vectors, cos_cf (B, C) the counterfactual
+    images vs the class vectors as they see them; y_cf (B,) positions (any value where not cf_valid)."""
+    l1 = F.cross_entropy(scale * cos, y)
+    ce_cf = F.cross_entropy(scale * cos_cf, y_cf.clamp(min=0), reduction="none")
+    l_cf = _valid_mean(ce_cf, cf_valid)
+    return l1 + lam * l_cf, {"l1": l1.item(), "l_cf": l_cf.item()}
+
+
+def dicap_sym_loss(cos: torch.Tensor, y: torch.Tensor, cos_cf: torch.Tensor, y_cf: torch.Tensor,
+                   cf_valid: torch.Tensor, scale: float, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + lam * (L2 + L2*); cos, cos_cf, y_cf, cf_valid as `augment_loss`."""
+    l1 = F.cross_entropy(scale * cos, y)
+    rows = torch.arange(len(y), device=y.device)
+    yc = y_cf.clamp(min=0)
+    l2 = F.cross_entropy(scale * torch.stack([cos[rows, y], cos_cf[rows, y]], dim=1), torch.zeros_like(y))
+    mirror = F.cross_entropy(scale * torch.stack([cos_cf[rows, yc], cos[rows, yc]], dim=1), torch.zeros_like(y),
+                             reduction="none")
+    l2_star = _valid_mean(mirror, cf_valid)
+    return l1 + lam * (l2 + l2_star), {"l1": l1.item(), "l2": l2.item(), "l2_star": l2_star.item()}

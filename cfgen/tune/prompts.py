@@ -127,6 +127,10 @@ class PromptLearner(nn.Module):
             return self._encode(self._ctx_for(uniq), uniq)[inverse]
         return self._encode(*self.paired_prompts(image_features, classes))
 
+    def image_features(self, f: torch.Tensor) -> torch.Tensor:
+        """A prompt leaves the image feature as it is (the image-side learners of heads.py do not)."""
+        return f
+
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """The learned tensors (ctx, and the meta-net's weights for CoCoOp), for safetensors."""
         state = {"ctx": self.ctx.detach().cpu().contiguous()}

@@ -11,7 +11,10 @@
 - worst-group accuracy (DESIGN §9): the minimum over the (group, class) cells of
   the evaluation images of the accuracy in that cell (groups = the source's
   `SampleRef.group`, e.g. the shapes environment; a source without groups gives
-  one group, so it is the worst-class accuracy);
+  one group, so it is the worst-class accuracy); reported over the base classes'
+  cells (`worst_base`: what learning on base-class shots can fix), the novel
+  classes' cells (`worst_novel`: what carries over to classes never trained on)
+  and all cells (`worst_group`, the minimum of the two);
 - each figure is reported as mean and sample standard deviation (ddof=1) over
   the seeds; HM is computed per seed, then averaged;
 - a method is compared with its learner's baseline (lambda = 0, same seed, shots,
@@ -29,7 +32,7 @@ import torch
 
 from cfgen.errors import ConfigError
 
-METRICS = ("base", "novel", "hm", "worst_group")
+METRICS = ("worst_base", "worst_novel", "base", "novel", "hm", "worst_group")
 """The per-seed figures of a row, in table order."""
 
 
@@ -99,7 +102,11 @@ def split_metrics(correct: np.ndarray, labels: np.ndarray, groups: list[str] | n
     b = float(correct[is_base].mean()) if is_base.any() else float("nan")
     n = float(correct[~is_base].mean()) if (~is_base).any() else float("nan")
     cells = cell_accuracies(correct, groups, labels, names)
-    return {"base": b, "novel": n, "hm": harmonic_mean(b, n), "worst_group": worst_group(cells), "cells": cells}
+    groups = np.asarray(groups, dtype=object)
+    base_cells = cell_accuracies(correct[is_base], groups[is_base], labels[is_base], names)
+    novel_cells = cell_accuracies(correct[~is_base], groups[~is_base], labels[~is_base], names)
+    return {"worst_base": worst_group(base_cells), "worst_novel": worst_group(novel_cells), "base": b, "novel": n,
+            "hm": harmonic_mean(b, n), "worst_group": worst_group(cells), "cells": cells}
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -134,8 +141,8 @@ def paired_difference(method: list[float], baseline: list[float], confidence: fl
     return {"n": n, "mean": mean, "sd": sd, "t": t, "half_width": half, "low": mean - half, "high": mean + half}
 
 
-def _pm(m: dict) -> str:
-    return f"{m['mean']:.3f} ± {m['std']:.3f}"
+def _pm(m: dict | None) -> str:
+    return "" if m is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
 
 
 def _delta(d: dict | None) -> str:
@@ -146,21 +153,52 @@ def _delta(d: dict | None) -> str:
     return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+TABLE_COLUMNS = (("worst_base", "worst base"), ("delta:worst_base", "Δ worst base"), ("base", "base"),
+                 ("novel", "novel"), ("worst_novel", "worst novel"), ("hm", "HM"), ("delta:hm", "Δ HM"))
+"""The table's columns, worst-group first: (metrics key, or 'delta:<key>' for a paired difference; header)."""
+
+
+def table_cells(row: dict) -> list[str]:
+    """One row of the table as strings, in TABLE_COLUMNS order (a row of an older metrics.json
+    without a figure shows it empty)."""
+    delta = row.get("delta") or {}
+    return [_delta(delta.get(k[6:])) if k.startswith("delta:") else _pm(row.get(k)) for k, _ in TABLE_COLUMNS]
+
+
+def format_captured(metrics: dict) -> list[str]:
+    lines = []
+    for c in metrics.get("captured", []):
+        share = "n/a (the true counterfactuals gain nothing)" if c["share"] is None else f"{c['share']:.2f}"
+        near = c.get("generated_minus_nearest")
+        lines.append(f"  {c['label']:<22} Δ worst base: generated {c['delta_generated']:+.3f}, true "
+                     f"{c['delta_true']:+.3f}: share captured {share}"
+                     + (f"; generated - nearest {_delta(near)}" if near else ""))
+    if lines:
+        lines.insert(0, "share of the true counterfactuals' gain that cfgen's pairs capture (Δ worst base, "
+                        "mean over seeds), and generated - nearest-real (paired, 95% t):")
+    return lines
+
+
 def format_table(metrics: dict) -> str:
     """The table `cfgen tune` prints, from the metrics.json structure (train.py)."""
     p = metrics["protocol"]
     seeds = ", ".join(map(str, p["seeds"]))
     where = f"the {p['eval_split']!r} split" if p["eval_split"] else "every sample that is not a shot"
+    sel = p.get("selection", {})
+    chosen = ("lr / epochs / lambda chosen per seed and row on held-out pairs of the shot pool (criterion in "
+              "metrics.json: protocol.selection)" if sel.get("mode") == "validation" else
+              "hyper-parameters fixed in advance in the config")
     lines = [(f"base-to-novel accuracy on {where} ({p['eval_images']} images, {len(p['cells'])} (group, class) "
-              f"cells), {p['shots']} shots per base class; mean ± std over seeds {seeds}"),
-             ("Δ = method - its learner's baseline (lambda = 0; same seed, shots, init, batch order): "
+              f"cells), {p['shots']} shots per base class; mean ± std over seeds {seeds}; {chosen}"),
+             ("worst base / worst novel: the worst (group, class) cell of the base / novel classes. "
+              "Δ = row - its learner's baseline (no pairs; same seed, shots, init, batch order): "
               "mean [95% paired t interval]")]
-    head = (f"{'method':<26}{'base':>15}{'novel':>15}{'HM':>15}{'worst-group':>15}"
-            f"  {'Δ worst-group':<25}{'Δ HM':<25}{'s/seed':>7}")
-    lines.append(head)
+    widths = [15, 25, 15, 15, 15, 15, 25]
+    lines.append(f"{'method':<28}" + "".join(f"{h:>{w}}  " if not k.startswith("delta:") else f"{h:<{w}}  "
+                                              for (k, h), w in zip(TABLE_COLUMNS, widths)) + f"{'s/seed':>7}")
     for r in (metrics["rows"][k] for k in metrics["order"]):
-        delta = r.get("delta") or {}
-        cells = "".join(f"{_pm(r[k]):>15}" for k in METRICS)
-        lines.append(f"{r['label']:<26}{cells}  {_delta(delta.get('worst_group')):<25}{_delta(delta.get('hm')):<25}"
-                     f"{r['seconds']['mean']:>7.1f}")
-    return "\n".join(lines)
+        cells = table_cells(r)
+        lines.append(f"{r['label']:<28}" + "".join(f"{c:>{w}}  " if not k.startswith("delta:") else f"{c:<{w}}  "
+                                                   for c, (k, _), w in zip(cells, TABLE_COLUMNS, widths))
+                     + f"{r['seconds']['mean']:>7.1f}")
+    return "\n".join(lines + format_captured(metrics))

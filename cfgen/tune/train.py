@@ -4,32 +4,39 @@
     cfgen tune --config pipelines/shapes.toml --out runs/shapes-benchmark      # make benchmark
     cfgen tune --config pipelines/digits.toml --set 'tune.learners=["coop", "cocoop"]' --set 'tune.objectives=["cfvlm"]'
 
-Rows (protocol.py): zero-shot; for each learner in tune.learners its baseline
-(L1 alone, lambda = 0: CoOp / CoCoOp); for each objective in tune.objectives and
-each cf source in tune.cf_sources (cfsources.py) a row. For each seed every row
+Rows (protocol.py): zero-shot; for each learner in tune.learners (prompts: CoOp,
+CoOp-CSC, CoCoOp; image side: a linear head and a residual adapter, heads.py) its
+baseline (L1 alone, lambda = 0); for each objective in tune.objectives (losses.py)
+and each cf source in tune.cf_sources (cfsources.py) a row. For each seed every row
 of a learner trains on the same K shots (pairs outside tune.eval_split), from the
-same initialisation and in the same batch order; only the objective and the image
-that plays x^cf differ. Evaluation is on the data source's images of
-tune.eval_split (protocol.py: base, novel, HM, worst-group accuracy), summarised
-as mean ± std over seeds and as the paired difference to the learner's baseline
-with a 95% t interval. Hyper-parameters (lam, epochs, cocoop_epochs, lr, the
-CF-VLM weights) are fixed in advance in the config: nothing is chosen on the
-evaluation split. Writes to RUN/tune/:
+same initialisation and in the same batch order (fit.py); only the objective, the
+image that plays x^cf and the selection grid's lr / lambda differ. lr, epochs and
+lambda are chosen per seed and row on held-out pairs of the shot pool (select.py;
+tune.select.mode = 'fixed' keeps the config's values): nothing is chosen on the
+evaluation split. Evaluation is on the data source's images of tune.eval_split
+(protocol.py: worst-group, base, novel, HM accuracy), summarised as mean ± std over
+seeds and as the paired difference to the learner's baseline with a 95% t interval.
+Writes to RUN/tune/:
 
     metrics.json     {"protocol": {...}, "order": [row keys, table order], "rows": {<row key>: {label, learner,
                       objective, cf_source, baseline,
                       base|novel|hm|worst_group: {mean, std}, delta: {<metric>: paired_difference} | null,
-                      seconds: {mean, total}}}}
-    runs.json        per seed: shots, each row's figures, cell accuracies, final losses, seconds
+                      seconds: {mean, total}, chosen: [per seed {lr, epochs, lam, criterion}]}},
+                      "captured": [per learner and objective: share of the true cfs' Δ worst-group]}
+    runs.json        per seed: shots, each row's figures, cell accuracies, final losses, the selection
+                     criterion at every grid point, seconds
     prompts/<row>-seed<s>.safetensors   the learned ctx (+ meta-net), metadata says how to use it
+    heads/<row>-seed<s>.safetensors     an image-side learner's tensors (delta, or the adapter's weights)
     cache/<model id>/...                frozen image features (features.py)
     config.toml      the resolved config
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
+import multiprocessing
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +46,7 @@ from typing import Callable
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from cfgen.config import Config, TuneConfig, write_resolved
 from cfgen.data.sources import load_class_names, open_source, split_ids
@@ -48,14 +56,17 @@ from cfgen.shards import atomic_write_json
 from cfgen.tune.backends import VLM, load_vlm
 from cfgen.tune.cfsources import CounterfactualFeatures, check_sources
 from cfgen.tune.features import PairFeatures, expand_urls, load_image_set, load_pair_features, refs_fingerprint
-from cfgen.tune.losses import cfvlm_loss, cosine_logits, dicap_loss, normalize
-from cfgen.tune.prompts import PromptLearner, encode_prompts
+from cfgen.tune.fit import RowRun, fit_rows, loss_scale, solve_heads
+from cfgen.tune.heads import IMAGE_LEARNERS, ImageSideLearner
+from cfgen.tune.losses import cosine_logits, normalize
+from cfgen.tune.prompts import PromptLearner
+from cfgen.tune.select import CRITERION, Picker, Validation, grid_for, validation_set
 from cfgen.tune.protocol import METRICS, cell_name, paired_difference, sample_shots, split_classes, split_metrics, summarize
 
-LEARNER_NAMES = {"coop": "CoOp", "coop_csc": "CoOp-CSC", "cocoop": "CoCoOp"}
-OBJECTIVE_NAMES = {"dicap": "DiCap", "cfvlm": "CF-VLM"}
-SELECTION = ("fixed in advance in the config (lam, epochs, cocoop_epochs, lr, alpha/beta/gamma, margins); "
-             "none chosen on the evaluation split or any other")
+LEARNER_NAMES = {"coop": "CoOp", "coop_csc": "CoOp-CSC", "cocoop": "CoCoOp", "linear": "Linear", "adapter": "Adapter"}
+OBJECTIVE_NAMES = {"dicap": "DiCap", "cfvlm": "CF-VLM", "augment": "CF-aug", "dicap_sym": "DiCap-sym"}
+FIXED = ("fixed in advance in the config (lr, epochs, cocoop_epochs, image_lr, image_epochs, lam, alpha/beta/gamma, "
+         "margins); none chosen on the evaluation split or any other")
 INTERVAL = ("paired difference d_s = metric(row, seed s) - metric(its learner's baseline, seed s); "
             "mean(d) ± t_{0.975, n-1} * sd(d) / sqrt(n), sd with ddof=1 (Student t, n = number of seeds)")
 
@@ -131,7 +142,7 @@ def plan_methods(t: TuneConfig) -> list[Method]:
         for objective in t.objectives:
             for source in t.cf_sources:
                 key = f"{learner}+{objective}[{source}]"
-                if t.rows and key not in t.rows:
+                if t.rows and key not in t.rows and f"{learner}+*" not in t.rows:
                     continue
                 rows.append(Method(key,
                                    f"{LEARNER_NAMES[learner]}+{OBJECTIVE_NAMES[objective]}[{source}]",
@@ -139,184 +150,79 @@ def plan_methods(t: TuneConfig) -> list[Method]:
     return rows
 
 
-def _scale(t: TuneConfig, vlm: VLM) -> float:
-    return 1.0 / t.temperature if t.temperature > 0 else vlm.logit_scale
-
-
-def needs_cf(objective: str, lam: float) -> bool:
-    return objective == "cfvlm" or lam != 0
-
-
-def batch_requests(learner: PromptLearner, objective: str, lam: float, f: torch.Tensor, fcf: torch.Tensor,
-                   y: torch.Tensor, ycf: torch.Tensor, classes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The prompts one batch's loss needs (for prompts.encode_prompts): the class prompts, and for
-    CoCoOp the prompts as the counterfactual images see them (true class; CF-VLM: also y^cf)."""
-    reqs = [learner.class_prompts(f if learner.conditional else None, classes)]
-    if learner.conditional and needs_cf(objective, lam):
-        reqs.append(learner.paired_prompts(fcf, classes[y]))
-        if objective == "cfvlm":
-            reqs.append(learner.paired_prompts(fcf, classes[ycf.clamp(min=0)]))
-    return reqs
-
-
-def batch_loss(learner: PromptLearner, t: TuneConfig, objective: str, lam: float, scale: float,
-               feats: list[torch.Tensor], f: torch.Tensor, fcf: torch.Tensor, y: torch.Tensor, ycf: torch.Tensor,
-               classes: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The loss of one batch from the encoded `batch_requests`. f, fcf normalized features; y, ycf
-    positions in `classes` (ycf = -1: not a training class)."""
-    text = normalize(feats[0])
-    if learner.conditional:
-        text = text.view(len(y), len(classes), -1)  # (B, C, D)
-        text_true = text[torch.arange(len(y)), y]
-    else:
-        text_true = text[y]  # (C, D) -> (B, D)
-    cos = cosine_logits(f, text)
-    s_pos = (f * text_true).sum(-1)
-
-    def cf_cos(k: int, cls: torch.Tensor) -> torch.Tensor:
-        """cos(x^cf, p_cls): the prompt as the counterfactual image sees it (CoCoOp: request k)."""
-        if not learner.conditional:
-            return (fcf * text[cls]).sum(-1)
-        return (fcf * normalize(feats[k])).sum(-1)
-
-    if objective == "dicap":
-        return dicap_loss(cos, y, s_pos, cf_cos(1, y) if needs_cf(objective, lam) else None, scale, lam)
-    if objective != "cfvlm":
-        raise ConfigError(f"tune.objectives: unknown objective {objective!r}")
-    valid = ycf >= 0
-    return cfvlm_loss(cos, y, f, text_true, cf_cos(2, ycf.clamp(min=0)), cf_cos(1, y), valid, scale, t.alpha, t.beta,
-                      t.gamma, t.margin_csd, t.margin_fcd)
-
-
-def objective_loss(learner: PromptLearner, t: TuneConfig, objective: str, lam: float, scale: float,
-                   f: torch.Tensor, fcf: torch.Tensor, y: torch.Tensor, ycf: torch.Tensor,
-                   classes: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The loss of one batch of one learner (batch_requests, encoded, then batch_loss)."""
-    reqs = batch_requests(learner, objective, lam, f, fcf, y, ycf, classes)
-    return batch_loss(learner, t, objective, lam, scale, encode_prompts([learner], reqs), f, fcf, y, ycf, classes)
-
-
 def epochs_for(t: TuneConfig, learner: str) -> int:
     return t.cocoop_epochs if learner == "cocoop" and t.cocoop_epochs else t.epochs
 
 
-def new_learner(vlm: VLM, task: Task, t: TuneConfig, learner: str, gen: torch.Generator) -> PromptLearner:
-    return PromptLearner(vlm, task.names, t.n_ctx, t.ctx_init, conditional=learner == "cocoop", generator=gen,
-                         class_specific=learner == "coop_csc")
-
-
-@dataclass
-class RowRun:
-    """One row of a lockstep group: its objective, lambda and what plays x^cf for the shots."""
-
-    objective: str
-    lam: float
-    cf_feat: torch.Tensor  # (N, D) for the shots, in the shots' order
-
-
-def train_prompts(vlm: VLM, task: Task, feat: torch.Tensor, label: torch.Tensor, cf_label: torch.Tensor,
-                  rows: list[RowRun], t: TuneConfig, seed: int, learner_kind: str) -> tuple[list[PromptLearner], list[dict], float]:
-    """Learn one context per row on the K-shot pairs of the base classes, all rows in lockstep.
-
-    Every row starts from the same initialisation (a generator seeded with `seed`) and takes the
-    same batches in the same order (one permutation per epoch, from the same generator); per
-    step the prompts of all rows go through the frozen text encoder in one call and the loss
-    is the sum of the rows' losses, so each row's parameters get exactly its own gradient (the
-    rows share nothing): the same training as one run per row, at a fraction of the calls.
-    feat (N, D) the shots' factual features; label / cf_label (N,) class ids. Returns the
-    learners, each row's last-batch losses, and the seconds the group took.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    learners = [new_learner(vlm, task, t, learner_kind, gen if i == 0 else torch.Generator().manual_seed(seed))
-                for i in range(len(rows))]
-    device = vlm.device
-    f = normalize(feat.float()).to(device)
-    fcfs = [normalize(r.cf_feat.float()).to(device) for r in rows]
-    base_pos = {int(c): i for i, c in enumerate(task.base)}
-    y = torch.tensor([base_pos[int(c)] for c in label], device=device)
-    ycf = torch.tensor([base_pos.get(int(c), -1) for c in cf_label], device=device)
-    classes = task.base.to(device)
-    params = [p for learner in learners for p in learner.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=t.lr, momentum=0.9)
-    epochs = epochs_for(t, learner_kind)
-    n = len(f)
-    steps_per_epoch = math.ceil(n / t.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    scale = _scale(t, vlm)
-    start = time.perf_counter()
-    last: list[dict] = [{} for _ in rows]
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for s in range(0, n, t.batch_size):  # the last, smaller batch is kept
-            b = order[s: s + t.batch_size].to(device)
-            reqs = [batch_requests(learner, r.objective, r.lam, f[b], fcf[b], y[b], ycf[b], classes)
-                    for learner, r, fcf in zip(learners, rows, fcfs)]
-            feats = encode_prompts(learners, [q for rq in reqs for q in rq])
-            total, k = 0.0, 0
-            for i, (learner, r, fcf) in enumerate(zip(learners, rows, fcfs)):
-                loss, last[i] = batch_loss(learner, t, r.objective, r.lam, scale, feats[k: k + len(reqs[i])],
-                                           f[b], fcf[b], y[b], ycf[b], classes)
-                k += len(reqs[i])
-                total = total + loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-    for info in last:
-        info["epochs"] = epochs
-    return learners, last, time.perf_counter() - start
-
-
-def train_prompt(vlm: VLM, task: Task, feat: torch.Tensor, cf_feat: torch.Tensor, label: torch.Tensor,
-                 cf_label: torch.Tensor, t: TuneConfig, seed: int, learner_kind: str, objective: str,
-                 lam: float) -> tuple[PromptLearner, dict]:
-    """One row alone (train_prompts with one row)."""
-    learners, infos, seconds = train_prompts(vlm, task, feat, label, cf_label, [RowRun(objective, lam, cf_feat)], t,
-                                             seed, learner_kind)
-    return learners[0], {**infos[0], "train_seconds": seconds}
+@torch.no_grad()
+def class_logits(learner: nn.Module, f: torch.Tensor, classes: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(N, C) cosines of normalised image features f with the learner's vectors of `classes`
+    (image-side learners first map f; CoCoOp's per-image prompts are encoded `chunk` images at a time)."""
+    classes = classes.to(f.device)
+    if isinstance(learner, ImageSideLearner):  # class vectors already in cosine units (heads.py)
+        logits = learner.image_features(f) @ learner.class_features(classes=classes).t()
+        bias = learner.class_bias(classes)
+        return logits if bias is None else logits + bias
+    if not learner.conditional:
+        return f @ normalize(learner.class_features(classes=classes)).t()
+    return torch.cat([cosine_logits(f[i: i + chunk], normalize(learner.class_features(f[i: i + chunk], classes)))
+                      for i in range(0, len(f), chunk)])
 
 
 @torch.no_grad()
-def predict_correct(learner: PromptLearner | None, vlm: VLM, task: Task, feat: torch.Tensor, labels: np.ndarray,
-                    zero_shot_prompt: str, chunk: int = 256) -> np.ndarray:
+def predict_correct(learner: nn.Module, task: Task, feat: torch.Tensor, labels: np.ndarray) -> np.ndarray:
     """(N,) bool: each image classified right within its own half (base among base, novel among novel).
-
-    zero-shot (learner None): the prompt '<zero_shot_prompt> <class name>.' through the library's
-    own text path. CoCoOp's per-image prompts are encoded in chunks of `chunk` images.
-    """
-    device = vlm.device
+    Zero-shot is `ImageSideLearner(zero_shot_text)`: the prompt '<ctx_init> <class name>.'."""
+    device = learner_device(learner)
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     correct = np.zeros(len(labels_t), dtype=bool)
     for classes in (task.base, task.novel):
         keep = torch.isin(labels_t, classes)
-        if not keep.any():
-            continue
-        f = normalize(feat[keep].float()).to(device)
-        target = torch.searchsorted(classes, labels_t[keep])
-        if learner is None:
-            text = normalize(vlm.encode_text([f"{zero_shot_prompt} {task.names[int(c)]}." for c in classes]))
-            logits = f @ text.t()
-        elif not learner.conditional:
-            logits = f @ normalize(learner.class_features(classes=classes.to(device))).t()
-        else:
-            logits = torch.cat([cosine_logits(f[i: i + chunk],
-                                              normalize(learner.class_features(f[i: i + chunk], classes.to(device))))
-                                for i in range(0, len(f), chunk)])
-        correct[keep.numpy()] = (logits.argmax(1).cpu() == target).numpy()
+        if keep.any():
+            logits = class_logits(learner, normalize(feat[keep].float()).to(device), classes)
+            correct[keep.numpy()] = (logits.argmax(1).cpu() == torch.searchsorted(classes, labels_t[keep])).numpy()
     return correct
 
 
-def save_prompt(path: Path, learner: PromptLearner, vlm: VLM, task: Task, t: TuneConfig, method: Method,
-                seed: int) -> None:
+def learner_device(learner: nn.Module) -> torch.device:
+    return next(iter(learner.buffers())).device
+
+
+def zero_shot_prompts(task: Task, prompt: str) -> list[str]:
+    """'<prompt> <class name>.' for every class."""
+    return [f"{prompt} {name}." for name in task.names]
+
+
+def zero_shot_text(vlm: VLM, task: Task, prompt: str) -> torch.Tensor:
+    """(C, D) text features of the zero-shot prompts, through the library's own text path."""
+    with torch.no_grad():
+        return vlm.encode_text(zero_shot_prompts(task, prompt)).float()
+
+
+def learned_path(out: Path, method: Method, seed: int) -> Path:
+    """prompts/<row>-seed<s>.safetensors for a prompt learner, heads/... for an image-side one."""
+    folder = "heads" if method.learner in IMAGE_LEARNERS else "prompts"
+    return out / folder / f"{method.stem}-seed{seed}.safetensors"
+
+
+def save_learned(path: Path, learner: nn.Module, vlm: VLM, task: Task, t: TuneConfig, method: Method, seed: int,
+                 chosen: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"backend": vlm.name, "model_id": vlm.model_id, "learner": method.learner or "",
-            "objective": method.objective or "", "cf_source": method.cf_source or "", "n_ctx": str(learner.n_ctx),
-            "ctx_init": t.ctx_init, "method": method.key, "seed": str(seed),
+            "objective": method.objective or "", "cf_source": method.cf_source or "",
+            "ctx_init": t.ctx_init, "method": method.key, "seed": str(seed), "chosen": json.dumps(chosen),
             "class_names": json.dumps(task.names), "class_ids": json.dumps(list(range(len(task.names)))),
-            "base_classes": json.dumps(task.base_ids),
-            "layout": "[BOS] ctx_1..ctx_n <class name> . [EOS]"}
+            "base_classes": json.dumps(task.base_ids)}
+    if isinstance(learner, PromptLearner):
+        meta.update(n_ctx=str(learner.n_ctx), layout="[BOS] ctx_1..ctx_n <class name> . [EOS]")
+        state = learner.prompt_state()
+    else:
+        meta.update(use=("linear: class vector c = zero-shot text feature of '<ctx_init> <name>.' + delta[c]"
+                         if method.learner == "linear" else
+                         "adapter: f' = normalise(f + up(relu(down(f)))), classes by the zero-shot text features"))
+        state = learner.learned_state()
     tmp = path.with_name(path.name + ".tmp")
-    save_file(learner.prompt_state(), str(tmp), metadata=meta)
+    save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
 
 
@@ -375,12 +281,88 @@ def run_tune(cfg: Config, run_dir: Path, pairs: str | None = None,
     """Every row of plan_methods over tune.seeds; writes RUN/tune/. Returns metrics.json's content."""
     device = pick_device(cfg.model.device)
     with cpu_threads(device):
-        return _run_tune(cfg, run_dir, pairs, log, device)
+        start = time.perf_counter()
+        setup = prepare(cfg, run_dir, pairs, log, device)
+        seeds = run_seeds(setup, log, seed_workers(cfg.tune, device))
+        return write_summary(setup, seeds, time.perf_counter() - start)
 
 
-def _run_tune(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str], None], device: torch.device) -> dict:
+def seed_workers(t: TuneConfig, device: torch.device) -> int:
+    """Processes the (seed, learner) jobs run in: tune.workers, or (0) one per core this process may
+    use. Each is one thread (cpu_threads): the steps are many small ops, which a second thread slows
+    down, while a second process doubles the work done. One on a GPU."""
+    if device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    return max(1, min(t.workers or cores, len(t.seeds) * len(t.learners)))
+
+
+_FORKED: tuple = ()  # (setup, log): what a forked worker inherits (run_seeds)
+
+
+def _learner_job(job: tuple[int, str]) -> dict:
+    setup, log = _FORKED
+    return train_learner(setup, job[0], job[1], log)
+
+
+def run_seeds(setup: "TuneSetup", log: Callable[[str], None], workers: int) -> list[dict]:
+    """Every (seed, learner) job, in `workers` forked processes; then each seed's figures. The jobs
+    share nothing and are deterministic, so the figures are those of one process running them in
+    turn (a test checks it)."""
+    t = setup.cfg.tune
+    jobs = [(seed, kind) for seed in t.seeds for kind in t.learners]
+    if workers <= 1:
+        done = [train_learner(setup, seed, kind, log) for seed, kind in jobs]
+    else:
+        global _FORKED
+        _FORKED = (setup, log)
+        log(f"{len(jobs)} (seed, learner) jobs in {workers} processes of one thread each (tune.workers)")
+        try:  # the longest learners first, so that no process is left with one long job at the end
+            order = sorted(range(len(jobs)), key=lambda i: LEARNER_COST.get(jobs[i][1], 1), reverse=True)
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                out = pool.map(_learner_job, [jobs[i] for i in order], chunksize=1)
+            done = [None] * len(jobs)
+            for i, r in zip(order, out):
+                done[i] = r
+        finally:
+            _FORKED = ()
+    results = {(seed, kind): r for (seed, kind), r in zip(jobs, done)}
+    return [seed_figures(setup, seed, {k: v for kind in t.learners for k, v in results[(seed, kind)].items()}, log)
+            for seed in t.seeds]
+
+
+LEARNER_COST = {"cocoop": 100, "coop": 10, "coop_csc": 10, "adapter": 5, "linear": 1}
+"""Rough relative cost of a learner's job (the pool's scheduling order only)."""
+
+
+@dataclass
+class TuneSetup:
+    """Everything a seed needs, loaded once: classes, rows, the frozen features, the evaluation set."""
+
+    cfg: Config
+    task: Task
+    methods: list[Method]
+    vlm: VLM
+    data: PairFeatures
+    cfs: CounterfactualFeatures
+    ev: EvalSet
+    pool: np.ndarray  # (pairs,) bool: the pair's factual image is outside the evaluation split
+    shots: dict[int, np.ndarray]
+    zero_shot: ImageSideLearner
+    zero_shot_correct: np.ndarray
+    zero_shot_seconds: float
+    out: Path
+
+    @property
+    def names(self) -> dict[int, str]:
+        return dict(enumerate(self.task.names))
+
+
+def prepare(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str], None],
+            device: torch.device) -> TuneSetup:
+    """Checks, the frozen features of the pairs, the cf sources and the evaluation images; the shots."""
     t = cfg.tune
-    start = time.perf_counter()
     names = load_class_names(cfg)
     task = make_task(names)
     source = open_source(cfg)
@@ -389,21 +371,24 @@ def _run_tune(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str]
     check_sources(cfg, source, cf_sources)
     shards = pair_shards(cfg, run_dir, pairs)
     vlm = load_vlm(cfg, device)
+    # text the VLM cannot take is one line before any work, not a traceback from inside it after the features
+    vlm.check_texts(zero_shot_prompts(task, t.ctx_init or "a photo of a"))
+    if any(learner not in IMAGE_LEARNERS for learner in t.learners):
+        vlm.prompt_tokens(names, t.n_ctx)
     data = load_features(cfg, run_dir, shards, vlm)
     check_class_names(data, names)
     refs = source.samples(names)
     splits = split_ids(cfg) if cfg.data.split else {}
     cfs = CounterfactualFeatures(cfg, data, vlm, source, refs, splits, shards, cache_dir(cfg, run_dir))
     ev = load_eval_set(cfg, vlm, refs, splits, run_dir)
-    name_of = dict(enumerate(names))
-
     labels = data.label.numpy()
     if t.eval_split:
         pool = np.array([splits.get(i) != t.eval_split for i in data.factual_ids])
         where = f" outside tune.eval_split={t.eval_split!r}"
     else:
         pool, where = np.ones(len(labels), dtype=bool), ""
-    shots = {seed: sample_shots(labels, pool, task.base_ids, t.shots, seed, name_of, where) for seed in t.seeds}
+    shots = {seed: sample_shots(labels, pool, task.base_ids, t.shots, seed, dict(enumerate(names)), where)
+             for seed in t.seeds}
     cfs.prepare(cf_sources, np.concatenate(list(shots.values())))
     log("; ".join([(f"features: {len(data.ids)} pairs from {data.stats['shards']} shards "
                     f"({data.stats['cache_hits']} cached, {data.stats['cache_misses']} encoded), {int(pool.sum())} "
@@ -411,81 +396,191 @@ def _run_tune(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str]
                    f"{len(ev.ids)} evaluation images ({'cached' if ev.stats['cached'] else 'encoded'})",
                    f"base classes {task.base_ids}, novel {task.novel_ids}"]
                   + [f"{k}: {v['images']} images ({'cached' if v['cached'] else 'encoded'})" for k, v in cfs.stats.items()]))
-
-    zs_prompt = t.ctx_init or "a photo of a"
+    zero_shot = ImageSideLearner(zero_shot_text(vlm, task, t.ctx_init or "a photo of a").to(device))
     t0 = time.perf_counter()
-    zs_correct = predict_correct(None, vlm, task, ev.feat, ev.label, zs_prompt)
-    zs_seconds = time.perf_counter() - t0
-    out = tune_dir(run_dir)
-    per_seed: dict[str, list[dict]] = {m.key: [] for m in methods}
-    seconds: dict[str, list[float]] = {m.key: [] for m in methods}
-    runs = []
-    for seed in t.seeds:
-        idx = shots[seed]
-        shot_ids = {data.factual_ids[i] for i in idx}
-        mask = np.ones(len(ev.ids), dtype=bool) if t.eval_split else np.array([i not in shot_ids for i in ev.ids])
-        row: dict = {"seed": seed, "shots": len(idx), "shot_ids": [data.ids[i] for i in idx],
-                     "eval_images": int(mask.sum()), "methods": {}}
-        ti = torch.from_numpy(idx)
-        f, y, ycf = data.feat[ti], data.label[ti], data.cf_label[ti]
-        results: dict[str, tuple[np.ndarray, dict]] = {"zero_shot": (zs_correct, {"eval_seconds": zs_seconds})}
-        for kind in t.learners:
-            group = [m for m in methods if m.learner == kind]
-            specs = [RowRun(m.objective or "dicap", 0.0 if m.objective is None else t.lam,
-                            cfs.get(m.cf_source or "generated", idx)) for m in group]
-            learners, infos, group_seconds = train_prompts(vlm, task, f, y, ycf, specs, t, seed, kind)
-            for m, learner, info in zip(group, learners, infos):
-                t0 = time.perf_counter()
-                correct = predict_correct(learner, vlm, task, ev.feat, ev.label, "")
-                info.update(train_seconds=group_seconds / len(group), group_train_seconds=group_seconds,
-                            eval_seconds=time.perf_counter() - t0)
-                save_prompt(out / "prompts" / f"{m.stem}-seed{seed}.safetensors", learner, vlm, task, t, m, seed)
-                results[m.key] = (correct, info)
-        for m in methods:
-            correct, info = results[m.key]
-            fig = split_metrics(correct[mask], ev.label[mask], ev.group[mask], task.base_ids, name_of)
-            info["seconds"] = info.get("train_seconds", 0.0) + info["eval_seconds"]
-            per_seed[m.key].append(fig)
-            seconds[m.key].append(info["seconds"])
-            row["methods"][m.key] = {**fig, **info}
-            log(f"seed {seed} {m.label:<26} base {fig['base']:.3f} novel {fig['novel']:.3f} HM {fig['hm']:.3f} "
-                f"worst-group {fig['worst_group']:.3f} ({info['seconds']:.1f}s)")
-        runs.append(row)
+    zs_correct = predict_correct(zero_shot, task, ev.feat, ev.label)
+    return TuneSetup(cfg, task, methods, vlm, data, cfs, ev, pool, shots, zero_shot, zs_correct,
+                     time.perf_counter() - t0, tune_dir(run_dir))
 
+
+def _validation(s: TuneSetup, idx: np.ndarray) -> Validation | None:
+    if s.cfg.tune.select.mode != "validation":
+        return None
+    d = s.data
+    return validation_set(d.factual_ids, normalize(d.feat.float()), normalize(d.cf_feat.float()), d.label.numpy(),
+                          d.cf_label.numpy(), s.pool, idx, s.task.base_ids)
+
+
+def train_group(s: TuneSetup, kind: str, group: list[Method], idx: np.ndarray, val: Validation | None,
+                seed: int) -> tuple[list[nn.Module], list[dict], list[dict], float]:
+    """Train every row of one learner over its selection grid in lockstep; per row the chosen
+    learner, its last losses, the choice record and (shared) seconds."""
+    t = s.cfg.tune
+    configs, runs, grids = [], [], []
+    for gi, m in enumerate(group):
+        grid = grid_for(t, kind, m.objective)
+        grids.append(grid)
+        cf = s.cfs.get(m.cf_source or "generated", idx)
+        for lr in grid.lrs:
+            for lam in grid.lams:
+                configs.append((gi, lr, lam))
+                runs.append(RowRun(m.objective or "dicap", lam, cf, lr))
+    epochs = max(g.longest for g in grids)
+    checkpoints = sorted({e for g in grids for e in g.epochs})
+    device = s.vlm.device
+    base = s.task.base.to(device)
+    picker = Picker(configs, val and Validation(val.feat.to(device), val.label, val.cf_feat.to(device), val.cf_label,
+                                                val.factual_ids),
+                    lambda learner, f: class_logits(learner, f, base), len(group))
+    ti = torch.from_numpy(idx)
+    if kind == "linear":
+        t0 = time.perf_counter()
+        learners, infos = solve_heads(s.task, runs, s.data.feat[ti], s.data.label[ti], s.data.cf_label[ti], t,
+                                      s.zero_shot.zero_shot, loss_scale(t, s.vlm))
+        with torch.no_grad():
+            picker(0, learners)
+        seconds = time.perf_counter() - t0
+    else:
+        learners, infos, seconds = fit_rows(s.vlm, s.task, kind, runs, s.data.feat[ti], s.data.label[ti],
+                                            s.data.cf_label[ti], t, seed, epochs, s.zero_shot.zero_shot,
+                                            checkpoints, picker)
+    chosen, last = [], []
+    for gi in range(len(group)):
+        choice = picker.choices[gi]
+        i = configs.index((gi, choice.key[0], choice.key[2]))
+        learners[i].load_state_dict(choice.state)
+        chosen.append((learners[i], infos[i], choice.record()))
+    return [c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen], seconds
+
+
+def held_out(s: TuneSetup, seed: int) -> tuple[np.ndarray, Validation | None]:
+    """The seed's shot indices and its validation pairs (None: select.mode = 'fixed')."""
+    idx = s.shots[seed]
+    return idx, _validation(s, idx)
+
+
+def train_learner(s: TuneSetup, seed: int, kind: str, log: Callable[[str], None]) -> dict:
+    """Train one learner's rows for one seed, choose, evaluate and save each: {row key: (correct, info)}."""
+    t = s.cfg.tune
+    idx, val = held_out(s, seed)
+    group = [m for m in s.methods if m.learner == kind]
+    learners, infos, choices, seconds = train_group(s, kind, group, idx, val, seed)
+    out = {}
+    for m, learner, info, choice in zip(group, learners, infos, choices):
+        t0 = time.perf_counter()
+        correct = predict_correct(learner, s.task, s.ev.feat, s.ev.label)
+        info.update(train_seconds=seconds / len(group), group_train_seconds=seconds,
+                    eval_seconds=time.perf_counter() - t0, chosen=choice)
+        save_learned(learned_path(s.out, m, seed), learner, s.vlm, s.task, t, m, seed,
+                     {k: v for k, v in choice.items() if k != "scores"})
+        out[m.key] = (correct, info)
+    log(f"seed {seed}: {LEARNER_NAMES[kind]} trained, {len(group)} rows ({seconds:.1f}s)")
+    return out
+
+
+def seed_figures(s: TuneSetup, seed: int, results: dict[str, tuple[np.ndarray, dict]],
+                 log: Callable[[str], None]) -> dict:
+    """One seed's figures of every row: {"seed", "shots", ..., "methods": {key: figures}}."""
+    t = s.cfg.tune
+    idx, val = held_out(s, seed)
+    excluded = {s.data.factual_ids[i] for i in idx} | set(val.factual_ids if val else [])
+    mask = np.ones(len(s.ev.ids), dtype=bool) if t.eval_split else np.array([i not in excluded for i in s.ev.ids])
+    row: dict = {"seed": seed, "shots": len(idx), "shot_ids": [s.data.ids[i] for i in idx],
+                 "validation_images": len(val.factual_ids) if val else 0,
+                 "validation_counterfactuals": len(val.cf_label) if val else 0,
+                 "eval_images": int(mask.sum()), "methods": {}}
+    results = {"zero_shot": (s.zero_shot_correct, {"eval_seconds": s.zero_shot_seconds}), **results}
+    for m in s.methods:
+        correct, info = results[m.key]
+        fig = split_metrics(correct[mask], s.ev.label[mask], s.ev.group[mask], s.task.base_ids, s.names)
+        info["seconds"] = info.get("train_seconds", 0.0) + info["eval_seconds"]
+        row["methods"][m.key] = {**fig, **info}
+        chosen = info.get("chosen")
+        picked = ""
+        if chosen:
+            how = "solved" if m.learner == "linear" else f"lr {chosen['lr']:g}, {chosen['epochs']} ep"
+            picked = f" [{how}, λ {chosen['lam']:g}]"
+        log(f"seed {seed} {m.label:<28} worst base {fig['worst_base']:.3f} base {fig['base']:.3f} "
+            f"novel {fig['novel']:.3f} worst novel {fig['worst_novel']:.3f} ({info['seconds']:.1f}s){picked}")
+    return row
+
+
+def selection_protocol(t: TuneConfig) -> dict:
+    if t.select.mode == "fixed":
+        return {"mode": "fixed", "rule": FIXED}
+    return {"mode": "validation", "criterion": CRITERION, "grid": dataclasses.asdict(t.select),
+            "schedule": "each epoch budget is a checkpoint of one run, cosine over the grid's largest budget"}
+
+
+def write_summary(s: TuneSetup, runs: list[dict], seconds_total: float) -> dict:
+    """metrics.json (rows over seeds, paired differences), runs.json (per seed), config.toml."""
+    t, names = s.cfg.tune, s.task.names
+    per_seed = {m.key: [r["methods"][m.key] for r in runs] for m in s.methods}
     rows = {}
-    for m in methods:
-        summary = summarize(per_seed[m.key])
+    for m in s.methods:
+        figs = per_seed[m.key]
         delta = None
         if m.baseline:
-            delta = {k: paired_difference([r[k] for r in per_seed[m.key]], [r[k] for r in per_seed[m.baseline]])
+            delta = {k: paired_difference([r[k] for r in figs], [r[k] for r in per_seed[m.baseline]])
                      for k in METRICS}
+        secs = [r["seconds"] for r in figs]
         rows[m.key] = {"label": m.label, "learner": m.learner, "objective": m.objective, "cf_source": m.cf_source,
-                       "baseline": m.baseline, **summary, "delta": delta,
-                       "seconds": {"mean": float(np.mean(seconds[m.key])), "total": float(np.sum(seconds[m.key]))}}
+                       "baseline": m.baseline, **summarize(figs), "delta": delta,
+                       "seconds": {"mean": float(np.mean(secs)), "total": float(np.sum(secs))},
+                       "chosen": [{k: v for k, v in r["chosen"].items() if k != "scores"} for r in figs
+                                  if "chosen" in r]}
     cells: dict[str, int] = {}
-    for g, c in zip(ev.group, ev.label):
+    for g, c in zip(s.ev.group, s.ev.label):
         key = cell_name(g, names[c])
         cells[key] = cells.get(key, 0) + 1
     metrics = {
         "protocol": {
-            "eval_split": t.eval_split, "eval_images": len(ev.ids), "cells": dict(sorted(cells.items())),
-            "classes": names, "base": task.base_ids, "novel": task.novel_ids,
-            "pairs": len(data.ids), "shot_pool": int(pool.sum()), "shots": t.shots, "seeds": list(t.seeds),
-            "backend": vlm.name, "model_id": vlm.model_id,
-            "hyperparameters": {"selection": SELECTION, "lam": t.lam, "epochs": t.epochs,
-                                "cocoop_epochs": epochs_for(t, "cocoop"), "lr": t.lr, "batch_size": t.batch_size,
-                                "n_ctx": t.n_ctx, "ctx_init": t.ctx_init, "temperature": t.temperature,
-                                "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma,
+            "eval_split": t.eval_split, "eval_images": len(s.ev.ids), "cells": dict(sorted(cells.items())),
+            "classes": names, "base": s.task.base_ids, "novel": s.task.novel_ids,
+            "pairs": len(s.data.ids), "shot_pool": int(s.pool.sum()), "shots": t.shots, "seeds": list(t.seeds),
+            "backend": s.vlm.name, "model_id": s.vlm.model_id,
+            "selection": selection_protocol(t),
+            "hyperparameters": {"lam": t.lam, "epochs": t.epochs, "cocoop_epochs": epochs_for(t, "cocoop"),
+                                "lr": t.lr, "image_lr": t.image_lr, "image_epochs": t.image_epochs,
+                                "batch_size": t.batch_size, "n_ctx": t.n_ctx, "ctx_init": t.ctx_init,
+                                "temperature": t.temperature, "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma,
                                 "margin_csd": t.margin_csd, "margin_fcd": t.margin_fcd},
             "interval": INTERVAL,
         },
-        "order": [m.key for m in methods],
+        "order": [m.key for m in s.methods],
         "rows": rows,
+        "captured": gain_captured(rows, per_seed, s.methods),
     }
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "runs.json", {
-        "features": data.stats, "eval": ev.stats, "cf_sources": cfs.stats,
-        "nearest_counterfactuals": {data.ids[i]: v for i, v in sorted(cfs.nearest_ids.items())},
-        "runs": runs, "seconds": time.perf_counter() - start})
-    write_resolved(cfg, out)
+    atomic_write_json(s.out / "metrics.json", metrics)
+    atomic_write_json(s.out / "runs.json", {
+        "features": s.data.stats, "eval": s.ev.stats, "cf_sources": s.cfs.stats,
+        "nearest_counterfactuals": {s.data.ids[i]: v for i, v in sorted(s.cfs.nearest_ids.items())},
+        "runs": runs, "seconds": seconds_total})
+    write_resolved(s.cfg, s.out)
     return metrics
+
+
+def gain_captured(rows: dict, per_seed: dict, methods: list[Method]) -> list[dict]:
+    """Per (learner, objective) with generated and true rows: the share of the true counterfactuals'
+    Δ worst-group (base cells) that cfgen's pairs capture (ratio of the mean Δs), and generated - nearest as a
+    paired difference over seeds (when the nearest row exists)."""
+    out = []
+    keys = {m.key for m in methods}
+    for m in methods:
+        if m.cf_source != "generated":
+            continue
+        stem = f"{m.learner}+{m.objective}"
+        true_key, near_key = f"{stem}[true]", f"{stem}[nearest]"
+        if true_key not in keys:
+            continue
+        d_gen = rows[m.key]["delta"]["worst_base"]["mean"]
+        d_true = rows[true_key]["delta"]["worst_base"]["mean"]
+        item = {"learner": m.learner, "objective": m.objective, "metric": "worst_base",
+                "label": f"{LEARNER_NAMES[m.learner]}+{OBJECTIVE_NAMES[m.objective]}",
+                "delta_generated": d_gen, "delta_true": d_true,
+                "share": d_gen / d_true if abs(d_true) > 1e-12 else None}
+        if near_key in keys:
+            item["generated_minus_nearest"] = paired_difference(
+                [r["worst_base"] for r in per_seed[m.key]], [r["worst_base"] for r in per_seed[near_key]])
+        out.append(item)
+    return out

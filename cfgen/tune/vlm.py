@@ -34,7 +34,7 @@ from cfgen.config import Config
 from cfgen.data.base import SampleRef
 from cfgen.data.sources import load_class_names
 from cfgen.device import pick_device
-from cfgen.tune.backends import MiniLMText
+from cfgen.models.minilm import MiniLMText
 from cfgen.trainkit import cosine_lr, load_arrays, optimizer_step, split_train_test
 from cfgen.tune.image_tower import ImageTower
 
