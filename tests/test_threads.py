@@ -45,10 +45,10 @@ def test_omp_nested_list_takes_the_first_level():
     assert resolve(None, 0, {"OMP_NUM_THREADS": "3,2"}, cores=8).threads == 3
 
 
-def test_wait_policy_is_set_unless_the_user_chose_one():
+def test_a_short_spin_is_set_unless_the_user_chose_a_wait_setting():
     env: dict = {}
     prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"GOMP_SPINCOUNT": "1000"}
     for key, value in (("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "300000"), ("KMP_BLOCKTIME", "200")):
         env = {key: value}
         prepare_environment(env)
