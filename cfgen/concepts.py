@@ -317,6 +317,20 @@ class ConceptGraph:
             raise ConfigError(f"{concept}: {value!r} is not one of its values ({', '.join(self.domains[concept])})")
 
 
+def check_edges(candidate: ConceptGraph, own: ConceptGraph, source: str) -> None:
+    """A ConfigError for an edge of `candidate` between two concepts of the source's own graph `own` that
+    `own` does not have. The source's graph is what its data's generator does (shapes-captioned: no
+    shape -> environment edge, the train split's correlation being selection, not mechanism), and the
+    oracle judges each pair by it: a do(shape) propagated along an edge the generator lacks would repaint
+    the background and be judged wrong for doing what the graph asked."""
+    for child in candidate.concepts:
+        for parent in candidate.parents[child]:
+            if parent in own.domains and child in own.domains and parent not in own.parents[child]:
+                raise ConfigError(f"the concept graph does not fit data.source {source!r}: it has the edge "
+                                  f"{parent} -> {child}, which the source says is not there (its data's "
+                                  f"{child} does not depend on {parent})")
+
+
 def class_concept(graph: ConceptGraph, classes: list[str]) -> str | None:
     """The concept whose values are the class names (shapes-text: shape), if any: its value is the class."""
     return next((c for c in graph.concepts if set(graph.domains[c]) == set(classes)), None)

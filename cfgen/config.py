@@ -46,6 +46,8 @@ SelectMode = Literal["validation", "fixed"]
 TextEncoderName = Literal["", "minilm"]
 CfSource = Literal["generated", "true", "nearest"]
 """Which image plays x^cf in the counterfactual objectives (cfgen/tune/cfsources.py)."""
+PairKind = Literal["class", "cue", "both"]
+"""Which pairs a counterfactual row learns from (cfgen/tune/cueflips.py): class flips, cue flips, or both."""
 
 
 @dataclass
@@ -329,12 +331,27 @@ class SelectConfig:
     """Epoch budgets of the image-side learners."""
     image_lam: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     """lambda values tried for the image-side learners."""
+    project_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
+    """How many cue directions the projection rows may remove (cfgen/tune/project.py); 0 = zero-shot."""
 
 
 @dataclass
 class TuneConfig:
     pairs: str = ""
     """Pair shards to learn from: a path, glob or brace list (pairs-{000000..000003}.tar); '' = RUN_DIR/pairs/pairs-*.tar."""
+    cue_pairs: str = ""
+    """Cue-flip pair shards (same class, another cue: a text run's do(environment) pairs of the same pool
+    images, pipelines/shapes6-text.toml), matched to the shots by factual id; '' = none (kinds = ["class"])."""
+    kinds: list[PairKind] = field(default_factory=lambda: ["class"])
+    """Which pairs each counterfactual row learns from: 'class' (tune.pairs), 'cue' (tune.cue_pairs, each
+    x^cf labelled y, with the invariance term), 'both' (each shot with its class flip and its cue flip).
+    'cue' and 'both' rows exist for objective 'augment' only: DiCap's and CF-VLM's terms push x^cf away
+    from its factual class, which is wrong for a pair that keeps it. Row keys: 'linear+augment[true:cue]'."""
+    invariance: float = 1.0
+    """mu of augment's invariance term on cue flips: mean KL(softmax(l(x)) || softmax(l(x^cf))) (losses.py)."""
+    project: list[CfSource] = field(default_factory=list)
+    """Training-free rows 'zero_shot+project[<source>:cue]': the cue subspace from the shots' cue-flip pairs
+    of each source, projected out of every image feature, zero-shot prompts (cfgen/tune/project.py)."""
     backend: TuneBackend = "embedded"
     """'embedded' (frozen MiniLM text tower + the image tower in `vlm`) or 'transformers' (a CLIPModel directory in `vlm`)."""
     vlm: str = ""
@@ -438,7 +455,7 @@ _PATH_FIELDS = {
     ("data", "root"), ("data", "manifest"), ("data", "classes"), ("data", "split"),
     ("model", "unet"), ("model", "scheduler"), ("model", "classifier"),
     ("model", "vae"), ("model", "text_encoder"), ("model", "tokenizer"), ("model", "predictor_path"),
-    ("tune", "pairs"), ("tune", "vlm"), ("text", "graph"),
+    ("tune", "pairs"), ("tune", "cue_pairs"), ("tune", "vlm"), ("text", "graph"),
 }
 
 
@@ -707,6 +724,14 @@ def _validate_tune(cfg: Config, need) -> None:
         v = getattr(t, key)
         need(len(v) >= 1 and len(set(v)) == len(v), f"tune.{key}: give one or more distinct values, got {v}")
     combos = [f"{lr}+{o}[{c}]" for lr in t.learners for o in t.objectives for c in t.cf_sources]
+    combos += [f"{lr}+augment[{c}:{k}]" for lr in t.learners for c in t.cf_sources for k in t.kinds
+               if k != "class" and "augment" in t.objectives]
+    need(len(t.kinds) >= 1 and len(set(t.kinds)) == len(t.kinds), f"tune.kinds: give one or more distinct kinds, got {t.kinds}")
+    need(bool(t.cue_pairs) or (set(t.kinds) <= {"class"} and not t.project),
+         "tune.kinds 'cue' / 'both' and tune.project need tune.cue_pairs (the cue-flip pair shards)")
+    need(math.isfinite(t.invariance) and t.invariance >= 0, f"tune.invariance must be a finite number >= 0, got {t.invariance}")
+    need(all(k >= 0 for k in t.select.project_k) and len(t.select.project_k) >= 1,
+         f"tune.select.project_k: give one or more numbers of directions >= 0, got {t.select.project_k}")
     for row in t.rows:
         need(row in combos or row in [f"{lr}+*" for lr in t.learners], f"tune.rows: {row!r} is not one of tune.learners x tune.objectives x tune.cf_sources "
                             f"({', '.join(combos)})")

@@ -34,14 +34,15 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def write_shards(out: Path, rows: list[tuple[str, int, int, np.ndarray, np.ndarray]], names: list[str],
-                 n_shards: int = 2) -> Path:
-    """Pair shards in the pack contract from (id, label, cf_label, factual, counterfactual) rows."""
+                 n_shards: int = 2, interventions: list[str] | None = None) -> Path:
+    """Pair shards in the pack contract from (id, label, cf_label, factual, counterfactual) rows; each
+    pair's K.json intervention is do(label=<cf class>) unless `interventions` gives it."""
     samples = []
-    for sid, y, ycf, x, xcf in rows:
+    for k, (sid, y, ycf, x, xcf) in enumerate(rows):
         meta = {"id": sid, "label": y, "label_name": names[y], "cf_label": ycf, "cf_label_name": names[ycf],
                 "target_strategy": "closest", "guidance_scale": 2.0, "t_inv": 0.6, "steps": 25, "seed": 0,
                 "p_cf": 0.99, "flipped": True, "l1": 0.1, "l2": 0.2, "recon_l1": 0.01, "factual_id": sid,
-                "intervention": f"do(label={names[ycf]})",
+                "intervention": interventions[k] if interventions else f"do(label={names[ycf]})",
                 "edits": json.dumps({"target_concept_name": "label", "original_value": names[y],
                                      "new_value": names[ycf], "propagated_changes": [], "final_concept_states": {}})}
         samples.append({"__key__": sid, "png": _png(x), "txt": f"a photo of a {names[y]}.".encode(),
@@ -131,7 +132,7 @@ DIGITS_SMALL = ["tune.shots=2", "tune.epochs=4", "tune.seeds=[1, 2]", "tune.eval
 SHAPES_SMALL = [f"data.shapes_count={SHAPES_COUNT}", f"tune.vlm={DIGITS_VLM}", "tune.shots=2", "tune.epochs=2",
                 "tune.seeds=[1, 2, 3]", "tune.select.mode=fixed", "tune.workers=1"]
 FIGURES = ("worst_base", "worst_novel", "base", "novel", "hm", "worst_group")
-ROW_KEYS = {"label", "learner", "objective", "cf_source", "baseline", *FIGURES, "delta", "seconds", "chosen"}
+ROW_KEYS = {"label", "learner", "objective", "cf_source", "kind", "baseline", *FIGURES, "delta", "seconds", "chosen"}
 TABLE_HEAD = ["method", "worst", "base", "Δ", "worst", "base", "base", "novel", "worst", "novel", "HM", "Δ", "HM",
               "s/seed"]
 

@@ -23,11 +23,12 @@ from cfgen.data.base import SampleRef, Source
 from cfgen.data.digits import DigitsSource
 from cfgen.data.files import FolderSource, ManifestSource
 from cfgen.data.shapes import ShapesSource
+from cfgen.data.shapes_captioned import ShapesCaptionedSource
 from cfgen.data.shapes_text import ShapesTextSource
 from cfgen.errors import ConfigError
 
-SOURCES: dict[str, type[Source]] = {s.name: s for s in (DigitsSource, ShapesSource, ShapesTextSource, FolderSource,
-                                                        ManifestSource)}
+SOURCES: dict[str, type[Source]] = {s.name: s for s in (DigitsSource, ShapesSource, ShapesCaptionedSource,
+                                                        ShapesTextSource, FolderSource, ManifestSource)}
 
 
 def check_source(cfg: Config) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cfgen.concepts import ConceptGraph, Intervention, class_concept
+from cfgen.concepts import ConceptGraph, Intervention, check_edges, class_concept
 from cfgen.config import Config
 from cfgen.csg import ConceptEdit, CSGParams, abduct, csg_reverse, recording_cross_attention, token_positions
 from cfgen.data.sources import open_source
@@ -56,8 +56,8 @@ def load_graph(cfg: Config, source) -> ConceptGraph:
 def checked_graph(cfg: Config, refs: list) -> ConceptGraph:
     """load_graph, checked against the config and the input samples `refs` before any work: text.intervene
     names concepts of the graph; every sample has a concept state the graph holds; where the source knows
-    its own graph (the oracle pack judges each pair with), the graph sets no value the source lacks; and
-    no two pairs get one key."""
+    its own graph (the oracle pack judges each pair with), the graph sets no value the source lacks and
+    has no edge the source says is not there (concepts.check_edges); and no two pairs get one key."""
     source = open_source(cfg)
     graph = load_graph(cfg, source)
     unknown = [c for c in cfg.text.intervene if c not in graph.domains]
@@ -81,6 +81,8 @@ def checked_graph(cfg: Config, refs: list) -> ConceptGraph:
             raise ConfigError(f"the concept graph does not fit data.source {cfg.data.source!r}: {concept} = "
                               f"{lacks[0]!r} is not a value the source knows ({', '.join(knows)}), "
                               "so no pair that sets it could be judged")
+    if own is not None:
+        check_edges(graph, own, cfg.data.source)
     _check_pair_keys(cfg, graph, refs)
     return graph
 

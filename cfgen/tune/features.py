@@ -76,11 +76,13 @@ class ShardImages:
     label: np.ndarray  # int64 (N,)
     cf_label: np.ndarray
     names: dict[int, str]
+    interventions: list[str] = field(default_factory=list)
+    """K.json intervention of each pair, 'do(environment=grass)' ('' where the shard has none)."""
 
 
 def read_shard_images(path: Path) -> ShardImages:
     """Decode a pair shard (contract.PAIRS)."""
-    ids, factual_ids, images, cf_images, labels, cf_labels, names = [], [], [], [], [], [], {}
+    ids, factual_ids, images, cf_images, labels, cf_labels, names, dos = [], [], [], [], [], [], {}, []
     for sample in read_samples(path):
         try:  # the image members carry pack.image_format's extension (png, jpg, webp)
             image, cf_image = image_keys(sample)
@@ -100,11 +102,12 @@ def read_shard_images(path: Path) -> ShardImages:
         cf_images.append(decode_png(sample[cf_image]))
         labels.append(y)
         cf_labels.append(ycf)
+        dos.append(str(meta.get("intervention") or ""))
     if not ids:
         raise ShardError(f"{path.name}: no pairs in this shard")
     try:
         return ShardImages(ids, factual_ids, np.stack(images), np.stack(cf_images), np.array(labels, dtype=np.int64),
-                           np.array(cf_labels, dtype=np.int64), names)
+                           np.array(cf_labels, dtype=np.int64), names, dos)
     except ValueError:
         raise ShardError(f"{path.name}: images of different sizes in one shard") from None
 
@@ -129,6 +132,16 @@ class PairFeatures:
     names: dict[int, str]
     stats: dict = field(default_factory=dict)
     """cache hits / misses and the seconds spent reading + encoding."""
+    interventions: list[str] = field(default_factory=list)
+    """Per pair its do(), 'do(environment=grass)': what a cue flip's true counterfactual renders."""
+
+    def do_of(self, i: int) -> tuple[str, str] | None:
+        """(concept, value) of pair i's intervention, None if it has none."""
+        text = self.interventions[i] if i < len(self.interventions) else ""
+        if not (text.startswith("do(") and text.endswith(")") and "=" in text):
+            return None
+        concept, _, value = text[3:-1].partition("=")
+        return concept, value
 
 
 def cache_file(cache_dir: Path, model_id: str, shard: Path) -> Path:
@@ -138,7 +151,7 @@ def cache_file(cache_dir: Path, model_id: str, shard: Path) -> Path:
 
 def _encode_shard(vlm: VLM, shard: Path, batch_size: int) -> dict:
     data = read_shard_images(shard)
-    return {"ids": data.ids, "factual_ids": data.factual_ids, "names": data.names,
+    return {"ids": data.ids, "factual_ids": data.factual_ids, "names": data.names, "interventions": data.interventions,
             "feat": encode_images(vlm, data.images, batch_size), "cf_feat": encode_images(vlm, data.cf_images, batch_size),
             "label": torch.from_numpy(data.label), "cf_label": torch.from_numpy(data.cf_label)}
 
@@ -152,6 +165,7 @@ def _save(path: Path, part: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: part[k].contiguous() for k in ("feat", "cf_feat", "label", "cf_label")}
     save_file(tensors, str(tmp), metadata={"ids": json.dumps(part["ids"]), "factual_ids": json.dumps(part["factual_ids"]),
+                                           "interventions": json.dumps(part["interventions"]),
                                            "names": json.dumps({str(k): v for k, v in part["names"].items()})})
     tmp.replace(path)
 
@@ -165,6 +179,7 @@ def _load(path: Path) -> dict:
     part["ids"] = json.loads(meta["ids"])
     part["factual_ids"] = json.loads(meta.get("factual_ids", meta["ids"]))
     part["names"] = {int(k): v for k, v in json.loads(meta["names"]).items()}
+    part["interventions"] = json.loads(meta.get("interventions", "[]")) or [""] * len(part["ids"])
     return part
 
 
@@ -193,6 +208,7 @@ def load_pair_features(shards: list[Path], vlm: VLM, cache_dir: Path | None, bat
                         cf_feat=torch.cat([p["cf_feat"] for p in parts]),
                         label=torch.cat([p["label"] for p in parts]).long(),
                         cf_label=torch.cat([p["cf_label"] for p in parts]).long(), names=names,
+                        interventions=[d for p in parts for d in p["interventions"]],
                         stats={"shards": len(shards), "cache_hits": hits, "cache_misses": misses,
                                "seconds": time.perf_counter() - start})
 

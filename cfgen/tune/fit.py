@@ -128,7 +128,7 @@ def row_loss(t, objective: str, lam: float, scale: float, v: Vectors, y: torch.T
         return cfvlm_loss(cos, y, f, text_true, cos_cf[rows, ycf.clamp(min=0)], cos_cf[rows, y], valid, scale,
                           t.alpha, t.beta, t.gamma, t.margin_csd, t.margin_fcd)
     if objective == "augment":
-        return augment_loss(cos, y, cos_cf, ycf, valid, scale, lam)
+        return augment_loss(cos, y, cos_cf, ycf, valid, scale, lam, t.invariance)
     if objective == "dicap_sym":
         return dicap_sym_loss(cos, y, cos_cf, ycf, valid, scale, lam)
     raise ConfigError(f"tune.objectives: unknown objective {objective!r}")
@@ -152,11 +152,14 @@ def optimizer_for(learner: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def solve_heads(task, rows: list[RowRun], feat: torch.Tensor, label: torch.Tensor, cf_label: torch.Tensor, t,
-                zero_shot_text: torch.Tensor, scale: float, max_iter: int = 500) -> tuple[list[nn.Module], list[dict]]:
+                zero_shot_text: torch.Tensor, scale: float, max_iter: int = 500,
+                n_images: int | None = None) -> tuple[list[nn.Module], list[dict]]:
     """The linear head's loss is convex in its weights (a logistic regression's cross-entropies and L2
     term; DiCap's pairwise terms and CF-VLM's hinges are convex in them too), so each row is solved
     to convergence, full batch, by L-BFGS from the zero-shot start: no learning rate or epochs to
-    choose, and the same answer whatever the batch order. Returns the heads and their final losses."""
+    choose, and the same answer whatever the batch order. Returns the heads and their final losses.
+    n_images: the number of distinct factual images the L2 term is weighed by (default: the rows of feat;
+    with both kinds of pairs each shot comes twice, once per kind, and still counts once)."""
     from cfgen.tune.heads import LinearHead
 
     device = zero_shot_text.device
@@ -177,7 +180,7 @@ def solve_heads(task, rows: list[RowRun], feat: torch.Tensor, label: torch.Tenso
             opt.zero_grad(set_to_none=True)
             loss, parts = row_loss(t, r.objective, r.lam, scale, class_vectors(head, [], f, fcf, classes), y, ycf)
             if t.head_c > 0:  # a logistic regression's L2 term, scikit-learn's weighting (heads.py)
-                loss = loss + head.penalty(classes, scale) / (2.0 * t.head_c * len(f))
+                loss = loss + head.penalty(classes, scale) / (2.0 * t.head_c * (n_images or len(f)))
             info.update(parts, loss=loss.item())
             loss.backward()
             return loss

@@ -33,6 +33,13 @@ set of pairs whose y_i^cf is a training class (the others are left out, as in L_
                 L2* = -mean_{i in V} log [ e^{scale*t_i^cf} / (e^{scale*t_i^cf} + e^{scale*t_i}) ],
                 t_i^cf = cos(g(p_{y_i^cf}), f(x_i^cf)),  t_i = cos(g(p_{y_i^cf}), f(x_i))
                 (DiCap's L2 and its mirror: the counterfactual's own class prefers it to the factual)
+
+A cue-flip pair (x_i, y_i) -> (x_i^cf, y_i) keeps the class and changes the cue (DESIGN §10): augment
+reads it as a second image of class y_i (L_cf with y_i^cf = y_i), and adds the invariance term over
+the set Q of cue-flip pairs (y_i^cf = y_i), mu = tune.invariance:
+    L_inv = mean_{i in Q} KL( softmax(scale * l(x_i)) || softmax(scale * l(x_i^cf)) ),  l the class scores
+            (the learner's class scores should not move when only the cue moves)
+    augment:    L1 + lambda * L_cf + mu * L_inv
 """
 
 from __future__ import annotations
@@ -97,14 +104,27 @@ def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return values[valid].mean() if bool(valid.any()) else values.sum() * 0.0
 
 
+def invariance_loss(cos: torch.Tensor, cos_cf: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B,) KL(softmax(scale * cos) || softmax(scale * cos_cf)) per pair: how far the class scores move."""
+    log_p, log_q = F.log_softmax(scale * cos, dim=1), F.log_softmax(scale * cos_cf, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
 def augment_loss(cos: torch.Tensor, y: torch.Tensor, cos_cf: torch.Tensor, y_cf: torch.Tensor,
-                 cf_valid: torch.Tensor, scale: float, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 + lam * L_cf. cos (B, C) factual images vs class vectors, cos_cf (B, C) the counterfactual
-    images vs the class vectors as they see them; y_cf (B,) positions (any value where not cf_valid)."""
+                 cf_valid: torch.Tensor, scale: float, lam: float,
+                 invariance: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + lam * L_cf (+ invariance * L_inv over the cue flips, y_cf == y). cos (B, C) factual images vs
+    class vectors, cos_cf (B, C) the counterfactual images vs the class vectors as they see them; y_cf (B,)
+    positions (any value where not cf_valid)."""
     l1 = F.cross_entropy(scale * cos, y)
     ce_cf = F.cross_entropy(scale * cos_cf, y_cf.clamp(min=0), reduction="none")
     l_cf = _valid_mean(ce_cf, cf_valid)
-    return l1 + lam * l_cf, {"l1": l1.item(), "l_cf": l_cf.item()}
+    loss, parts = l1 + lam * l_cf, {"l1": l1.item(), "l_cf": l_cf.item()}
+    cue = cf_valid & (y_cf == y)
+    if invariance and bool(cue.any()):
+        l_inv = _valid_mean(invariance_loss(cos, cos_cf, scale), cue)
+        loss, parts["l_inv"] = loss + invariance * l_inv, l_inv.item()
+    return loss, parts
 
 
 def dicap_sym_loss(cos: torch.Tensor, y: torch.Tensor, cos_cf: torch.Tensor, y_cf: torch.Tensor,

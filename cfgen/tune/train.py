@@ -55,15 +55,18 @@ from cfgen.errors import ConfigError, InputError
 from cfgen.shards import atomic_write_json
 from cfgen.tune.backends import VLM, load_vlm
 from cfgen.tune.cfsources import CounterfactualFeatures, check_sources
+from cfgen.tune.cueflips import CueFlips
 from cfgen.tune.features import PairFeatures, expand_urls, load_image_set, load_pair_features, refs_fingerprint
 from cfgen.tune.fit import RowRun, fit_rows, loss_scale, solve_heads
 from cfgen.tune.heads import IMAGE_LEARNERS, ImageSideLearner
 from cfgen.tune.losses import cosine_logits, normalize
+from cfgen.tune.project import Projected, choose_k, cue_directions
 from cfgen.tune.prompts import PromptLearner
 from cfgen.tune.select import CRITERION, Picker, Validation, grid_for, validation_set
 from cfgen.tune.protocol import METRICS, cell_name, paired_difference, sample_shots, split_classes, split_metrics, summarize
 
-LEARNER_NAMES = {"coop": "CoOp", "coop_csc": "CoOp-CSC", "cocoop": "CoCoOp", "linear": "Linear", "adapter": "Adapter"}
+LEARNER_NAMES = {"coop": "CoOp", "coop_csc": "CoOp-CSC", "cocoop": "CoCoOp", "linear": "Linear", "adapter": "Adapter",
+                 "project": "zero-shot+Project"}
 OBJECTIVE_NAMES = {"dicap": "DiCap", "cfvlm": "CF-VLM", "augment": "CF-aug", "dicap_sym": "DiCap-sym"}
 FIXED = ("fixed in advance in the config (lr, epochs, cocoop_epochs, image_lr, image_epochs, lam, alpha/beta/gamma, "
          "margins); none chosen on the evaluation split or any other")
@@ -124,29 +127,37 @@ class Method:
     learner: str | None = None  # None: zero-shot
     objective: str | None = None  # None: the learner's baseline (L1 alone, lambda = 0)
     cf_source: str | None = None
+    kind: str = "class"  # which pairs it learns from (tune.kinds): 'class', 'cue' or 'both'
 
     @property
     def baseline(self) -> str | None:
+        if self.learner == "project":  # training-free: its baseline is zero-shot itself
+            return "zero_shot"
         return self.learner if self.objective else None
 
     @property
     def stem(self) -> str:
-        return self.key.replace("+", "-").replace("[", "-").replace("]", "")
+        return self.key.replace("+", "-").replace("[", "-").replace("]", "").replace(":", "-")
 
 
 def plan_methods(t: TuneConfig) -> list[Method]:
-    """zero-shot; per learner its baseline, then objective x cf source (only tune.rows, when given)."""
+    """zero-shot; per learner its baseline, then pair kind x objective x cf source (only tune.rows, when
+    given; cue and both kinds for 'augment' alone); then the projection rows (tune.project)."""
     rows = [Method("zero_shot", "zero-shot")]
     for learner in t.learners:
         rows.append(Method(learner, LEARNER_NAMES[learner], learner))
-        for objective in t.objectives:
-            for source in t.cf_sources:
-                key = f"{learner}+{objective}[{source}]"
-                if t.rows and key not in t.rows and f"{learner}+*" not in t.rows:
-                    continue
-                rows.append(Method(key,
-                                   f"{LEARNER_NAMES[learner]}+{OBJECTIVE_NAMES[objective]}[{source}]",
-                                   learner, objective, source))
+        for kind in t.kinds:
+            for objective in t.objectives if kind == "class" else [o for o in t.objectives if o == "augment"]:
+                for source in t.cf_sources:
+                    tag = source if kind == "class" else f"{source}:{kind}"
+                    key = f"{learner}+{objective}[{tag}]"
+                    if t.rows and key not in t.rows and f"{learner}+*" not in t.rows:
+                        continue
+                    rows.append(Method(key, f"{LEARNER_NAMES[learner]}+{OBJECTIVE_NAMES[objective]}[{tag}]",
+                                       learner, objective, source, kind))
+    for source in t.project:
+        rows.append(Method(f"zero_shot+project[{source}:cue]", f"zero-shot+Project[{source}:cue]", "project",
+                           None, source, "cue"))
     return rows
 
 
@@ -201,7 +212,7 @@ def zero_shot_text(vlm: VLM, task: Task, prompt: str) -> torch.Tensor:
 
 def learned_path(out: Path, method: Method, seed: int) -> Path:
     """prompts/<row>-seed<s>.safetensors for a prompt learner, heads/... for an image-side one."""
-    folder = "heads" if method.learner in IMAGE_LEARNERS else "prompts"
+    folder = "heads" if method.learner in IMAGE_LEARNERS or method.learner == "project" else "prompts"
     return out / folder / f"{method.stem}-seed{seed}.safetensors"
 
 
@@ -219,6 +230,8 @@ def save_learned(path: Path, learner: nn.Module, vlm: VLM, task: Task, t: TuneCo
     else:
         meta.update(use=("linear: class vector c = zero-shot text feature of '<ctx_init> <name>.' + delta[c]"
                          if method.learner == "linear" else
+                         "project: f' = normalise(f - (f U^T) U), U = directions (k, D); classes by the zero-shot "
+                         "text features" if method.learner == "project" else
                          "adapter: f' = normalise(f + up(relu(down(f)))), classes by the zero-shot text features"))
         state = learner.learned_state()
     tmp = path.with_name(path.name + ".tmp")
@@ -311,7 +324,8 @@ def run_seeds(setup: "TuneSetup", log: Callable[[str], None], workers: int) -> l
     share nothing and are deterministic, so the figures are those of one process running them in
     turn (a test checks it)."""
     t = setup.cfg.tune
-    jobs = [(seed, kind) for seed in t.seeds for kind in t.learners]
+    learners = list(t.learners) + (["project"] if t.project else [])
+    jobs = [(seed, kind) for seed in t.seeds for kind in learners]
     if workers <= 1:
         done = [train_learner(setup, seed, kind, log) for seed, kind in jobs]
     else:
@@ -328,11 +342,11 @@ def run_seeds(setup: "TuneSetup", log: Callable[[str], None], workers: int) -> l
         finally:
             _FORKED = ()
     results = {(seed, kind): r for (seed, kind), r in zip(jobs, done)}
-    return [seed_figures(setup, seed, {k: v for kind in t.learners for k, v in results[(seed, kind)].items()}, log)
+    return [seed_figures(setup, seed, {k: v for kind in learners for k, v in results[(seed, kind)].items()}, log)
             for seed in t.seeds]
 
 
-LEARNER_COST = {"cocoop": 100, "coop": 10, "coop_csc": 10, "adapter": 5, "linear": 1}
+LEARNER_COST = {"cocoop": 100, "coop": 10, "coop_csc": 10, "adapter": 5, "linear": 1, "project": 1}
 """Rough relative cost of a learner's job (the pool's scheduling order only)."""
 
 
@@ -346,6 +360,7 @@ class TuneSetup:
     vlm: VLM
     data: PairFeatures
     cfs: CounterfactualFeatures
+    cue: CueFlips | None  # the shots' cue flips (tune.cue_pairs), None without them
     ev: EvalSet
     pool: np.ndarray  # (pairs,) bool: the pair's factual image is outside the evaluation split
     shots: dict[int, np.ndarray]
@@ -390,6 +405,15 @@ def prepare(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str], 
     shots = {seed: sample_shots(labels, pool, task.base_ids, t.shots, seed, dict(enumerate(names)), where)
              for seed in t.seeds}
     cfs.prepare(cf_sources, np.concatenate(list(shots.values())))
+    cue = None
+    if t.cue_pairs:
+        cue_shards = expand_urls(str(cfg.path(t.cue_pairs)))
+        cue = CueFlips(cfg, data, load_features(cfg, run_dir, cue_shards, vlm), vlm, source, refs, splits, cue_shards,
+                       cache_dir(cfg, run_dir))
+        cue_sources = sorted({m.cf_source for m in methods if m.cf_source and m.kind != "class"})
+        cue.prepare(cue_sources, np.concatenate(list(shots.values())))
+        cfs.stats.update({f"{k} (cue flips)": v for k, v in cue.stats.items()})
+        log(f"cue flips: {len(cue.of_image)} images with one, {int((cue.rows(np.unique(np.concatenate(list(shots.values())))) >= 0).sum())} of the shots' images")
     log("; ".join([(f"features: {len(data.ids)} pairs from {data.stats['shards']} shards "
                     f"({data.stats['cache_hits']} cached, {data.stats['cache_misses']} encoded), {int(pool.sum())} "
                     "outside the evaluation split"),
@@ -399,7 +423,7 @@ def prepare(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str], 
     zero_shot = ImageSideLearner(zero_shot_text(vlm, task, t.ctx_init or "a photo of a").to(device))
     t0 = time.perf_counter()
     zs_correct = predict_correct(zero_shot, task, ev.feat, ev.label)
-    return TuneSetup(cfg, task, methods, vlm, data, cfs, ev, pool, shots, zero_shot, zs_correct,
+    return TuneSetup(cfg, task, methods, vlm, data, cfs, cue, ev, pool, shots, zero_shot, zs_correct,
                      time.perf_counter() - t0, tune_dir(run_dir))
 
 
@@ -413,14 +437,47 @@ def _validation(s: TuneSetup, idx: np.ndarray) -> Validation | None:
 
 def train_group(s: TuneSetup, kind: str, group: list[Method], idx: np.ndarray, val: Validation | None,
                 seed: int) -> tuple[list[nn.Module], list[dict], list[dict], float]:
-    """Train every row of one learner over its selection grid in lockstep; per row the chosen
-    learner, its last losses, the choice record and (shared) seconds."""
+    """Train every row of one learner over its selection grid, in lockstep within each pair kind (the
+    kinds' training sets differ: train_kind); per row the chosen learner, its last losses, the choice
+    record and the seconds."""
+    out: list = [None] * len(group)
+    seconds = 0.0
+    for pair_kind in dict.fromkeys(m.kind for m in group):
+        members = [i for i, m in enumerate(group) if m.kind == pair_kind]
+        learners, infos, choices, secs = train_kind(s, kind, [group[i] for i in members], pair_kind, idx, val, seed)
+        seconds += secs
+        for i, lr, info, ch in zip(members, learners, infos, choices):
+            out[i] = (lr, info, ch)
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out], seconds
+
+
+def training_set(s: TuneSetup, pair_kind: str, source: str, idx: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(feat, label, cf_label, cf_feat) of the shots `idx` for one pair kind and cf source: 'class' the
+    class flips (y*); 'cue' the cue flips (label y; -1 where a shot has none, which every term skips);
+    'both' the shots twice, with their class flip and with their cue flip."""
+    ti = torch.from_numpy(idx)
+    f, y = s.data.feat[ti], s.data.label[ti]
+    if pair_kind == "class":
+        return f, y, s.data.cf_label[ti], s.cfs.get(source, idx)
+    cue_feat, ok = s.cue.get(source, idx)
+    y_cue = torch.where(ok, y, torch.full_like(y, -1))
+    if pair_kind == "cue":
+        return f, y, y_cue, cue_feat
+    return (torch.cat([f, f]), torch.cat([y, y]), torch.cat([s.data.cf_label[ti], y_cue]),
+            torch.cat([s.cfs.get(source, idx), cue_feat]))
+
+
+def train_kind(s: TuneSetup, kind: str, group: list[Method], pair_kind: str, idx: np.ndarray,
+               val: Validation | None, seed: int) -> tuple[list[nn.Module], list[dict], list[dict], float]:
+    """train_group's work for the rows of one pair kind, which share their shots, labels and batches."""
     t = s.cfg.tune
     configs, runs, grids = [], [], []
+    feat = label = cf_label = None
     for gi, m in enumerate(group):
         grid = grid_for(t, kind, m.objective)
         grids.append(grid)
-        cf = s.cfs.get(m.cf_source or "generated", idx)
+        feat, label, cf_label, cf = training_set(s, pair_kind, m.cf_source or "generated", idx)
         for lr in grid.lrs:
             for lam in grid.lams:
                 configs.append((gi, lr, lam))
@@ -432,18 +489,16 @@ def train_group(s: TuneSetup, kind: str, group: list[Method], idx: np.ndarray, v
     picker = Picker(configs, val and Validation(val.feat.to(device), val.label, val.cf_feat.to(device), val.cf_label,
                                                 val.factual_ids),
                     lambda learner, f: class_logits(learner, f, base), len(group))
-    ti = torch.from_numpy(idx)
     if kind == "linear":
         t0 = time.perf_counter()
-        learners, infos = solve_heads(s.task, runs, s.data.feat[ti], s.data.label[ti], s.data.cf_label[ti], t,
-                                      s.zero_shot.zero_shot, loss_scale(t, s.vlm))
+        learners, infos = solve_heads(s.task, runs, feat, label, cf_label, t, s.zero_shot.zero_shot,
+                                      loss_scale(t, s.vlm), n_images=len(idx))
         with torch.no_grad():
             picker(0, learners)
         seconds = time.perf_counter() - t0
     else:
-        learners, infos, seconds = fit_rows(s.vlm, s.task, kind, runs, s.data.feat[ti], s.data.label[ti],
-                                            s.data.cf_label[ti], t, seed, epochs, s.zero_shot.zero_shot,
-                                            checkpoints, picker)
+        learners, infos, seconds = fit_rows(s.vlm, s.task, kind, runs, feat, label, cf_label, t, seed, epochs,
+                                            s.zero_shot.zero_shot, checkpoints, picker)
     chosen, last = [], []
     for gi in range(len(group)):
         choice = picker.choices[gi]
@@ -464,7 +519,10 @@ def train_learner(s: TuneSetup, seed: int, kind: str, log: Callable[[str], None]
     t = s.cfg.tune
     idx, val = held_out(s, seed)
     group = [m for m in s.methods if m.learner == kind]
-    learners, infos, choices, seconds = train_group(s, kind, group, idx, val, seed)
+    if kind == "project":
+        learners, infos, choices, seconds = project_rows(s, group, idx, val)
+    else:
+        learners, infos, choices, seconds = train_group(s, kind, group, idx, val, seed)
     out = {}
     for m, learner, info, choice in zip(group, learners, infos, choices):
         t0 = time.perf_counter()
@@ -476,6 +534,28 @@ def train_learner(s: TuneSetup, seed: int, kind: str, log: Callable[[str], None]
         out[m.key] = (correct, info)
     log(f"seed {seed}: {LEARNER_NAMES[kind]} trained, {len(group)} rows ({seconds:.1f}s)")
     return out
+
+
+def project_rows(s: TuneSetup, group: list[Method], idx: np.ndarray, val: Validation | None
+                 ) -> tuple[list[nn.Module], list[dict], list[dict], float]:
+    """The training-free rows (project.py): per cf source, the cue subspace from the shots' cue-flip
+    pairs, k chosen on the held-out pool pairs, zero-shot prompts on the projected features."""
+    t0 = time.perf_counter()
+    device = s.vlm.device
+    base = s.task.base.to(device)
+    vd = val and Validation(val.feat.to(device), val.label, val.cf_feat.to(device), val.cf_label, val.factual_ids)
+    zs = s.zero_shot.zero_shot
+    learners, infos, choices = [], [], []
+    for m in group:
+        cf, ok = s.cue.get(m.cf_source, idx)
+        f = normalize(s.data.feat[torch.from_numpy(idx)].float())
+        diffs = (normalize(cf.float()) - f)[ok].to(device)
+        k, scores = choose_k(diffs, s.cfg.tune.select.project_k, zs, vd, lambda lr, x: class_logits(lr, x, base))
+        learners.append(Projected(zs, cue_directions(diffs, k)))
+        infos.append({"pairs": int(ok.sum())})
+        choices.append({"lr": 0.0, "epochs": 0, "lam": 0.0, "k": k, "criterion": scores.get(f"k={k}"),
+                        "scores": scores})
+    return learners, infos, choices, time.perf_counter() - t0
 
 
 def seed_figures(s: TuneSetup, seed: int, results: dict[str, tuple[np.ndarray, dict]],
@@ -498,7 +578,8 @@ def seed_figures(s: TuneSetup, seed: int, results: dict[str, tuple[np.ndarray, d
         chosen = info.get("chosen")
         picked = ""
         if chosen:
-            how = "solved" if m.learner == "linear" else f"lr {chosen['lr']:g}, {chosen['epochs']} ep"
+            how = ("solved" if m.learner == "linear" else f"k {chosen['k']}" if m.learner == "project" else
+                   f"lr {chosen['lr']:g}, {chosen['epochs']} ep")
             picked = f" [{how}, λ {chosen['lam']:g}]"
         log(f"seed {seed} {m.label:<28} worst base {fig['worst_base']:.3f} base {fig['base']:.3f} "
             f"novel {fig['novel']:.3f} worst novel {fig['worst_novel']:.3f} ({info['seconds']:.1f}s){picked}")
@@ -525,6 +606,7 @@ def write_summary(s: TuneSetup, runs: list[dict], seconds_total: float) -> dict:
                      for k in METRICS}
         secs = [r["seconds"] for r in figs]
         rows[m.key] = {"label": m.label, "learner": m.learner, "objective": m.objective, "cf_source": m.cf_source,
+                       "kind": m.kind,
                        "baseline": m.baseline, **summarize(figs), "delta": delta,
                        "seconds": {"mean": float(np.mean(secs)), "total": float(np.sum(secs))},
                        "chosen": [{k: v for k, v in r["chosen"].items() if k != "scores"} for r in figs
@@ -569,14 +651,13 @@ def gain_captured(rows: dict, per_seed: dict, methods: list[Method]) -> list[dic
     for m in methods:
         if m.cf_source != "generated":
             continue
-        stem = f"{m.learner}+{m.objective}"
-        true_key, near_key = f"{stem}[true]", f"{stem}[nearest]"
+        true_key, near_key = (m.key.replace("[generated", f"[{src}") for src in ("true", "nearest"))
         if true_key not in keys:
             continue
         d_gen = rows[m.key]["delta"]["worst_base"]["mean"]
         d_true = rows[true_key]["delta"]["worst_base"]["mean"]
-        item = {"learner": m.learner, "objective": m.objective, "metric": "worst_base",
-                "label": f"{LEARNER_NAMES[m.learner]}+{OBJECTIVE_NAMES[m.objective]}",
+        item = {"learner": m.learner, "objective": m.objective, "kind": m.kind, "metric": "worst_base",
+                "label": m.label.replace("[generated", "[").replace("[]", "").replace("[:", "["),
                 "delta_generated": d_gen, "delta_true": d_true,
                 "share": d_gen / d_true if abs(d_true) > 1e-12 else None}
         if near_key in keys:
