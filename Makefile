@@ -34,6 +34,15 @@ BENCH_VLM ?= models/shapes6/vlm
 BENCH_GPU_ARGS ?=
 BENCH_POOL ?= --set data.use_split=train --set 'data.only_classes=["circle", "square", "triangle"]' \
 	--set data.class_limit=40 --set pack.require_flip=true
+# The same pool's cue flips (issue 28): one do(environment) per image through the text path of
+# BENCH_TEXT_CONFIG (the captioned shapes6, models/shapes6-text), gates on (pack.require_flip holds a do()
+# that keeps the class to the class kept); tune reads them with the captioned source (same pixels, plus
+# the renderer's do(environment) for the true cue flips).
+BENCH_TEXT_CONFIG ?= pipelines/shapes6-text.toml
+BENCH_TEXT_RUN ?= $(BENCH_RUN)-text
+BENCH_TEXT_POOL ?= --set data.use_split=train --set 'data.only_classes=["circle", "square", "triangle"]' \
+	--set data.class_limit=40 --set pack.require_flip=true
+BENCH_TUNE ?= --set data.source=shapes-captioned --set 'tune.cue_pairs=$(abspath $(BENCH_TEXT_RUN))/pairs/pairs-*.tar'
 
 .PHONY: help install demo test invert guide pack run evaluate train bench bench-gpu bench-tune bench-threads shapes benchmark benchmark-cocoop report clean
 
@@ -99,14 +108,16 @@ shapes: install ## synthetic benchmark: run, sweep and report -> runs/shapes/rep
 $(BENCH_VLM)/config.json: | install
 	$(BIN)/cfgen train vlm --config $(BENCH_CONFIG) --out $(BENCH_VLM)
 
-benchmark: install $(BENCH_VLM)/config.json ## pairs of train-split shots -> cfgen tune: learners x objectives x cf sources, 5 seeds
+benchmark: install $(BENCH_VLM)/config.json ## class-flip and cue-flip pairs of train-split shots -> cfgen tune, 5 seeds
 	$(BIN)/cfgen run --config $(BENCH_CONFIG) --out $(BENCH_RUN) $(BENCH_POOL)
-	$(BIN)/cfgen tune --config $(BENCH_CONFIG) --out $(BENCH_RUN)
+	$(BIN)/cfgen run --config $(BENCH_TEXT_CONFIG) --out $(BENCH_TEXT_RUN) $(BENCH_TEXT_POOL)
+	$(BIN)/cfgen tune --config $(BENCH_CONFIG) --out $(BENCH_RUN) $(BENCH_TUNE)
 
 benchmark-cocoop: install $(BENCH_VLM)/config.json ## the benchmark's CoCoOp rows (same pairs, shots, seeds; ~3x the main table's time)
 	$(BIN)/cfgen run --config $(BENCH_CONFIG) --out $(BENCH_RUN) $(BENCH_POOL)
 	$(BIN)/cfgen tune --config $(BENCH_CONFIG) --out $(BENCH_RUN)-cocoop --pairs '$(BENCH_RUN)/pairs/pairs-*.tar' \
-		--set 'tune.learners=["cocoop"]' --set 'tune.objectives=["augment", "dicap"]' --set 'tune.cf_sources=["generated"]' --set 'tune.rows=[]'
+		--set 'tune.learners=["cocoop"]' --set 'tune.objectives=["augment", "dicap"]' --set 'tune.cf_sources=["generated"]' --set 'tune.rows=[]' \
+		--set 'tune.kinds=["class"]' --set 'tune.project=[]'
 
 report: install ## HTML quality report of a run: make report RUN=runs/digits
 	$(BIN)/cfgen report $(RUN)
