@@ -167,10 +167,11 @@ def table_cells(row: dict) -> list[str]:
 
 def format_captured(metrics: dict) -> list[str]:
     lines = []
+    lw = max([22] + [len(c["label"]) for c in metrics.get("captured", [])])
     for c in metrics.get("captured", []):
         share = "n/a (the true counterfactuals gain nothing)" if c["share"] is None else f"{c['share']:.2f}"
         near = c.get("generated_minus_nearest")
-        lines.append(f"  {c['label']:<22} Δ worst base: generated {c['delta_generated']:+.3f}, true "
+        lines.append(f"  {c['label']:<{lw}} Δ worst base: generated {c['delta_generated']:+.3f}, true "
                      f"{c['delta_true']:+.3f}: share captured {share}"
                      + (f"; generated - nearest {_delta(near)}" if near else ""))
     if lines:
@@ -194,11 +195,12 @@ def format_table(metrics: dict) -> str:
               "Δ = row - its learner's baseline (no pairs; same seed, shots, init, batch order): "
               "mean [95% paired t interval]")]
     widths = [15, 25, 15, 15, 15, 15, 25]
-    lines.append(f"{'method':<28}" + "".join(f"{h:>{w}}  " if not k.startswith("delta:") else f"{h:<{w}}  "
+    lw = max([28] + [len(r["label"]) + 1 for r in metrics["rows"].values()])  # the label column fits the longest
+    lines.append(f"{'method':<{lw}}" + "".join(f"{h:>{w}}  " if not k.startswith("delta:") else f"{h:<{w}}  "
                                               for (k, h), w in zip(TABLE_COLUMNS, widths)) + f"{'s/seed':>7}")
     for r in (metrics["rows"][k] for k in metrics["order"]):
         cells = table_cells(r)
-        lines.append(f"{r['label']:<28}" + "".join(f"{c:>{w}}  " if not k.startswith("delta:") else f"{c:<{w}}  "
+        lines.append(f"{r['label']:<{lw}}" + "".join(f"{c:>{w}}  " if not k.startswith("delta:") else f"{c:<{w}}  "
                                                    for c, (k, _), w in zip(cells, TABLE_COLUMNS, widths))
                      + f"{r['seconds']['mean']:>7.1f}")
     return "\n".join(lines + format_captured(metrics))
