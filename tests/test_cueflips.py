@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,9 @@ def test_projection_removes_a_known_direction_exactly():
 
 def write_both_kinds(out: Path) -> tuple[Path, Path]:
     """Class flips (true class-flip renderings brightened by 12 grey levels) and cue flips (do(environment)
-    of the next environment, brightened by 8) of 6 train images per base class of a 150-image shapes6."""
+    of the next environment, brightened by 8; the odd-numbered images of each class also the one after) of
+    6 train images per base class of a 300-image shapes6 with the class drawn independently of the
+    environment (so that every (environment, shape) cell has real images for the nearest source)."""
     cfg = load_config(SHAPES6, [*FREE, "data.source=shapes-captioned"])
     causal = open_source(cfg).causal
     names = list(shapes.SHAPES[:6])
@@ -147,11 +150,20 @@ def write_both_kinds(out: Path) -> tuple[Path, Path]:
         ycf = (r.label + 1) % 3
         flip = causal.true_counterfactual(r.origin, ycf).astype(int)
         class_rows.append((r.id, r.label, ycf, x, np.clip(flip + 12, 0, 255).astype(np.uint8)))
-        env = shapes.ENVIRONMENT_NAMES[(shapes.ENVIRONMENT_NAMES.index(r.group) + 1) % 6]
-        cue = causal.intervene(r.origin, "environment", env)[0].astype(int)
-        cue_rows.append((r.id, r.label, r.label, x, np.clip(cue + 8, 0, 255).astype(np.uint8), f"do(environment={env})"))
+        for step in (1, 2) if count[r.label] % 2 else (1,):
+            env = shapes.ENVIRONMENT_NAMES[(shapes.ENVIRONMENT_NAMES.index(r.group) + step) % 6]
+            cue = causal.intervene(r.origin, "environment", env)[0].astype(int)
+            cue_rows.append((f"{r.id}_do_environment_{env}", r.label, r.label, x,
+                             np.clip(cue + 8, 0, 255).astype(np.uint8), f"do(environment={env})", r.id))
     return (write_shards(out / "class", class_rows, names),
-            write_shards(out / "cue", [c[:5] for c in cue_rows], names, interventions=[c[5] for c in cue_rows]))
+            write_shards(out / "cue", [c[:5] for c in cue_rows], names, interventions=[c[5] for c in cue_rows],
+                         factual_ids=[c[6] for c in cue_rows]))
+
+
+def _cue_ids(cue_dir: Path) -> list[str]:
+    from cfgen.shards import read_samples
+
+    return [x["__key__"] for shard in sorted(cue_dir.glob("pairs-*.tar")) for x in read_samples(shard)]
 
 
 def test_tune_end_to_end_on_cue_flips_every_source_kind_and_the_projection(tmp_path, monkeypatch, capsys):
@@ -176,7 +188,10 @@ def test_tune_end_to_end_on_cue_flips_every_source_kind_and_the_projection(tmp_p
     assert all(c["k"] in (0, 1, 2) for c in rows["zero_shot+project[true:cue]"]["chosen"])
     runs = json.loads((run / "tune" / "runs.json").read_text())
     shots = {i for r in runs["runs"] for i in r["shot_ids"]}
-    assert runs["cf_sources"]["true (cue flips)"]["images"] == len(shots)  # the do() of each shot's cue flip
+    # the do() of every cue flip of every shot's image, each rendered once (half of the images have two)
+    per_image = Counter(key.split("_do_")[0] for key in _cue_ids(cue_dir))
+    assert max(per_image.values()) == 2
+    assert runs["cf_sources"]["true (cue flips)"]["images"] == sum(per_image[i] for i in shots)
     cue_run = runs["runs"][0]["methods"]["linear+augment[generated:cue]"]
     assert cue_run["l_inv"] >= 0 and "l_inv" not in runs["runs"][0]["methods"]["linear+augment[generated]"]
     assert {c["label"] for c in metrics["captured"]} >= {"Linear+CF-aug", "Linear+CF-aug[cue]", "Linear+CF-aug[both]",
@@ -204,21 +219,23 @@ def test_cue_flip_features_of_each_source(tmp_path):
     flips = CueFlips(cfg, pairs, cue, vlm, source, refs, splits, expand_urls(str(cue_dir / "pairs-*.tar")), None)
     idx = np.arange(len(pairs.ids))
     flips.prepare(["true", "nearest"], idx)
-    gen, ok = flips.get("generated", idx)
-    assert bool(ok.all())
-    true, _ = flips.get("true", idx)
-    near, _ = flips.get("nearest", idx)
-    for k in (0, 5):
-        r = flips.rows(idx)[k]
+    pos, gen, ok = flips.get("generated", idx)
+    assert bool(ok.all()) and len(pos) == 27 and np.bincount(pos).tolist().count(2) == 9  # 9 images with two
+    _, true, _ = flips.get("true", idx)
+    _, near, _ = flips.get("nearest", idx)
+    rows = flips.expand(idx)[1]
+    for k in (0, 1, 5):
+        r = rows[k]
+        assert cue.factual_ids[r] == pairs.factual_ids[pos[k]]
         concept, value = cue.do_of(r)
-        origin = next(x.origin for x in refs if x.id == pairs.factual_ids[k])
+        origin = next(x.origin for x in refs if x.id == pairs.factual_ids[pos[k]])
         image = source.causal.intervene(origin, concept, value)[0]
         assert torch.allclose(true[k], encode_images(vlm, image[None])[0], atol=1e-5)
         assert torch.equal(gen[k], cue.cf_feat[r]) and not torch.allclose(gen[k], true[k])
         # nearest: a real image of the same class with the do()'s environment, outside the test split
-        y = int(pairs.label[k])
+        y = int(pairs.label[pos[k]])
         cands = [x for x in refs if x.label == y and x.group == value and splits[x.id] != "test"
-                 and x.id != pairs.factual_ids[k]]
+                 and x.id != pairs.factual_ids[pos[k]]]
         feats = encode_images(vlm, np.stack([x.load() for x in cands]))
-        sims = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(pairs.feat[k], dim=0)
+        sims = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(pairs.feat[pos[k]], dim=0)
         assert torch.allclose(near[k], feats[int(sims.argmax())], atol=1e-5)

@@ -34,14 +34,17 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def write_shards(out: Path, rows: list[tuple[str, int, int, np.ndarray, np.ndarray]], names: list[str],
-                 n_shards: int = 2, interventions: list[str] | None = None) -> Path:
+                 n_shards: int = 2, interventions: list[str] | None = None,
+                 factual_ids: list[str] | None = None) -> Path:
     """Pair shards in the pack contract from (id, label, cf_label, factual, counterfactual) rows; each
-    pair's K.json intervention is do(label=<cf class>) unless `interventions` gives it."""
+    pair's K.json intervention is do(label=<cf class>) and its factual id its own id unless
+    `interventions` / `factual_ids` give them."""
     samples = []
     for k, (sid, y, ycf, x, xcf) in enumerate(rows):
         meta = {"id": sid, "label": y, "label_name": names[y], "cf_label": ycf, "cf_label_name": names[ycf],
                 "target_strategy": "closest", "guidance_scale": 2.0, "t_inv": 0.6, "steps": 25, "seed": 0,
-                "p_cf": 0.99, "flipped": True, "l1": 0.1, "l2": 0.2, "recon_l1": 0.01, "factual_id": sid,
+                "p_cf": 0.99, "flipped": True, "l1": 0.1, "l2": 0.2, "recon_l1": 0.01,
+                "factual_id": factual_ids[k] if factual_ids else sid,
                 "intervention": interventions[k] if interventions else f"do(label={names[ycf]})",
                 "edits": json.dumps({"target_concept_name": "label", "original_value": names[y],
                                      "new_value": names[ycf], "propagated_changes": [], "final_concept_states": {}})}

@@ -12,12 +12,14 @@ counterfactual for each cf source (tune.cf_sources), as for the class flips (cfs
     nearest    the real image of class y whose concept has the do()'s value (a circle on grass, from the
                samples outside tune.eval_split) nearest to x by cosine in the frozen feature space
 
-A shot whose image has no cue flip (its pair was rejected by pack's gates) has none under any source:
-`get` returns a validity mask that is the same for all three, so they train on identical shots.
+An image may have several cue flips (guide.target = 'all': one per other environment); each is a row
+of its own, the shot's factual image repeated beside it. A shot whose image has none (its pair was
+rejected by pack's gates) keeps one row with a validity mask of False, the same for all three sources,
+so they train on identical shots.
 
     cue = CueFlips(cfg, class_pairs, cue_pairs, vlm, source, refs, splits, cue_shards, cache_dir)
     cue.prepare(["generated", "true"], shot_indices)      # shot indices are class-pair indices
-    feat, ok = cue.get("true", shot_indices)               # (len, D), (len,) bool
+    pos, feat, ok = cue.get("true", shot_indices)          # (M,) position in shot_indices, (M, D), (M,) bool
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ class CueFlips:
         kept = [i for i in range(len(cue.ids)) if int(cue.label[i]) == int(cue.cf_label[i])]
         if not kept:
             raise InputError("tune.cue_pairs: no pair keeps its class (cf_label = label): these are not cue flips")
-        self.of_image: dict[str, int] = {}
-        for i in kept:  # one cue flip per image: the first (a text run with guide.target 'random' makes one)
-            self.of_image.setdefault(cue.factual_ids[i], i)
+        self.of_image: dict[str, list[int]] = {}
+        for i in kept:  # every cue flip of an image, in shard order
+            self.of_image.setdefault(cue.factual_ids[i], []).append(i)
         self.stats: dict[str, dict] = {}
         self._rows: dict[str, dict[int, torch.Tensor]] = {}
 
@@ -61,29 +63,32 @@ class CueFlips:
             raise ConfigError(f"tune.cue_pairs with cf source 'nearest' needs each sample's concepts; "
                               f"data.source {self.cfg.data.source!r} gives none (shapes-captioned does)")
 
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """The cue pair index of each class-pair index (-1: that image has no cue flip)."""
-        return np.array([self.of_image.get(self.pairs.factual_ids[i], -1) for i in idx], dtype=np.int64)
+    def expand(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pos, rows): for each class-pair index idx[p], one entry (p, r) per cue pair r of its image,
+        or (p, -1) when it has none."""
+        pairs = [(p, r) for p, i in enumerate(idx) for r in self.of_image.get(self.pairs.factual_ids[i], [-1])]
+        return np.array([p for p, _ in pairs], dtype=np.int64), np.array([r for _, r in pairs], dtype=np.int64)
 
     def prepare(self, sources: list[str], idx: np.ndarray) -> None:
         self.check(sources)
-        rows = self.rows(np.unique(idx))
+        rows = self.expand(np.unique(idx))[1]
         rows = np.unique(rows[rows >= 0])
         if "true" in sources:
             self._rows["true"] = self._true(rows)
         if "nearest" in sources:
             self._rows["nearest"] = self._nearest(rows)
 
-    def get(self, source: str, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(len(idx), D) x^cf features of the shots' cue flips under `source`, and (len(idx),) bool: the
-        shot has one (where not, the row is the factual feature, and the mask keeps it out of every term)."""
-        rows = self.rows(idx)
+    def get(self, source: str, idx: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """The shots' cue flips under `source`: pos (M,) the position in idx of each one's shot, (M, D) x^cf
+        features and (M,) bool, False for a shot without a cue flip (its row is the factual feature, and
+        the mask keeps it out of every term)."""
+        pos, rows = self.expand(idx)
         ok = torch.from_numpy(rows >= 0)
-        out = self.pairs.feat[torch.from_numpy(idx)].clone()
+        out = self.pairs.feat[torch.from_numpy(idx[pos])].clone()
         for k, r in enumerate(rows):
             if r >= 0:
                 out[k] = self.cue.cf_feat[r] if source == "generated" else self._rows[source][int(r)]
-        return out, ok
+        return pos, out, ok
 
     def _do(self, r: int) -> tuple[str, str]:
         do = self.cue.do_of(r)

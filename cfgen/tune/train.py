@@ -413,7 +413,9 @@ def prepare(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str], 
         cue_sources = sorted({m.cf_source for m in methods if m.cf_source and m.kind != "class"})
         cue.prepare(cue_sources, np.concatenate(list(shots.values())))
         cfs.stats.update({f"{k} (cue flips)": v for k, v in cue.stats.items()})
-        log(f"cue flips: {len(cue.of_image)} images with one, {int((cue.rows(np.unique(np.concatenate(list(shots.values())))) >= 0).sum())} of the shots' images")
+        shot_rows = cue.expand(np.unique(np.concatenate(list(shots.values()))))[1]
+        log(f"cue flips: {sum(map(len, cue.of_image.values()))} of {len(cue.of_image)} images; the shots' images "
+            f"have {int((shot_rows >= 0).sum())}")
     log("; ".join([(f"features: {len(data.ids)} pairs from {data.stats['shards']} shards "
                     f"({data.stats['cache_hits']} cached, {data.stats['cache_misses']} encoded), {int(pool.sum())} "
                     "outside the evaluation split"),
@@ -454,17 +456,19 @@ def train_group(s: TuneSetup, kind: str, group: list[Method], idx: np.ndarray, v
 def training_set(s: TuneSetup, pair_kind: str, source: str, idx: np.ndarray
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(feat, label, cf_label, cf_feat) of the shots `idx` for one pair kind and cf source: 'class' the
-    class flips (y*); 'cue' the cue flips (label y; -1 where a shot has none, which every term skips);
-    'both' the shots twice, with their class flip and with their cue flip."""
+    class flips (y*); 'cue' the cue flips, a row each (the shot's image beside each of its cue flips;
+    label y, -1 for a shot without one, which every term skips); 'both' the class-flip rows, then the
+    cue-flip rows."""
     ti = torch.from_numpy(idx)
     f, y = s.data.feat[ti], s.data.label[ti]
     if pair_kind == "class":
         return f, y, s.data.cf_label[ti], s.cfs.get(source, idx)
-    cue_feat, ok = s.cue.get(source, idx)
-    y_cue = torch.where(ok, y, torch.full_like(y, -1))
+    pos, cue_feat, ok = s.cue.get(source, idx)
+    f_cue, y_rep = f[torch.from_numpy(pos)], y[torch.from_numpy(pos)]
+    y_cue = torch.where(ok, y_rep, torch.full_like(y_rep, -1))
     if pair_kind == "cue":
-        return f, y, y_cue, cue_feat
-    return (torch.cat([f, f]), torch.cat([y, y]), torch.cat([s.data.cf_label[ti], y_cue]),
+        return f_cue, y_rep, y_cue, cue_feat
+    return (torch.cat([f, f_cue]), torch.cat([y, y_rep]), torch.cat([s.data.cf_label[ti], y_cue]),
             torch.cat([s.cfs.get(source, idx), cue_feat]))
 
 
@@ -547,8 +551,8 @@ def project_rows(s: TuneSetup, group: list[Method], idx: np.ndarray, val: Valida
     zs = s.zero_shot.zero_shot
     learners, infos, choices = [], [], []
     for m in group:
-        cf, ok = s.cue.get(m.cf_source, idx)
-        f = normalize(s.data.feat[torch.from_numpy(idx)].float())
+        pos, cf, ok = s.cue.get(m.cf_source, idx)
+        f = normalize(s.data.feat[torch.from_numpy(idx[pos])].float())
         diffs = (normalize(cf.float()) - f)[ok].to(device)
         k, scores = choose_k(diffs, s.cfg.tune.select.project_k, zs, vd, lambda lr, x: class_logits(lr, x, base))
         learners.append(Projected(zs, cue_directions(diffs, k)))
