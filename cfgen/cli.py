@@ -226,7 +226,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
              threads: ThreadsOpt = None):
     """Judge the pairs with an independent clean classifier; compare l1 with the nearest real image.
     Also writes RUN/evaluate/judge.json, which `cfgen report` shows."""
-    from cfgen.quality.evaluate import evaluate_pairs, format_report, write_result
+    from cfgen.report.evaluate import evaluate_pairs, format_report, write_result
 
     _threads(threads)  # not announced: the judge's own errors come later and must stay one line
 
@@ -245,7 +245,7 @@ def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: 
           threads: ThreadsOpt = None):
     """Guide the first --limit samples at each scale (and with escalation) per mask variant; print a table,
     write RUN/sweep/sweep.json."""
-    from cfgen.quality.sweep import format_table, parse_masks, run_sweep
+    from cfgen.report.sweep import format_table, parse_masks, run_sweep
 
     try:
         values = [float(s) for s in scales.split(",") if s.strip()]

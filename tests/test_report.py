@@ -20,7 +20,7 @@ from test_quality import ROOT, TINY, tiny_run
 @pytest.fixture(scope="module")
 def shapes_report(tmp_path_factory) -> tuple[Path, dict, Path, dict]:
     from cfgen.report.page import write_report
-    from cfgen.quality.sweep import run_sweep
+    from cfgen.report.sweep import run_sweep
 
     from cfgen.stages.pack import run_pack
 
@@ -105,7 +105,7 @@ def test_cards_show_factual_recon_cf_difference_truth(shapes_report):
 
 
 def test_sweep_rows_and_table(shapes_report):
-    from cfgen.quality.sweep import format_table
+    from cfgen.report.sweep import format_table
 
     run_dir, sweep, _, _ = shapes_report
     assert json.loads((run_dir / "sweep" / "sweep.json").read_text()) == sweep
@@ -208,7 +208,7 @@ def test_report_shows_the_tune_table_when_the_run_has_one(shapes_report, tmp_pat
 def test_sweep_mask_variants_parse_and_refuse():
     from cfgen.config import load_config
     from cfgen.errors import ConfigError
-    from cfgen.quality.sweep import mask_label, parse_masks
+    from cfgen.report.sweep import mask_label, parse_masks
     from conftest import DIGITS
 
     cfg = load_config(DIGITS, [])
@@ -428,7 +428,7 @@ def test_histograms_have_labelled_axes_and_fitted_ranges(hand_reports):
 
 
 def test_judge_figures_shown_when_measured_and_marked_stale_after_a_repack(tmp_path):
-    from cfgen.quality.evaluate import write_result
+    from cfgen.report.evaluate import write_result
     from cfgen.report.page import write_report
 
     def rows(text: str) -> dict[str, list[str]]:

@@ -32,7 +32,7 @@ from cfgen.contract import INVERT
 from cfgen.data.sources import load_class_names, open_source
 from cfgen.diffusion import MASK_SOURCES, inversion_trajectory
 from cfgen.errors import ConfigError, InputError
-from cfgen.quality.evaluate import flat, reference_judge
+from cfgen.report.evaluate import flat, reference_judge
 from cfgen.quality.distances import l1, mean
 from cfgen.quality.measures import changed_fraction, edit_within_recon, pair_quality
 from cfgen.shards import atomic_write_json
