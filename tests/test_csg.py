@@ -255,7 +255,7 @@ class _Slow:
 def test_token_positions_fast_and_slow_tokenizers():
     from transformers import BertTokenizerFast
 
-    from cfgen.random_models import bpe_tokenizer
+    from cfgen.bench.random_models import bpe_tokenizer
 
     words = ["a", "red", "blue", "square", "on", "wet", "grass", "road"]
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -262,7 +262,7 @@ def test_several_targets_per_image_keep_the_contract(tmp_path, target, top_k, pe
     if target == "all":
         labels = {r["factual_id"]: r["label"] for r in manifest}
         assert all(sorted(t) == [c for c in range(10) if c != labels[f]] for f, t in by_factual.items())
-    from cfgen.evaluate import evaluate_pairs
+    from cfgen.report.evaluate import evaluate_pairs
 
     ev = evaluate_pairs(run_dir)
     assert ev["pairs"] == 5 * per_image and ev["factual_images"] == 5

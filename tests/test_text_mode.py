@@ -143,7 +143,7 @@ def test_pairs_say_what_happened_as_the_renderer_oracle_reads_it(text_run):
     changes the class (only then can it flip: do(environment) keeps the class and is no flip, whatever the
     predictor says), and the renderer oracle's verdict, read back here from each stored counterfactual."""
     from cfgen.data.shapes_text import graph, read_concepts, state
-    from cfgen.report import class_counts, headline
+    from cfgen.report.page import class_counts, headline
 
     run_dir, stats = text_run
     g = graph()
@@ -182,7 +182,7 @@ def test_pairs_say_what_happened_as_the_renderer_oracle_reads_it(text_run):
 
 
 def test_report_of_a_text_run_counts_no_class_keeping_flip(text_run):
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     run_dir, _ = text_run
     page = write_report(run_dir).read_text()
@@ -191,7 +191,7 @@ def test_report_of_a_text_run_counts_no_class_keeping_flip(text_run):
     # a do(environment) card's true counterfactual is the scene under that do(), not the class's rendering
     from cfgen.config import load_config
     from cfgen.data.sources import open_source
-    from cfgen.report import _images
+    from cfgen.report.page import _images
 
     cfg = load_config(run_dir / "pairs" / "config.toml")
     causal = open_source(cfg).causal
@@ -311,7 +311,7 @@ def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):
 
     from cfgen.data.shapes_text import graph
     from cfgen.models.classifier import NoiseAwareClassifier
-    from cfgen.random_models import bpe_tokenizer
+    from cfgen.bench.random_models import bpe_tokenizer
 
     g = graph()
     words = sorted({w for c in g.concepts for phrase in g.domains[c].values() for w in phrase.split()} | {"on"})

@@ -36,7 +36,7 @@ from cfgen.data.sources import list_samples, load_class_names
 from cfgen.diffusion import (EditMask, TopStep, Trajectory, guided_reverse, inversion_trajectory, localized_reverse,
                              reference_steps, top_step)
 from cfgen.errors import ConfigError, InputError
-from cfgen.metrics import l1, l2
+from cfgen.quality.distances import l1, l2
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
 from cfgen.overlap import BackgroundWriter, chunks, prefetched

@@ -1,6 +1,6 @@
 """Where the guide compute's time goes: one guide batch under torch.profiler, added up by section.
 
-    from cfgen.step_profile import profile_guide, format_profile
+    from cfgen.bench.step_profile import profile_guide, format_profile
     print(format_profile(profile_guide(models, cfg, classes, grid, factual, noise, labels, seeds)))
 
 The sections are the labels of cfgen/sections.py. Top level (they do not overlap): choosing y*,
