@@ -227,6 +227,23 @@ def test_relative_mask_follows_the_concepts_spread(unet):
         fmcgm(combine="max")
 
 
+def test_a_setting_the_config_holds_has_its_default_and_choices_there_alone():
+    """One home per fact: CSGParams takes what [text] sets with no default of its own (TextConfig's are
+    the defaults), and its mask rules are text.mask_rule's Literal."""
+    import dataclasses
+
+    from cfgen.config import TextConfig, choices
+    from cfgen.csg import MASK_RULES
+
+    ours = {f.name: f for f in dataclasses.fields(CSGParams)}
+    shared = ours.keys() & {f.name for f in dataclasses.fields(TextConfig)}
+    assert shared == {"edit_scale", "threshold", "warmup", "intersect", "preserve", "mask_rule"}
+    assert all(ours[n].default is dataclasses.MISSING for n in shared)
+    assert MASK_RULES == choices(TextConfig, "mask_rule")
+    with pytest.raises(TypeError):
+        CSGParams()
+
+
 def test_smoothing_is_ledits_gaussian():
     from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion import LeditsGaussianSmoothing
 

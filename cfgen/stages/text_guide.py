@@ -180,6 +180,7 @@ def csg_params(cfg: Config) -> CSGParams:
         return CSGParams(edit_scale=t.edit_scale, threshold=t.threshold, warmup=t.warmup, intersect=t.intersect,
                          preserve=t.preserve, edit_reference="base", mask_rule=t.mask_rule,
                          combine="mean" if t.edit_prompt == "counterfactual" else "sum")
+    # threshold 0: every mask rule keeps every pixel, so the one term acts everywhere
     return CSGParams(edit_scale=1.0, threshold=0.0, warmup=0, intersect=False, preserve=False,
                      edit_reference="base", mask_rule=t.mask_rule)
 
@@ -201,9 +202,9 @@ def _edit(models: Models, grid: list[int], params: CSGParams, x0: torch.Tensor, 
     is finite, and the share of each the edit could touch (the union of its last masks)."""
     # every caption of the batch encoded once, to one length (zero rows pad: models/text.py)
     texts = sorted(set(captions) | {y for ps in prompts for y, _ in ps})
-    rows = dict(zip(texts, models.text_states(texts)))
+    encoded = dict(zip(texts, models.text_states(texts)))
     eps = lambda x, t, emb: models.eps(x, t, emb)  # noqa: E731  (csg's TextEpsFn)
-    Y = torch.stack([rows[c] for c in captions])
+    Y = torch.stack([encoded[c] for c in captions])
     reference = abduct(eps, x0, Y, models.alphas_cumprod, grid, params)
     n = len(prompts)
     images, share, finite = np.zeros((n, *image_shape), dtype=np.uint8), np.ones(n), np.ones(n, dtype=bool)
@@ -215,7 +216,7 @@ def _edit(models: Models, grid: list[int], params: CSGParams, x0: torch.Tensor, 
         for lo in range(0, len(js), batch_size):
             part = js[lo: lo + batch_size]
             src = torch.tensor([source[j] for j in part], device=models.device)
-            edits = _concept_edits(models, rows, [prompts[j] for j in part], terms)
+            edits = _concept_edits(models, encoded, [prompts[j] for j in part], terms)
             if params.intersect and params.edit_scale:
                 with recording_cross_attention(models.unet) as store:
                     out = csg_reverse(eps, reference.select(src), Y[src], edits, models.alphas_cumprod, grid, params,
@@ -229,18 +230,18 @@ def _edit(models: Models, grid: list[int], params: CSGParams, x0: torch.Tensor, 
     return images, finite, share
 
 
-def _concept_edits(models: Models, rows: dict[str, torch.Tensor], prompts: list[list[tuple[str, str]]],
+def _concept_edits(models: Models, encoded: dict[str, torch.Tensor], prompts: list[list[tuple[str, str]]],
                    terms: int) -> list[ConceptEdit]:
     """The `terms` edit terms of a group of pairs (prompts: each pair's (Y_k, phrase) per term), their
-    prompts' encoder states stacked from `rows` (caption -> states) and their words' token positions."""
+    prompts' encoder states stacked from `encoded` (caption -> states) and their words' token positions."""
     tokenizer = models.text.tokenizer
-    length = next(iter(rows.values())).shape[0]
+    length = next(iter(encoded.values())).shape[0]
     edits, stacked = [], {}
     for k in range(terms):
         texts_k = tuple(ps[k][0] for ps in prompts)
         # terms with the same prompts get the same tensor, which csg_reverse runs once
         if texts_k not in stacked:
-            stacked[texts_k] = torch.stack([rows[y] for y in texts_k])
+            stacked[texts_k] = torch.stack([encoded[y] for y in texts_k])
         tokens = torch.zeros(len(prompts), length, dtype=torch.bool)
         for r, ps in enumerate(prompts):
             tokens[r, token_positions(tokenizer, *ps[k])] = True
