@@ -21,6 +21,10 @@ Y' is a caption it knows (docs/text-interventions.md measures both).
 
 The reconstruction stored beside each pair is decode(encode(x0)): the text path's round trip is exact
 by construction (csg.py's r_i), so all a reconstruction can lose is the codec's (none for pixel models).
+Each pair's guidance_scale is the scale its edit ran at: text.edit_scale with CSG, 1.0 without (csg_params).
+
+`TextGuide` is this mode behind the guide stage's one interface (stages/guide_mode.py); the graph checks
+(load_graph, checked_graph) also serve the invert stage and `cfgen verify`.
 """
 
 from __future__ import annotations
