@@ -201,7 +201,7 @@ def test_bf16_autocast_path_keeps_the_contract_and_the_quality(digits_run, tmp_p
 
 
 def test_escalation_jobs_fill_the_batch_round_robin():
-    from cfgen.stages.guide import escalation_jobs
+    from cfgen.stages.classifier_guide import escalation_jobs
 
     # samples 3 and 7 pending at scale indices 1 and 3 of 5, room for 6 passes
     assert escalation_jobs([3, 7], {3: 1, 7: 3}, 5, 6, fill=False) == [(3, 1), (7, 3)]
@@ -216,7 +216,7 @@ def test_filled_escalation_rounds_keep_every_pair_as_it_was(tmp_path):
     from cfgen.config import load_config
     from cfgen.models.loading import load_models
     from cfgen.stages.common import config_grid
-    from cfgen.stages.guide import counterfactuals
+    from cfgen.stages.classifier_guide import counterfactuals
     from cfgen.stages.invert import read_inverted, run_invert
     from conftest import DIGITS, SMALL
 

@@ -40,7 +40,8 @@ from cfgen.data.sources import load_class_names
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
 from cfgen.stages.common import config_grid
-from cfgen.stages.guide import guide_batch, run_guide
+from cfgen.stages.classifier_guide import guide_batch
+from cfgen.stages.guide import run_guide
 from cfgen.stages.invert import Inverted, read_inverted, run_invert
 from cfgen.bench.step_profile import format_profile, profile_guide
 

@@ -64,7 +64,7 @@ def profile_guide(models: Models, cfg: Config, classes, grid, factual: np.ndarra
     """One guide_batch on the given samples (one batch: the caller slices) under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cfgen.stages.guide import guide_batch
+    from cfgen.stages.classifier_guide import guide_batch
 
     cuda = models.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

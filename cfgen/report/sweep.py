@@ -111,7 +111,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     """Rows per mask variant (`parse_masks`; default the configured mask): each scale alone, then escalation."""
     from cfgen.models.loading import load_models
     from cfgen.stages.common import config_grid
-    from cfgen.stages.guide import Localized, counterfactuals, edit_mask, guide_batch
+    from cfgen.stages.classifier_guide import Localized, counterfactuals, edit_mask, guide_batch
     from cfgen.stages.invert import run_invert
 
     if len(scales) < 1 or any(s < 0 for s in scales):
