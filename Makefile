@@ -92,10 +92,10 @@ bench: install ## guide-stage throughput vs compute alone vs a one-at-a-time ref
 	$(BIN)/cfgen bench --config $(CONFIG)
 
 bench-gpu: install ## guided step of ADM-256 / SD 1.5-sized random models: pairs/s, TFLOP/s, MFU, memory (CPU: BENCH_GPU_ARGS=--tiny)
-	$(BIN)/python -m cfgen.gpu_bench $(BENCH_GPU_ARGS)
+	$(BIN)/python -m cfgen.bench.gpu $(BENCH_GPU_ARGS)
 
 bench-threads: install ## cfgen run alone vs two side by side, for each thread setting (BENCH_LIMIT samples)
-	$(BIN)/python -m cfgen.thread_bench --config $(CONFIG) --limit $(BENCH_LIMIT)
+	$(BIN)/python -m cfgen.bench.threads --config $(CONFIG) --limit $(BENCH_LIMIT)
 
 bench-tune: install ## cfgen tune: epoch time with the feature cache vs re-encoding the images
 	$(BIN)/cfgen tune --config $(CONFIG) $(OUT_FLAG) --bench

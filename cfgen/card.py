@@ -22,6 +22,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from cfgen.config import Config
 from cfgen.contract import IMAGE_EXTENSIONS, NULLABLE_FIELDS, PAIR_FIELDS, PAIRS, pair_members
+from cfgen.quality.judge_record import manifest_digest, result_path
 
 HF_DTYPES = {str: "string", int: "int64", float: "float64", bool: "bool"}
 COMPONENTS = {"unet", "scheduler", "vae", "text_encoder", "tokenizer", "classifier", "vlm", "predictor"}
@@ -309,8 +310,6 @@ derive from the source images and from the models above: their licenses bound wh
 
 def current_judge(run_dir: Path) -> dict | None:
     """judge.json of `cfgen evaluate` when it was measured on the pairs as they are (not before a re-pack)."""
-    from cfgen.evaluate import manifest_digest, result_path
-
     path = result_path(run_dir)
     if not path.is_file():
         return None

@@ -198,7 +198,7 @@ def _echo_summary(stats: dict | None) -> None:
 def _summary(stats: dict) -> str:
     import math
 
-    from cfgen.quality import EDIT_WITHIN_RECON_WARN_RATE
+    from cfgen.quality.measures import EDIT_WITHIN_RECON_WARN_RATE
 
     truth = ""
     if "oracle_flip_rate" in stats:
@@ -226,7 +226,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
              threads: ThreadsOpt = None):
     """Judge the pairs with an independent clean classifier; compare l1 with the nearest real image.
     Also writes RUN/evaluate/judge.json, which `cfgen report` shows."""
-    from cfgen.evaluate import evaluate_pairs, format_report, write_result
+    from cfgen.report.evaluate import evaluate_pairs, format_report, write_result
 
     _threads(threads)  # not announced: the judge's own errors come later and must stay one line
 
@@ -245,7 +245,7 @@ def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: 
           threads: ThreadsOpt = None):
     """Guide the first --limit samples at each scale (and with escalation) per mask variant; print a table,
     write RUN/sweep/sweep.json."""
-    from cfgen.sweep import format_table, parse_masks, run_sweep
+    from cfgen.report.sweep import format_table, parse_masks, run_sweep
 
     try:
         values = [float(s) for s in scales.split(",") if s.strip()]
@@ -262,7 +262,7 @@ def sweep(config: ConfigOpt, out: OutOpt = None, set: SetOpt = None, overwrite: 
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with pairs/ and guide/ (e.g. runs/shapes).")],
            threads: ThreadsOpt = None):
     """Write RUN_DIR/report/report.html: contact sheets, metric histograms, flip rate vs scale, confusion."""
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     _threads(threads)  # not announced: a missing run must stay a one-line error
 
@@ -303,7 +303,7 @@ def bench(config: ConfigOpt, set: SetOpt = None,
           reference_samples: Annotated[int, typer.Option(help="Samples for the one-at-a-time reference.")] = 32,
           threads: ThreadsOpt = None):
     """Guide-stage throughput: end to end vs compute alone vs a one-at-a-time fp32 reference."""
-    from cfgen.bench import format_bench, run_bench
+    from cfgen.bench.guide import format_bench, run_bench
 
     if samples < 1 or reference_samples < 1:
         raise UserError("--samples and --reference-samples must be >= 1")

@@ -130,110 +130,16 @@ class ConceptGraph:
 
     @classmethod
     def from_dict(cls, data, where: str = "<dict>") -> ConceptGraph:
-        """The graph of a parsed file; `where` names it in errors."""
-        def fail(msg: str):
-            raise ConfigError(f"concept graph {where}: {msg}")
-
-        def need_key(obj, key: str, kind: type, at: str):
-            if not isinstance(obj, dict) or key not in obj:
-                fail(f"{at}: missing key {key!r}")
-            if not isinstance(obj[key], kind):
-                fail(f"{at}.{key}: expected {kind.__name__}, got {type(obj[key]).__name__}")
-            return obj[key]
-
-        if not isinstance(data, dict):
-            fail(f"expected a JSON object with 'concepts', 'relationships' and 'cfgen', got {type(data).__name__}")
-        raw_concepts = need_key(data, "concepts", list, "top level")
-        raw_edges = need_key(data, "relationships", list, "top level")
-        if "cfgen" not in data:
-            fail("no 'cfgen' block: the extractor's output needs cfgen's domains, mechanisms and caption "
-                 "(cfgen/concepts.py)")
-        extra = need_key(data, "cfgen", dict, "top level")
-        if not raw_concepts:
-            fail("concepts: empty")
-
-        names, ids, current = [], {}, {}
-        by_id: dict[str, str] = {}
-        for i, c in enumerate(raw_concepts):
-            at = f"concepts[{i}]"
-            cid, name = need_key(c, "id", str, at), need_key(c, "name", str, at)
-            if not name.strip() or any(ch in name for ch in "{}:!"):
-                fail(f"{at}.name: {name!r} cannot be a caption placeholder (empty, or has one of {{ }} : !)")
-            if cid in by_id:
-                fail(f"{at}.id: {cid!r} is used twice")
-            if name in names:
-                fail(f"{at}.name: {name!r} is used twice")
-            names.append(name)
-            by_id[cid], ids[name] = name, cid
-            if "current_value" in c:
-                current[name] = need_key(c, "current_value", str, at)
-
-        parents: dict[str, list[str]] = {n: [] for n in names}
-        for i, r in enumerate(raw_edges):
-            at = f"relationships[{i}]"
-            cause, effect = need_key(r, "cause_id", str, at), need_key(r, "effect_id", str, at)
-            for key, cid in (("cause_id", cause), ("effect_id", effect)):
-                if cid not in by_id:
-                    fail(f"{at}.{key}: {cid!r} is not a concept id (ids: {', '.join(by_id)})")
-            if cause == effect:
-                fail(f"{at}: {by_id[cause]!r} causes itself")
-            if by_id[cause] in parents[by_id[effect]]:
-                fail(f"{at}: the edge {by_id[cause]} -> {by_id[effect]} is listed twice")
-            parents[by_id[effect]].append(by_id[cause])
-
-        order = _topological(names, parents, fail)
-
-        raw_domains = need_key(extra, "domains", dict, "cfgen")
-        domains: dict[str, dict[str, str]] = {}
-        for name in names:
-            if name not in raw_domains:
-                fail(f"cfgen.domains: concept {name!r} has no domain")
-            dom = raw_domains[name]
-            if not isinstance(dom, dict) or not dom or not all(isinstance(v, str) for v in dom.values()):
-                fail(f"cfgen.domains.{name}: expected a non-empty object of value -> caption phrase")
-            domains[name] = dict(dom)
-        for name in raw_domains:
-            if name not in parents:
-                fail(f"cfgen.domains: {name!r} is not a concept (concepts: {', '.join(names)})")
-        for name, value in current.items():
-            if value not in domains[name]:
-                fail(f"concepts: current_value {value!r} of {name!r} is not in its domain ({', '.join(domains[name])})")
-
-        raw_mech = need_key(extra, "mechanisms", dict, "cfgen")
-        for name in raw_mech:
-            if name not in parents:
-                fail(f"cfgen.mechanisms: {name!r} is not a concept (concepts: {', '.join(names)})")
-        mechanisms: dict[str, dict[tuple[str, ...], str]] = {}
-        ordered_parents: dict[str, tuple[str, ...]] = {}
-        for name in names:
-            if not parents[name]:
-                if name in raw_mech:
-                    fail(f"cfgen.mechanisms.{name}: {name!r} has no parents in the relationships, so no mechanism")
-                ordered_parents[name] = ()
-                continue
-            if name not in raw_mech:
-                fail(f"cfgen.mechanisms: the edge {', '.join(parents[name])} -> {name} has no mechanism "
-                     f"(add cfgen.mechanisms.{name})")
-            at = f"cfgen.mechanisms.{name}"
-            m = raw_mech[name]
-            listed = need_key(m, "parents", list, at)
-            if sorted(map(str, listed)) != sorted(parents[name]) or len(set(listed)) != len(listed):
-                fail(f"{at}.parents: {listed} but the relationships give {name!r} the parents {parents[name]}")
-            ordered_parents[name] = tuple(listed)
-            mechanisms[name] = _flatten(need_key(m, "table", dict, at), tuple(listed), domains, name, at, fail)
-
-        template = need_key(extra, "caption", str, "cfgen")
-        try:
-            fields = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
-        except ValueError as e:
-            fail(f"cfgen.caption: {e} in {template!r}")
-        for f in fields:
-            if f not in parents:
-                fail(f"cfgen.caption: {{{f}}} is not a concept (concepts: {', '.join(names)})")
-        for name in names:  # an edit of a concept the caption does not show could never reach the text
-            if name not in fields:
-                fail(f"cfgen.caption: {template!r} has no {{{name}}}")
-
+        """The graph of a parsed file; `where` names it in errors. Read part by part (_GraphFile), each
+        part checked against the ones before it, so an error names the first thing that is wrong."""
+        f = _GraphFile(where)
+        raw_concepts, raw_edges, extra = f.top_level(data)
+        names, ids, current = f.concepts(raw_concepts)
+        parents = f.edges(raw_edges, names, ids)
+        order = _topological(names, parents, f.fail)
+        domains = f.domains(extra, names, current)
+        ordered_parents, mechanisms = f.mechanisms(extra, names, parents, domains)
+        template = f.caption(extra, names)
         return cls(concepts=tuple(names), domains=domains, parents=ordered_parents, mechanisms=mechanisms,
                    template=template, ids=ids, current=current, order=order)
 
@@ -334,6 +240,134 @@ def check_edges(candidate: ConceptGraph, own: ConceptGraph, source: str) -> None
 def class_concept(graph: ConceptGraph, classes: list[str]) -> str | None:
     """The concept whose values are the class names (shapes-text: shape), if any: its value is the class."""
     return next((c for c in graph.concepts if set(graph.domains[c]) == set(classes)), None)
+
+
+class _GraphFile:
+    """The checks of one graph file, part by part; every failure is one line naming the file and the key."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, msg: str):
+        raise ConfigError(f"concept graph {self.where}: {msg}")
+
+    def need_key(self, obj, key: str, kind: type, at: str):
+        if not isinstance(obj, dict) or key not in obj:
+            self.fail(f"{at}: missing key {key!r}")
+        if not isinstance(obj[key], kind):
+            self.fail(f"{at}.{key}: expected {kind.__name__}, got {type(obj[key]).__name__}")
+        return obj[key]
+
+    def top_level(self, data) -> tuple[list, list, dict]:
+        if not isinstance(data, dict):
+            self.fail(f"expected a JSON object with 'concepts', 'relationships' and 'cfgen', got {type(data).__name__}")
+        raw_concepts = self.need_key(data, "concepts", list, "top level")
+        raw_edges = self.need_key(data, "relationships", list, "top level")
+        if "cfgen" not in data:
+            self.fail("no 'cfgen' block: the extractor's output needs cfgen's domains, mechanisms and caption "
+                      "(cfgen/concepts.py)")
+        extra = self.need_key(data, "cfgen", dict, "top level")
+        if not raw_concepts:
+            self.fail("concepts: empty")
+        return raw_concepts, raw_edges, extra
+
+    def concepts(self, raw_concepts: list) -> tuple[list[str], dict[str, str], dict[str, str]]:
+        """Names in file order, name -> id, and the current values the extractor read."""
+        names, ids, current = [], {}, {}
+        seen_ids: set[str] = set()
+        for i, c in enumerate(raw_concepts):
+            at = f"concepts[{i}]"
+            cid, name = self.need_key(c, "id", str, at), self.need_key(c, "name", str, at)
+            if not name.strip() or any(ch in name for ch in "{}:!"):
+                self.fail(f"{at}.name: {name!r} cannot be a caption placeholder (empty, or has one of {{ }} : !)")
+            if cid in seen_ids:
+                self.fail(f"{at}.id: {cid!r} is used twice")
+            if name in names:
+                self.fail(f"{at}.name: {name!r} is used twice")
+            names.append(name)
+            seen_ids.add(cid)
+            ids[name] = cid
+            if "current_value" in c:
+                current[name] = self.need_key(c, "current_value", str, at)
+        return names, ids, current
+
+    def edges(self, raw_edges: list, names: list[str], ids: dict[str, str]) -> dict[str, list[str]]:
+        """concept -> its parents, in the order the relationships list them."""
+        by_id = {cid: name for name, cid in ids.items()}
+        parents: dict[str, list[str]] = {n: [] for n in names}
+        for i, r in enumerate(raw_edges):
+            at = f"relationships[{i}]"
+            cause, effect = self.need_key(r, "cause_id", str, at), self.need_key(r, "effect_id", str, at)
+            for key, cid in (("cause_id", cause), ("effect_id", effect)):
+                if cid not in by_id:
+                    self.fail(f"{at}.{key}: {cid!r} is not a concept id (ids: {', '.join(by_id)})")
+            if cause == effect:
+                self.fail(f"{at}: {by_id[cause]!r} causes itself")
+            if by_id[cause] in parents[by_id[effect]]:
+                self.fail(f"{at}: the edge {by_id[cause]} -> {by_id[effect]} is listed twice")
+            parents[by_id[effect]].append(by_id[cause])
+        return parents
+
+    def domains(self, extra: dict, names: list[str], current: dict[str, str]) -> dict[str, dict[str, str]]:
+        raw_domains = self.need_key(extra, "domains", dict, "cfgen")
+        domains: dict[str, dict[str, str]] = {}
+        for name in names:
+            if name not in raw_domains:
+                self.fail(f"cfgen.domains: concept {name!r} has no domain")
+            dom = raw_domains[name]
+            if not isinstance(dom, dict) or not dom or not all(isinstance(v, str) for v in dom.values()):
+                self.fail(f"cfgen.domains.{name}: expected a non-empty object of value -> caption phrase")
+            domains[name] = dict(dom)
+        for name in raw_domains:
+            if name not in names:
+                self.fail(f"cfgen.domains: {name!r} is not a concept (concepts: {', '.join(names)})")
+        for name, value in current.items():
+            if value not in domains[name]:
+                self.fail(f"concepts: current_value {value!r} of {name!r} is not in its domain "
+                          f"({', '.join(domains[name])})")
+        return domains
+
+    def mechanisms(self, extra: dict, names: list[str], parents: dict[str, list[str]],
+                   domains: dict[str, dict[str, str]]) -> tuple[dict, dict]:
+        """concept -> its parents in its table's nesting order, and child -> complete table."""
+        raw_mech = self.need_key(extra, "mechanisms", dict, "cfgen")
+        for name in raw_mech:
+            if name not in parents:
+                self.fail(f"cfgen.mechanisms: {name!r} is not a concept (concepts: {', '.join(names)})")
+        mechanisms: dict[str, dict[tuple[str, ...], str]] = {}
+        ordered_parents: dict[str, tuple[str, ...]] = {}
+        for name in names:
+            if not parents[name]:
+                if name in raw_mech:
+                    self.fail(f"cfgen.mechanisms.{name}: {name!r} has no parents in the relationships, so no mechanism")
+                ordered_parents[name] = ()
+                continue
+            if name not in raw_mech:
+                self.fail(f"cfgen.mechanisms: the edge {', '.join(parents[name])} -> {name} has no mechanism "
+                          f"(add cfgen.mechanisms.{name})")
+            at = f"cfgen.mechanisms.{name}"
+            m = raw_mech[name]
+            listed = self.need_key(m, "parents", list, at)
+            if sorted(map(str, listed)) != sorted(parents[name]) or len(set(listed)) != len(listed):
+                self.fail(f"{at}.parents: {listed} but the relationships give {name!r} the parents {parents[name]}")
+            ordered_parents[name] = tuple(listed)
+            mechanisms[name] = _flatten(self.need_key(m, "table", dict, at), tuple(listed), domains, name, at,
+                                        self.fail)
+        return ordered_parents, mechanisms
+
+    def caption(self, extra: dict, names: list[str]) -> str:
+        template = self.need_key(extra, "caption", str, "cfgen")
+        try:
+            fields = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
+        except ValueError as e:
+            self.fail(f"cfgen.caption: {e} in {template!r}")
+        for f in fields:
+            if f not in names:
+                self.fail(f"cfgen.caption: {{{f}}} is not a concept (concepts: {', '.join(names)})")
+        for name in names:  # an edit of a concept the caption does not show could never reach the text
+            if name not in fields:
+                self.fail(f"cfgen.caption: {template!r} has no {{{name}}}")
+        return template
 
 
 def _topological(names: list[str], parents: dict[str, list[str]], fail) -> tuple[str, ...]:

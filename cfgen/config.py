@@ -19,7 +19,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tomli_w
 
@@ -50,214 +50,243 @@ PairKind = Literal["class", "cue", "both"]
 """Which pairs a counterfactual row learns from (cfgen/tune/cueflips.py): class flips, cue flips, or both."""
 
 
+@dataclass(frozen=True)
+class Role:
+    """What a config field is to a run directory (cfgen/runstate.py): the stage whose fingerprint holds its
+    value, or why no fingerprint does. Every field of a stage-feeding section says it where it is declared,
+    as its type's metadata (`seed: Annotated[int, INVERT] = 0`); runstate.STAGE_KEYS and PATH_FIELDS are
+    read off these, so a new key cannot be forgotten in a list kept elsewhere (a stale resume), and
+    tests/test_config_roles.py fails on a field that has none."""
+
+    name: str
+    stage: str | None = None
+    """'invert' | 'guide' | 'pack': the value is part of that stage's fingerprint (and of every later one)."""
+    path: bool = False
+    """A file or directory: written back absolute (to_dict); what it points at is digested, not the string."""
+
+
+INVERT = Role("invert", stage="invert")
+GUIDE = Role("guide", stage="guide")
+PACK = Role("pack", stage="pack")
+PATH = Role("path", path=True)
+RUNTIME = Role("runtime")
+"""How the work runs, not what it makes: device, threads, batch sizes, the failure policy."""
+CARD = Role("card")
+"""Read by the dataset card alone, which every pack rewrites."""
+LATER = Role("later command")
+"""The default of every field under [train] and [tune]: read by `cfgen train` / `cfgen tune`, never by
+invert, guide or pack (their paths still say PATH)."""
+LATER_SECTIONS = ("train", "tune")
+
+
 @dataclass
 class PipelineConfig:
-    name: str = "digits"
+    name: Annotated[str, RUNTIME] = "digits"
     """Pipeline name; the default run directory is runs/<name>."""
-    seed: int = 0
+    seed: Annotated[int, INVERT] = 0
     """Global seed; each sample's seed is derived from it and the sample id."""
-    max_failure_fraction: float = 0.25
+    max_failure_fraction: Annotated[float, RUNTIME] = 0.25
     """A stage exits 1 with a summary when more than this share of its inputs failed."""
-    fail_fast: bool = False
+    fail_fast: Annotated[bool, RUNTIME] = False
     """Stop at the first failed sample (the shard holding it is not committed); CLI --fail-fast."""
-    threads: int = 0
+    threads: Annotated[int, RUNTIME] = 0
     """CPU threads for torch (0 = the cores this process may use / LOCAL_WORLD_SIZE); --threads and
     OMP_NUM_THREADS win over it (cfgen/threads.py). Not part of a run's fingerprint: outputs do not depend on it."""
 
 
 @dataclass
 class DataConfig:
-    source: str = "digits"
+    source: Annotated[str, INVERT] = "digits"
     """'digits' (scikit-learn's handwritten digits), 'shapes' (synthetic, known causal model: cfgen/data/shapes.py),
     'shapes-text' (shapes captioned over a concept graph: cfgen/data/shapes_text.py),
     'folder' (root/<class>/<image>, any format PIL decodes) or 'manifest' (CSV/parquet of path,label): a name in cfgen/data/sources.py SOURCES
     (checked there, by check_source, before any work)."""
-    root: str = ""
+    root: Annotated[str, PATH] = ""
     """Dataset root: the image folder, or the directory that manifest paths are relative to."""
-    manifest: str = ""
+    manifest: Annotated[str, PATH] = ""
     """CSV or parquet file with columns path,label (and optionally id) for source='manifest'."""
-    classes: str = ""
+    classes: Annotated[str, PATH] = ""
     """Text file with one class name per line; line i is class index i. Empty: sorted folder names / labels."""
-    split: str = ""
+    split: Annotated[str, PATH] = ""
     """Optional CSV of id,split; with `use_split` set, only those ids are used."""
-    use_split: str = ""
+    use_split: Annotated[str, INVERT] = ""
     """Which split to process ('' = every sample)."""
-    image_size: int = 8
+    image_size: Annotated[int, INVERT] = 8
     """Side of the square images the models work on (pixels)."""
-    channels: int = 1
+    channels: Annotated[int, INVERT] = 1
     """1 for grayscale, 3 for RGB."""
-    shard_size: int = 512
+    shard_size: Annotated[int, INVERT] = 512
     """Samples per shard: the unit of work, retry and resumption."""
-    limit: int = 0
+    limit: Annotated[int, INVERT] = 0
     """Process only the first N samples (0 = all); handy for smoke runs."""
-    only_classes: list[str] = field(default_factory=list)
+    only_classes: Annotated[list[str], INVERT] = field(default_factory=list)
     """Process only the samples of these classes (names from the class list); [] = every class.
     `make benchmark` makes pairs for the base classes alone: tune draws its shots from those only."""
-    class_limit: int = 0
+    class_limit: Annotated[int, INVERT] = 0
     """Process at most the first N samples of each class (0 = no limit), applied before `limit`:
     a class-balanced pool of shots whatever the split's class frequencies."""
-    repeat: int = 1
+    repeat: Annotated[int, INVERT] = 1
     """Process the sample list this many times over (ids get -r<k>); for scale and memory tests."""
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: Annotated[int, INVERT] = 89_478_485
     """Images with more pixels than this are refused as decompression bombs (PIL's default)."""
-    shapes_count: int = 3000
+    shapes_count: Annotated[int, INVERT] = 3000
     """source='shapes' and 'shapes-text': how many images the renderer draws (indices 0..N-1; every fifth is test)."""
-    shapes_spurious: float = 0.9
+    shapes_spurious: Annotated[float, INVERT] = 0.9
     """source='shapes': in the train split, the probability that the class follows the environment
     (the background cue); the test split draws the class independently of it."""
-    shapes_classes: int = 3
+    shapes_classes: Annotated[int, INVERT] = 3
     """source='shapes' and 'shapes-text': K, the number of classes (the first K of circle, square, triangle,
     diamond, cross, ring, star, saltire) and of environments (background tints); 3 is the original dataset."""
-    shapes_scale: float = 1.0
+    shapes_scale: Annotated[float, INVERT] = 1.0
     """source='shapes': object size, as a multiple of the original (radius 0.24-0.29 of the image side)."""
 
 
 @dataclass
 class ModelConfig:
-    unet: str = "../models/digits/unet"
+    unet: Annotated[str, PATH] = "../models/digits/unet"
     """Directory of a diffusers UNet2DModel (or a pipeline directory with unet/)."""
-    scheduler: str = "../models/digits/scheduler"
+    scheduler: Annotated[str, PATH] = "../models/digits/scheduler"
     """Directory of a diffusers scheduler config; its alphas define the DDIM grid."""
-    classifier: str = "../models/digits/classifier"
+    classifier: Annotated[str, PATH] = "../models/digits/classifier"
     """Directory of the noise-aware classifier p(y | x_t, t) (cfgen train classifier)."""
-    device: str = "auto"
+    device: Annotated[str, RUNTIME] = "auto"
     """'auto' (cuda:<LOCAL_RANK> if available, else cpu), 'cpu' or 'cuda[:N]'."""
-    dtype: Dtype = "auto"
+    dtype: Annotated[Dtype, INVERT] = "auto"
     """Autocast dtype of the networks: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.
     The DDIM update itself always runs in fp32. 'fp16' is refused: the guidance gradient is taken
     without loss scaling, and per-pixel gradients below fp16's range (6e-8) flush to zero, so guidance
     would silently weaken; bf16 has fp32's range at the same memory."""
-    compile: bool = False
+    compile: Annotated[bool, RUNTIME] = False
     """torch.compile the UNet and the classifier (pays off on long GPU runs)."""
-    trust_checkpoint: bool = False
+    trust_checkpoint: Annotated[bool, RUNTIME] = False
     """Allow pickle weights (.bin/.pt), which can run code when loaded; CLI --trust-checkpoint."""
-    kind: ModelKind = "auto"
+    kind: Annotated[ModelKind, INVERT] = "auto"
     """'pixel' (the UNet denoises images), 'latent' (invert and guide VAE latents) or 'auto': latent when
     model.vae is set or the UNet's pipeline directory has vae/ (docs/models.md)."""
-    vae: str = ""
+    vae: Annotated[str, PATH] = ""
     """Directory of a diffusers AutoencoderKL (latent models); '' = vae/ beside the UNet in its pipeline directory."""
-    text_encoder: str = ""
+    text_encoder: Annotated[str, PATH] = ""
     """Text encoder of a UNet2DConditionModel (transformers, e.g. CLIPTextModel); '' = text_encoder/ beside the UNet."""
-    tokenizer: str = ""
+    tokenizer: Annotated[str, PATH] = ""
     """Tokenizer directory of that text encoder; '' = tokenizer/ beside the UNet."""
-    prompt: str = ""
+    prompt: Annotated[str, INVERT] = ""
     """Caption a conditional UNet is conditioned on, the same for every sample ('' = the empty prompt)."""
-    predictor: Predictor = "noise_aware"
+    predictor: Annotated[Predictor, GUIDE] = "noise_aware"
     """'noise_aware' (model.classifier, p(y | x_t, t)), or a clean classifier on the x0-estimate in
     model.predictor_path: 'hf_classifier' (transformers image classifier) or 'clip_zero_shot' (CLIPModel)."""
-    predictor_path: str = ""
+    predictor_path: Annotated[str, PATH] = ""
     """Directory of the clean predictor (hf_classifier, clip_zero_shot), loaded with local_files_only."""
-    clip_prompts: list[str] = field(default_factory=lambda: ["a photo of a {label_name}."])
+    clip_prompts: Annotated[list[str], GUIDE] = field(default_factory=lambda: ["a photo of a {label_name}."])
     """clip_zero_shot: prompt templates; a class's text feature is the mean of its normalized template features."""
-    gradient: Gradient = "auto"
+    gradient: Annotated[Gradient, GUIDE] = "auto"
     """How guidance takes grad log p(y*) (cfgen/diffusion.py): 'noisy' = at x_t from the noise-aware
     p(y*|x_t, t); on the x0-estimate instead: 'unet' = grad_x_t log p(y*|D(x0(x_t, eps))) through the UNet
     (and VAE decoder), 'x0' = FastDiME-style, eps held constant: grad_x0 log p(y*|D(x0)) / sqrt(a_t), no
     UNet backward. A noise-aware classifier is read at t = 0 for 'unet' and 'x0'.
     'auto' = 'noisy' for noise_aware, 'unet' for clean predictors."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Annotated[bool, RUNTIME] = False
     """Recompute activations during the guidance backward (UNet, VAE decoder, predictor): less memory, more compute."""
 
 
 @dataclass
 class InvertConfig:
-    steps: int = 25
+    steps: Annotated[int, INVERT] = 25
     """DDIM steps between t=0 and t_inv (the same grid is walked back by guide)."""
-    t_inv: float = 0.6
+    t_inv: Annotated[float, INVERT] = 0.6
     """Fraction of the schedule to invert to (0 < t_inv <= 1); shallower keeps more of the image."""
-    batch_size: int = 256
+    batch_size: Annotated[int, RUNTIME] = 256
     """Samples per forward pass (formed inside a shard; results do not depend on it)."""
 
 
 @dataclass
 class GuideConfig:
-    mode: GuideMode = "classifier"
+    mode: Annotated[GuideMode, INVERT] = "classifier"
     """'classifier': toward another class along a classifier's gradient; 'text': do(concept = value) on the
     sample's caption through a concept graph, regenerated by a text-conditioned UNet ([text], cfgen/csg.py)."""
-    target: str = "closest"
+    target: Annotated[str, GUIDE] = "closest"
     """'closest' (predictor's top non-factual class), 'random', 'all' (one pair per other class),
     or a class index / name."""
-    top_k: int = 1
+    top_k: Annotated[int, GUIDE] = 1
     """With target = 'closest': a pair toward each of the K classes the predictor ranks highest after
     the factual one (pair keys then read <id>_to_<class index>)."""
-    scale: float = 2.0
+    scale: Annotated[float, GUIDE] = 2.0
     """Guidance scale s in e^ = e - s*sqrt(1-a_t)*grad log p(y*|x_t,t)."""
-    escalation: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
+    escalation: Annotated[list[float], GUIDE] = field(default_factory=lambda: [4.0, 8.0, 16.0])
     """Larger scales retried, in order, for samples not yet flipped with confidence."""
-    confidence: float = 0.99
+    confidence: Annotated[float, GUIDE] = 0.99
     """A sample counts as done at a scale once the predictor gives y* at least this probability
     on the counterfactual (and ranks it first); below it, the next escalation scale is tried."""
-    batch_size: int = 256
+    batch_size: Annotated[int, RUNTIME] = 256
     """Samples per guided pass."""
-    mask: GuideMask = "off"
+    mask: Annotated[GuideMask, GUIDE] = "off"
     """Localized edits (diffusion.localized_reverse): 'x0' confines the edit to where the x0-estimate
     departs from the factual image, 'gradient' to where the guidance gradient is large; outside, the
     sample follows the factual image's inversion trajectory and comes back exactly. 'off': the whole image."""
-    mask_threshold: float = 0.15
+    mask_threshold: Annotated[float, GUIDE] = 0.15
     """tau: a pixel is in the mask when its (smoothed, dilated) departure is >= tau x the sample's largest."""
-    mask_dilation: int = 3
+    mask_dilation: Annotated[int, GUIDE] = 3
     """Odd max-pool kernel (model-space pixels) that grows the mask around what departed."""
-    mask_blur: int = 3
+    mask_blur: Annotated[int, GUIDE] = 3
     """Odd mean-pool kernel that smooths the departure map before the threshold (1 = none)."""
-    mask_start: float = 0.5
+    mask_start: Annotated[float, GUIDE] = 0.5
     """Share of the reverse steps run unmasked before masking starts (early x0-estimates are blurry)."""
 
 
 @dataclass
 class TextConfig:
     """guide.mode = 'text': interventions on the concepts of each sample's caption (FM-CGM, cfgen/csg.py)."""
-    graph: str = ""
+    graph: Annotated[str, PATH] = ""
     """Concept graph JSON (FM-CGM's extractor format plus cfgen's domains, mechanisms and caption template,
     cfgen/concepts.py); '' = the source's own graph (shapes-text)."""
-    intervene: list[str] = field(default_factory=lambda: ["shape"])
+    intervene: Annotated[list[str], GUIDE] = field(default_factory=lambda: ["shape"])
     """Concepts to intervene on; each gives one pair per other value of its domain (guide.target = 'all')
     or per sample one value drawn from its seed (guide.target = 'random'). Pairs are keyed <id>_do_<concept>_<value>."""
-    propagate: bool = True
+    propagate: Annotated[bool, GUIDE] = True
     """do() changes the intervened concept's descendants as the graph's mechanisms say; False edits the
     intervened concept's words alone (the 'text without the graph' baseline)."""
-    csg: bool = True
+    csg: Annotated[bool, GUIDE] = True
     """Causal Semantic Guidance: one masked edit term per changed concept, the rest of the image kept on the
     factual trajectory; False regenerates under the edited caption, unmasked (edit-friendly DDIM)."""
-    edit_scale: float = 2.0
+    edit_scale: Annotated[float, GUIDE] = 2.0
     """s_e: weight of each masked edit term s_e * M_c * (eps(Y_c) - eps(Y))."""
-    edit_prompt: TextEditPrompt = "concept"
+    edit_prompt: Annotated[TextEditPrompt, GUIDE] = "concept"
     """Y_c of each changed concept's term: 'concept' = the factual caption with c alone changed (FM-CGM's
     per-concept terms, summed); 'counterfactual' = the whole edited caption Y' for every term (one direction,
     each concept's own masks, the terms averaged where masks overlap): a model trained on captions that obey
     the graph has never seen 'a red square', and its estimate under one is not an edit it learnt."""
-    threshold: float = 0.5
+    threshold: Annotated[float, GUIDE] = 0.5
     """lambda: each concept's masks (its cross-attention and its edit term) keep the top 1 - lambda of the
     pixels ('quantile') or the pixels at >= lambda x the largest value ('relative')."""
-    mask_rule: TextMaskRule = "quantile"
+    mask_rule: Annotated[TextMaskRule, GUIDE] = "quantile"
     """'quantile' (LEDITS++, FM-CGM: a fixed share of the image per concept) or 'relative' (the share follows
     the concept: a background edit gets the whole background)."""
-    warmup: int = 0
+    warmup: Annotated[int, GUIDE] = 0
     """Reverse steps run without edit guidance first (the layout at high noise)."""
-    intersect: bool = True
+    intersect: Annotated[bool, GUIDE] = True
     """M_c = cross-attention mask AND noise-estimate mask (FM-CGM); False: the noise-estimate mask alone."""
-    preserve: bool = True
+    preserve: Annotated[bool, GUIDE] = True
     """Outside the union of the masks the sample follows the factual trajectory, so what no edit touches
     comes back exactly (cfgen's addition to CSG); False: the masks weight the edit terms only."""
 
 
 @dataclass
 class PackConfig:
-    caption: str = "a photo of the digit {label_name}."
+    caption: Annotated[str, PACK] = "a photo of the digit {label_name}."
     """Caption template for K.txt / K.cf.txt; {label_name} is the class name."""
-    require_flip: bool = False
+    require_flip: Annotated[bool, PACK] = False
     """Keep pairs whose counterfactual did not flip the predictor out of the shards."""
-    min_p_cf: float = 0.0
+    min_p_cf: Annotated[float, PACK] = 0.0
     """Gate: reject pairs whose predictor probability of the target is below this (0 keeps all)."""
-    max_l1: float = 1.0
+    max_l1: Annotated[float, PACK] = 1.0
     """Gate: reject pairs whose L1 factual -> counterfactual is above this (1.0, the maximum, keeps all)."""
-    max_recon_l1: float = 1.0
+    max_recon_l1: Annotated[float, PACK] = 1.0
     """Gate: reject pairs whose s = 0 reconstruction L1 is above this (1.0 keeps all)."""
-    image_format: ImageFormat = "png"
+    image_format: Annotated[ImageFormat, PACK] = "png"
     """Image members of the pairs: 'png' (lossless: the pixels the metrics were measured on), 'jpeg' or 'webp'
     (lossy, at image_quality; smaller for large images). The members are K.png / K.jpg / K.webp (and K.cf.*)."""
-    image_quality: int = 95
+    image_quality: Annotated[int, PACK] = 95
     """jpeg and webp: the encoder's quality, 1-100 (ignored for png)."""
-    license: str = "unknown"
+    license: Annotated[str, CARD] = "unknown"
     """The dataset card's license: a Hugging Face license id (apache-2.0, cc-by-4.0, other, ...). The pairs
     derive from the source images and the models, so their licenses bound it; only the card changes with it."""
 
@@ -337,9 +366,9 @@ class SelectConfig:
 
 @dataclass
 class TuneConfig:
-    pairs: str = ""
+    pairs: Annotated[str, PATH] = ""
     """Pair shards to learn from: a path, glob or brace list (pairs-{000000..000003}.tar); '' = RUN_DIR/pairs/pairs-*.tar."""
-    cue_pairs: str = ""
+    cue_pairs: Annotated[str, PATH] = ""
     """Cue-flip pair shards (same class, another cue: a text run's do(environment) pairs of the same pool
     images, pipelines/shapes6-text.toml), matched to the shots by factual id; '' = none (kinds = ["class"])."""
     kinds: list[PairKind] = field(default_factory=lambda: ["class"])
@@ -354,7 +383,7 @@ class TuneConfig:
     of each source, projected out of every image feature, zero-shot prompts (cfgen/tune/project.py)."""
     backend: TuneBackend = "embedded"
     """'embedded' (frozen MiniLM text tower + the image tower in `vlm`) or 'transformers' (a CLIPModel directory in `vlm`)."""
-    vlm: str = ""
+    vlm: Annotated[str, PATH] = ""
     """Directory of the frozen VLM: the embedded image tower (cfgen train vlm) or a transformers CLIP checkpoint.
     "" = runs/<pipeline.name>/models/vlm under the working directory, where `cfgen train vlm` writes."""
     learners: list[Learner] = field(default_factory=lambda: ["coop"])
@@ -450,13 +479,37 @@ class Config:
         return self.path(self.tune.vlm) if self.tune.vlm else Path("runs") / self.pipeline.name / "models" / "vlm"
 
 
-# Fields that hold paths: written back absolute so a resolved config is portable.
-_PATH_FIELDS = {
-    ("data", "root"), ("data", "manifest"), ("data", "classes"), ("data", "split"),
-    ("model", "unet"), ("model", "scheduler"), ("model", "classifier"),
-    ("model", "vae"), ("model", "text_encoder"), ("model", "tokenizer"), ("model", "predictor_path"),
-    ("tune", "pairs"), ("tune", "cue_pairs"), ("tune", "vlm"), ("text", "graph"),
-}
+def field_roles() -> dict[tuple[str, str], Role | None]:
+    """Every config field, (section, key) -> its Role: the one in its type's metadata, else its section's
+    default (LATER under [train] and [tune]), else None (a defect: tests/test_config_roles.py). A key of
+    a nested table is (section, "table.key")."""
+    roles: dict[tuple[str, str], Role | None] = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(cls):
+            _collect_roles(cls, section, "", LATER if section in LATER_SECTIONS else None, roles)
+    return roles
+
+
+def _collect_roles(cls, section: str, prefix: str, default: Role | None, roles: dict) -> None:
+    for key, hint in typing.get_type_hints(cls, include_extras=True).items():
+        if dataclasses.is_dataclass(hint):
+            _collect_roles(hint, section, f"{prefix}{key}.", default, roles)
+            continue
+        marks = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Role)]
+        roles[(section, prefix + key)] = marks[0] if marks else default
+
+
+def stage_keys() -> dict[str, list[tuple[str, str]]]:
+    """Per stage, the (section, key) whose values determine its output, in declaration order."""
+    keys: dict[str, list[tuple[str, str]]] = {"invert": [], "guide": [], "pack": []}
+    for key, role in field_roles().items():
+        if role is not None and role.stage:
+            keys[role.stage].append(key)
+    return keys
+
+
+PATH_FIELDS = frozenset(k for k, r in field_roles().items() if r is not None and r.path)
+"""Fields that hold paths: written back absolute so a resolved config is portable."""
 
 
 def _coerce(value, typ, key: str):
@@ -748,7 +801,7 @@ def to_dict(cfg: Config) -> dict:
         if f.name == "base_dir":
             continue
         out[f.name] = dataclasses.asdict(getattr(cfg, f.name))
-    for section, key in _PATH_FIELDS:
+    for section, key in PATH_FIELDS:
         if out[section][key]:
             out[section][key] = str(cfg.path(out[section][key]))
     return out

@@ -159,10 +159,10 @@ ROW_SCHEMA = pa.schema([
     ("concepts_before", pa.map_(pa.string(), pa.string())),  # concept -> value of the factual image
     ("concepts_after", pa.map_(pa.string(), pa.string())),   # ... and as the do() (and the graph) set them
     ("mask_fraction", pa.float64()),        # share of the image a localized edit could touch (guide.mask; else null)
-    # quality (cfgen/quality.py), filled by pack; the truth columns only where the causal model is known
+    # quality (cfgen/quality/measures.py), filled by pack; the truth columns only where the causal model is known
     ("changed_fraction", pa.float64()),     # share of pixels changed visibly
     ("edit_within_recon", pa.bool_()),      # l1 <= recon_l1: the edit is no larger than the s = 0 round trip's error
-    ("cld", pa.float64()),                  # Counterfactual Latent Divergence (cfgen/cld.py), lower is better
+    ("cld", pa.float64()),                  # Counterfactual Latent Divergence (cfgen/quality/cld.py), lower is better
     ("oracle_label", pa.int32()),           # the renderer oracle's class of the counterfactual
     ("oracle_flipped", pa.bool_()),         # oracle_label == cf_label
     ("truth_l1", pa.float64()),             # L1 counterfactual -> true counterfactual

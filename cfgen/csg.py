@@ -60,39 +60,43 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
+from cfgen.config import TextMaskRule
 from cfgen.diffusion import EpsFn, Trajectory, ddim_step, eps_from_output, inversion_trajectory
 
 TextEpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """eps(x_t, t, emb) -> predicted noise; t a (N,) long tensor, emb (N, L, D) encoder states of N captions."""
-EDIT_REFERENCES = ("uncond", "base")
-MASK_RULES = ("quantile", "relative")
-COMBINES = ("sum", "mean")
+EditReference = Literal["uncond", "base"]
+Combine = Literal["sum", "mean"]
+# The choices, read off their types: text.mask_rule's Literal in config.py is the one home of the mask rules
+EDIT_REFERENCES, COMBINES, MASK_RULES = get_args(EditReference), get_args(Combine), get_args(TextMaskRule)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CSGParams:
-    """Causal Semantic Guidance settings (module docstring). FM-CGM ran s_e = 8, lambda = 0.7, 10 warm-up
+    """Causal Semantic Guidance settings (module docstring). The settings a pipeline sets ([text] of its
+    TOML) have no default here: their defaults are config.TextConfig's, and a run's CSGParams is built from
+    its config (stages/text_guide.py, csg_params). FM-CGM ran s_e = 8, lambda = 0.7 ('quantile'), 10 warm-up
     steps of 100, intersect on."""
-    edit_scale: float = 8.0         # s_e: weight of each masked edit term s_e * M_c * d_c
-    threshold: float = 0.7          # lambda: masks keep the top 1 - lambda of each sample's pixels
-    warmup: int = 0                 # reverse steps at the start without edit guidance: at high noise the
+    edit_scale: float               # s_e: weight of each masked edit term s_e * M_c * d_c
+    threshold: float                # lambda: the masks' level (mask_rule says how it is read)
+    warmup: int                     # reverse steps at the start without edit guidance: at high noise the
                                     # layout is still being decided and the masks are least reliable
-    intersect: bool = True          # M_c = M1_c AND M2_c (needs the attention store); False: M2_c alone
-    guidance_scale: float = 1.0     # w: classifier-free guidance of the factual caption against ∅; 1 = none
-    preserve: bool = True           # outside the union of the masks the sample is the factual trajectory
-    attn_factors: tuple[int, ...] = ()  # M1 from cross-attention maps of side x's side / f, f in these;
-                                        # () = every cross-attention layer (LEDITS++ on SD: (4,), 16x16 of 64x64)
-    edit_reference: str = "uncond"  # d_c = eps(Y_c) - eps(∅) ('uncond', Eq. 10) or - eps(Y) ('base')
-    mask_rule: str = "quantile"     # 'quantile': keep the top 1 - lambda of the pixels (LEDITS++, a fixed
+    intersect: bool                 # M_c = M1_c AND M2_c (needs the attention store); False: M2_c alone
+    preserve: bool                  # outside the union of the masks the sample is the factual trajectory
+    mask_rule: TextMaskRule         # 'quantile': keep the top 1 - lambda of the pixels (LEDITS++, a fixed
                                     # area); 'relative': keep v >= lambda * max v (an area that follows the
                                     # concept: a background edit gets the background, a shape edit the shape)
-    combine: str = "sum"            # 'sum' of the masked terms (Eq. 12); 'mean': at each pixel the mean of the
+    guidance_scale: float = 1.0     # w: classifier-free guidance of the factual caption against ∅; 1 = none
+    attn_factors: tuple[int, ...] = ()  # M1 from cross-attention maps of side x's side / f, f in these;
+                                        # () = every cross-attention layer (LEDITS++ on SD: (4,), 16x16 of 64x64)
+    edit_reference: EditReference = "uncond"  # d_c = eps(Y_c) - eps(∅) ('uncond', Eq. 10) or - eps(Y) ('base')
+    combine: Combine = "sum"        # 'sum' of the masked terms (Eq. 12); 'mean': at each pixel the mean of the
                                     # terms whose mask covers it, for terms that share one direction d (edit
                                     # prompt Y' for every concept), whose sum would scale the edit by the
                                     # number of masks that overlap there
@@ -183,7 +187,7 @@ def base_eps(eps: TextEpsFn, caption: torch.Tensor, uncond: torch.Tensor | None,
 
 @torch.no_grad()
 def abduct(eps: TextEpsFn, x0: torch.Tensor, caption: torch.Tensor, alphas_cumprod: torch.Tensor,
-           grid: list[int], params: CSGParams = CSGParams(), uncond: torch.Tensor | None = None) -> Trajectory:
+           grid: list[int], params: CSGParams, uncond: torch.Tensor | None = None) -> Trajectory:
     """Exact DDIM inversion of x0 under the factual caption: the path x^f and estimates e^f the reverse retraces.
 
     Pass csg_reverse the same caption, uncond and params.guidance_scale: r_i is exact for this e_b only.
@@ -368,7 +372,7 @@ def quantile_mask(v: torch.Tensor, lam: float) -> torch.Tensor:
 
 @torch.no_grad()
 def csg_reverse(eps: TextEpsFn, reference: Trajectory, caption: torch.Tensor, edits: Sequence[ConceptEdit],
-                alphas_cumprod: torch.Tensor, grid: list[int], params: CSGParams = CSGParams(),
+                alphas_cumprod: torch.Tensor, grid: list[int], params: CSGParams,
                 uncond: torch.Tensor | None = None, store: CrossAttentionStore | None = None) -> CSGResult:
     """Prediction with CSG from u = reference.x[-1] down `grid` (module docstring); returns CSGResult.
 

@@ -38,13 +38,13 @@ def published_files(run_dir: Path) -> list[str]:
 def local_paths(run_dir: Path) -> list[str]:
     """Absolute paths of this machine that a published file must not name: the run directory and every path
     the run's config resolved (data.root, the manifest, the class list, each model directory)."""
-    from cfgen.config import _PATH_FIELDS, load_config
+    from cfgen.config import PATH_FIELDS, load_config
 
     out = {str(Path(run_dir).resolve())}
     config = PAIRS.dir(run_dir) / "config.toml"
     if config.is_file():
         cfg = load_config(config)
-        for section, key in _PATH_FIELDS:
+        for section, key in PATH_FIELDS:
             value = getattr(getattr(cfg, section), key)
             if value:
                 out.add(str(cfg.path(value)))

@@ -28,30 +28,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cfgen import distributed
-from cfgen.config import Config
+from cfgen.config import Config, stage_keys
 from cfgen.contract import CONTRACT_VERSION, GUIDE, INVERT, PAIRS, Stage
 from cfgen.errors import InputError, UserError
 
 FINGERPRINT = "fingerprint.json"
 
-# Config keys per stage that determine its output; each stage also depends on the ones before it.
-# Path-valued keys are left out: what they point at is digested instead (inputs, classes, models).
-STAGE_KEYS = {
-    "invert": [("pipeline", "seed"), ("data", "source"), ("data", "use_split"), ("data", "image_size"),
-               ("data", "channels"), ("data", "shard_size"), ("data", "limit"), ("data", "repeat"),
-               ("data", "max_image_pixels"), ("data", "shapes_count"), ("data", "shapes_spurious"),
-               ("data", "shapes_classes"), ("data", "shapes_scale"), ("data", "only_classes"), ("data", "class_limit"),
-               ("model", "kind"), ("model", "prompt"), ("model", "dtype"), ("invert", "steps"), ("invert", "t_inv"),
-               ("guide", "mode")],
-    "guide": [("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
-              ("guide", "top_k"), ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence"), ("guide", "mask"),
-              ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"), ("guide", "mask_start"),
-              ("text", "intervene"), ("text", "propagate"), ("text", "csg"), ("text", "edit_scale"),
-              ("text", "edit_prompt"), ("text", "threshold"), ("text", "warmup"), ("text", "intersect"),
-              ("text", "preserve"), ("text", "mask_rule")],
-    "pack": [("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
-             ("pack", "max_recon_l1"), ("pack", "image_format"), ("pack", "image_quality")],
-}
+# Config keys per stage that determine its output; each stage also depends on the ones before it. Read off
+# the fields' own Role (cfgen/config.py). Path-valued keys are left out: what they point at is digested
+# instead (inputs, classes, models).
+STAGE_KEYS = stage_keys()
 ORDER = (INVERT, GUIDE, PAIRS)
 BIG_FILE = 256 << 20
 EDGE = 16 << 20

@@ -17,6 +17,15 @@ B, C, SIDE, TOKENS, WIDTH = 2, 4, 8, 7, 32
 ALPHAS = DDIMScheduler().alphas_cumprod.double()  # diffusers' default schedule: 1000 steps, linear betas
 
 
+# FM-CGM's settings (s_e = 8, lambda = 0.7 as a quantile, intersect, preserve); CSGParams has no defaults of
+# its own for what a pipeline's [text] sets, so every test says which settings it runs
+FMCGM = {"edit_scale": 8.0, "threshold": 0.7, "warmup": 0, "intersect": True, "preserve": True, "mask_rule": "quantile"}
+
+
+def fmcgm(**changes) -> CSGParams:
+    return CSGParams(**{**FMCGM, **changes})
+
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -59,7 +68,7 @@ def test_recorder_is_the_default_processor_and_records_distributions(unet):
 def test_same_caption_round_trip_is_exact(unet, w):
     eps = text_eps(unet, ALPHAS)
     grid = timestep_grid(1000, 4, 0.6)
-    params = CSGParams(guidance_scale=w, preserve=False)
+    params = fmcgm(guidance_scale=w, preserve=False)
     ref = abduct(eps, X0, Y, ALPHAS, grid, params, EMPTY)
     back = csg_reverse(eps, ref, Y, [], ALPHAS, grid, params, EMPTY).x
     assert torch.allclose(back, X0, atol=1e-12)  # test_diffusion's s = 0 round-trip tolerance
@@ -71,14 +80,14 @@ def test_same_caption_round_trip_is_exact(unet, w):
 def test_no_edit_is_the_plain_reconstruction(unet):
     eps = text_eps(unet, ALPHAS)
     grid = timestep_grid(1000, 3, 0.6)
-    off = CSGParams(preserve=False)
+    off = fmcgm(preserve=False)
     ref = abduct(eps, X0, Y, ALPHAS, grid, off)
     with recording_cross_attention(unet) as store:  # one attention processor for all three (SDPA rounds apart)
         plain = csg_reverse(eps, ref, Y, [], ALPHAS, grid, off).x
         zero = csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1])], ALPHAS, grid,
-                           CSGParams(edit_scale=0.0, preserve=False), EMPTY, store)
+                           fmcgm(edit_scale=0.0, preserve=False), EMPTY, store)
         kept = csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1])], ALPHAS, grid,
-                           CSGParams(edit_scale=0.0), EMPTY, store)
+                           fmcgm(edit_scale=0.0), EMPTY, store)
     assert torch.equal(zero.x, plain) and not zero.union.any()
     assert torch.equal(kept.x, X0)  # preserve with no mask: the factual trajectory itself
 
@@ -87,7 +96,7 @@ def test_one_step_masks_are_m1_and_m2_by_hand(unet):
     eps = text_eps(unet, ALPHAS)
     grid, lam, s = [0, 600], 0.5, 2.0
     a_t, a_0 = ALPHAS[600].item(), ALPHAS[0].item()
-    params = CSGParams(edit_scale=s, threshold=lam, warmup=0)
+    params = fmcgm(edit_scale=s, threshold=lam, warmup=0)
     ref = abduct(eps, X0, Y, ALPHAS, grid, params)
     u, t = ref.x[-1], torch.full((B,), 600)
     with recording_cross_attention(unet) as store:
@@ -120,7 +129,7 @@ def test_terms_sharing_one_prompt_sum_or_average_where_masks_overlap(unet, combi
     eps = text_eps(unet, ALPHAS)
     grid, s = [0, 600], 2.0
     a_t, a_0 = ALPHAS[600].item(), ALPHAS[0].item()
-    params = CSGParams(edit_scale=s, threshold=0.4, combine=combine)
+    params = fmcgm(edit_scale=s, threshold=0.4, combine=combine)
     ref = abduct(eps, X0, Y, ALPHAS, grid, params)
     u, t = ref.x[-1], torch.full((B,), 600)
     with recording_cross_attention(unet) as store:
@@ -145,7 +154,7 @@ def test_terms_with_one_prompt_tensor_run_it_once(unet):
         return base(x, t, emb)
 
     grid = timestep_grid(1000, 3, 0.6)
-    params = CSGParams(edit_scale=2.0, threshold=0.4, combine="mean")
+    params = fmcgm(edit_scale=2.0, threshold=0.4, combine="mean")
     ref = abduct(base, X0, Y, ALPHAS, grid, params)
     results = {}
     for name, second in [("shared", EDIT_A), ("copies", EDIT_A.clone())]:
@@ -163,7 +172,7 @@ def test_terms_with_one_prompt_tensor_run_it_once(unet):
 def test_preserve_keeps_the_outside_and_the_edit_changes_the_inside(unet):
     eps = text_eps(unet, ALPHAS)
     grid = timestep_grid(1000, 4, 0.6)
-    params = CSGParams(edit_scale=4.0, threshold=0.6, warmup=1, attn_factors=(1,))
+    params = fmcgm(edit_scale=4.0, threshold=0.6, warmup=1, attn_factors=(1,))
     ref = abduct(eps, X0, Y, ALPHAS, grid, params)
     edits = [ConceptEdit(EDIT_A, [1, 2]), ConceptEdit(EDIT_B, [4], reverse=True)]
     with recording_cross_attention(unet) as store:
@@ -185,7 +194,7 @@ def test_noise_mask_keeps_one_minus_lambda_of_the_pixels(unet):
     # M2 alone (intersect off) inside the reverse: each sample's mask keeps ~30 % of the 64 pixels
     eps = text_eps(unet, ALPHAS)
     grid = timestep_grid(1000, 3, 0.6)
-    params = CSGParams(edit_scale=1.0, threshold=0.7, intersect=False)
+    params = fmcgm(edit_scale=1.0, threshold=0.7, intersect=False)
     ref = abduct(eps, X0, Y, ALPHAS, grid, params)
     out = csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1])], ALPHAS, grid, params, EMPTY)
     share = out.masks.flatten(1).double().mean(1)
@@ -208,14 +217,31 @@ def test_relative_mask_follows_the_concepts_spread(unet):
     # inside the reverse, the rule is the one CSGParams names
     eps = text_eps(unet, ALPHAS)
     grid = timestep_grid(1000, 3, 0.6)
-    params = CSGParams(edit_scale=1.0, threshold=0.3, intersect=False, mask_rule="relative")
+    params = fmcgm(edit_scale=1.0, threshold=0.3, intersect=False, mask_rule="relative")
     ref = abduct(eps, X0, Y, ALPHAS, grid, params)
     out = csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1])], ALPHAS, grid, params, EMPTY)
     assert out.masks.any() and not out.masks.all()
     with pytest.raises(ValueError, match="mask_rule"):
-        CSGParams(mask_rule="otsu")
+        fmcgm(mask_rule="otsu")
     with pytest.raises(ValueError, match="combine"):
-        CSGParams(combine="max")
+        fmcgm(combine="max")
+
+
+def test_a_setting_the_config_holds_has_its_default_and_choices_there_alone():
+    """One home per fact: CSGParams takes what [text] sets with no default of its own (TextConfig's are
+    the defaults), and its mask rules are text.mask_rule's Literal."""
+    import dataclasses
+
+    from cfgen.config import TextConfig, choices
+    from cfgen.csg import MASK_RULES
+
+    ours = {f.name: f for f in dataclasses.fields(CSGParams)}
+    shared = ours.keys() & {f.name for f in dataclasses.fields(TextConfig)}
+    assert shared == {"edit_scale", "threshold", "warmup", "intersect", "preserve", "mask_rule"}
+    assert all(ours[n].default is dataclasses.MISSING for n in shared)
+    assert MASK_RULES == choices(TextConfig, "mask_rule")
+    with pytest.raises(TypeError):
+        CSGParams()
 
 
 def test_smoothing_is_ledits_gaussian():
@@ -230,15 +256,15 @@ def test_bad_settings_are_refused(unet):
     for bad in ({"edit_scale": -1.0}, {"threshold": 1.5}, {"warmup": -1}, {"warmup": 1.5},
                 {"guidance_scale": float("nan")}, {"attn_factors": (0,)}, {"edit_reference": "caption"}):
         with pytest.raises(ValueError):
-            CSGParams(**bad)
+            fmcgm(**bad)
     eps = text_eps(unet, ALPHAS)
-    ref = abduct(eps, X0, Y, ALPHAS, [0, 600])
+    ref = abduct(eps, X0, Y, ALPHAS, [0, 600], fmcgm())
     with pytest.raises(ValueError, match="store"):
-        csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1])], ALPHAS, [0, 600], CSGParams(), EMPTY)
+        csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [1])], ALPHAS, [0, 600], fmcgm(), EMPTY)
     with pytest.raises(ValueError, match="uncond"):
-        abduct(eps, X0, Y, ALPHAS, [0, 600], CSGParams(guidance_scale=2.0))
+        abduct(eps, X0, Y, ALPHAS, [0, 600], fmcgm(guidance_scale=2.0))
     with recording_cross_attention(unet) as store, pytest.raises(ValueError, match="token positions"):
-        csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [TOKENS])], ALPHAS, [0, 600], CSGParams(), EMPTY, store)
+        csg_reverse(eps, ref, Y, [ConceptEdit(EDIT_A, [TOKENS])], ALPHAS, [0, 600], fmcgm(), EMPTY, store)
 
 
 class _Slow:
@@ -255,7 +281,7 @@ class _Slow:
 def test_token_positions_fast_and_slow_tokenizers():
     from transformers import BertTokenizerFast
 
-    from cfgen.random_models import bpe_tokenizer
+    from cfgen.bench.random_models import bpe_tokenizer
 
     words = ["a", "red", "blue", "square", "on", "wet", "grass", "road"]
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -1,4 +1,4 @@
-"""The GPU benchmark's code path on the CPU (`python -m cfgen.gpu_bench --tiny`), the FLOP counter
+"""The GPU benchmark's code path on the CPU (`python -m cfgen.bench.gpu --tiny`), the FLOP counter
 against hand counts, the peak table by device name, and torch.compile against eager."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cfgen.bench import FlopCount, bf16_peak
+from cfgen.bench.guide import FlopCount, bf16_peak
 
 
 def test_flop_count_by_hand_forward_and_input_gradient():
@@ -33,7 +33,7 @@ def test_peak_by_exact_model_name(name, peak):
 
 
 def test_tiny_gpu_bench_runs_both_recipes_on_the_cpu(capsys):
-    from cfgen.gpu_bench import STEPS, main
+    from cfgen.bench.gpu import STEPS, main
 
     rows = main(["--tiny"])
     assert [(r["recipe"], r["batch"]) for r in rows] == [("adm256", 2), ("sd15", 2)]

@@ -122,7 +122,7 @@ def test_guide_stage_mask_off_is_guided_reverse_and_on_stays_inside(tmp_path):
     from cfgen.config import load_config
     from cfgen.models.loading import load_models
     from cfgen.stages.common import config_grid
-    from cfgen.stages.guide import guide_batch
+    from cfgen.stages.classifier_guide import guide_batch
     from cfgen.stages.invert import read_inverted, run_invert
     from cfgen.tensors import to_uint8
     from conftest import DIGITS, SMALL

@@ -54,7 +54,7 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "
 
 def _tokenizer():
     """A CLIP BPE tokenizer whose merges spell each of WORDS as one token."""
-    from cfgen.random_models import bpe_tokenizer
+    from cfgen.bench.random_models import bpe_tokenizer
 
     return bpe_tokenizer(WORDS, model_max_length=16)
 

@@ -201,7 +201,7 @@ def test_bf16_autocast_path_keeps_the_contract_and_the_quality(digits_run, tmp_p
 
 
 def test_escalation_jobs_fill_the_batch_round_robin():
-    from cfgen.stages.guide import escalation_jobs
+    from cfgen.stages.classifier_guide import escalation_jobs
 
     # samples 3 and 7 pending at scale indices 1 and 3 of 5, room for 6 passes
     assert escalation_jobs([3, 7], {3: 1, 7: 3}, 5, 6, fill=False) == [(3, 1), (7, 3)]
@@ -216,7 +216,7 @@ def test_filled_escalation_rounds_keep_every_pair_as_it_was(tmp_path):
     from cfgen.config import load_config
     from cfgen.models.loading import load_models
     from cfgen.stages.common import config_grid
-    from cfgen.stages.guide import counterfactuals
+    from cfgen.stages.classifier_guide import counterfactuals
     from cfgen.stages.invert import read_inverted, run_invert
     from conftest import DIGITS, SMALL
 
@@ -262,7 +262,7 @@ def test_several_targets_per_image_keep_the_contract(tmp_path, target, top_k, pe
     if target == "all":
         labels = {r["factual_id"]: r["label"] for r in manifest}
         assert all(sorted(t) == [c for c in range(10) if c != labels[f]] for f, t in by_factual.items())
-    from cfgen.evaluate import evaluate_pairs
+    from cfgen.report.evaluate import evaluate_pairs
 
     ev = evaluate_pairs(run_dir)
     assert ev["pairs"] == 5 * per_image and ev["factual_images"] == 5

@@ -102,7 +102,7 @@ def test_card_names_no_local_path(digits_run):
 
 
 def test_card_quotes_the_judge_after_evaluate_and_drops_it_when_stale(digits_run, tmp_path):
-    from cfgen.evaluate import evaluate_pairs, write_result
+    from cfgen.report.evaluate import evaluate_pairs, write_result
 
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run[0], run_dir)
@@ -266,7 +266,7 @@ def test_lossy_runs_read_back_with_load_dataset_and_webdataset(fmt, jpeg_run, sh
 
 def test_jpeg_pairs_keep_the_json_and_the_readers_decode_them(jpeg_run, digits_run):
     """K.json does not change with the format; verify, evaluate and tune's reader take the jpg members."""
-    from cfgen.evaluate import load_pairs
+    from cfgen.report.evaluate import load_pairs
     from cfgen.shards import read_samples
     from cfgen.tune.features import read_shard_images
     from cfgen.verify import verify_run
@@ -302,7 +302,7 @@ def test_webloader_with_more_workers_than_shards_as_the_readme_says(shapes_run):
 def test_v5_pairs_still_read(tmp_path):
     """Pairs of contract v5 (PNG members, no v6 fields): tune's reader and evaluate's read them as before."""
     from cfgen.data.images import encode_png
-    from cfgen.evaluate import load_pairs
+    from cfgen.report.evaluate import load_pairs
     from cfgen.shards import atomic_tar
     from cfgen.tune.features import read_shard_images
 

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cfgen import quality
+from cfgen.quality import measures as quality
 from cfgen.config import ConfigError, load_config
-from cfgen.metrics import l1
+from cfgen.quality.distances import l1
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny and fast: 5 DDIM steps, one scale, two shards of 6.
@@ -104,8 +104,7 @@ def test_cld_by_hand():
     CLD = log(e^0.5 + e^(2/3)) = log(1.6487213 + 1.9477340) = log(3.5964553) = 1.2799487.
     With the benchmark's weights 0.8, 0.2: log(0.8 * 1.6487213 + 0.2 * 1.9477340) = log(1.7085238) = 0.5356297.
     """
-    from cfgen import cld
-
+    from cfgen.quality import cld
     def one(v):
         return img([[v]])
 
@@ -191,7 +190,7 @@ def test_default_gates_keep_every_pair(digits_tiny):
 
 
 def test_pack_records_cld_and_the_within_recon_flag(digits_tiny):
-    from cfgen import cld
+    from cfgen.quality import cld
     from cfgen.shards import read_samples
 
     run_dir, stats = digits_tiny

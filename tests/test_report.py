@@ -19,8 +19,8 @@ from test_quality import ROOT, TINY, tiny_run
 
 @pytest.fixture(scope="module")
 def shapes_report(tmp_path_factory) -> tuple[Path, dict, Path, dict]:
-    from cfgen.report import write_report
-    from cfgen.sweep import run_sweep
+    from cfgen.report.page import write_report
+    from cfgen.report.sweep import run_sweep
 
     from cfgen.stages.pack import run_pack
 
@@ -78,7 +78,7 @@ def test_every_referenced_image_exists_and_nothing_is_remote(shapes_report):
 
 
 def test_cards_show_factual_recon_cf_difference_truth(shapes_report):
-    from cfgen.report_html import DISPLAY_PX
+    from cfgen.report.html import DISPLAY_PX
 
     run_dir, _, page, stats = shapes_report
     text = page.read_text(encoding="utf-8")
@@ -105,7 +105,7 @@ def test_cards_show_factual_recon_cf_difference_truth(shapes_report):
 
 
 def test_sweep_rows_and_table(shapes_report):
-    from cfgen.sweep import format_table
+    from cfgen.report.sweep import format_table
 
     run_dir, sweep, _, _ = shapes_report
     assert json.loads((run_dir / "sweep" / "sweep.json").read_text()) == sweep
@@ -129,7 +129,7 @@ def test_sweep_rows_and_table(shapes_report):
 def test_report_without_a_sweep_says_how_to_get_one(shapes_report, tmp_path):
     import shutil
 
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     run_dir, _, _, _ = shapes_report
     for stage in ("guide", "pairs"):
@@ -154,7 +154,7 @@ def test_cli_report_on_a_missing_run_is_a_one_line_error(tmp_path, monkeypatch, 
 def test_report_shows_the_tune_table_when_the_run_has_one(shapes_report, tmp_path):
     import shutil
 
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     run_dir, _, page, _ = shapes_report
     assert "Tuning on the pairs" not in page.read_text()  # no RUN/tune/metrics.json: no section, still a report
@@ -208,7 +208,7 @@ def test_report_shows_the_tune_table_when_the_run_has_one(shapes_report, tmp_pat
 def test_sweep_mask_variants_parse_and_refuse():
     from cfgen.config import load_config
     from cfgen.errors import ConfigError
-    from cfgen.sweep import mask_label, parse_masks
+    from cfgen.report.sweep import mask_label, parse_masks
     from conftest import DIGITS
 
     cfg = load_config(DIGITS, [])
@@ -300,7 +300,7 @@ def hand_run(root: Path, size: int, within_rate: float = 0.25) -> Path:
 @pytest.fixture(scope="module")
 def hand_reports(tmp_path_factory) -> dict[int, Path]:
     """The report of the same hand-written run at 8 px and at 320 px (above THUMB_PX)."""
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     root = tmp_path_factory.mktemp("hand")
     return {size: write_report(hand_run(root, size)) for size in (8, 320)}
@@ -389,8 +389,8 @@ def io_bytes(data: bytes):
 
 
 def test_cards_have_one_display_size_whatever_the_resolution(hand_reports):
-    from cfgen.report import THUMB_PX
-    from cfgen.report_html import DISPLAY_PX
+    from cfgen.report.page import THUMB_PX
+    from cfgen.report.html import DISPLAY_PX
 
     card_widths = set()
     for size, page in hand_reports.items():
@@ -411,7 +411,7 @@ def test_cards_have_one_display_size_whatever_the_resolution(hand_reports):
 
 
 def test_histograms_have_labelled_axes_and_fitted_ranges(hand_reports):
-    from cfgen.report_plots import HISTOGRAMS, histogram_figure
+    from cfgen.report.plots import HISTOGRAMS, histogram_figure
 
     page = hand_reports[8]
     rows = pq.read_table(page.parent.parent / "pairs" / "manifest.parquet").to_pylist()
@@ -428,8 +428,8 @@ def test_histograms_have_labelled_axes_and_fitted_ranges(hand_reports):
 
 
 def test_judge_figures_shown_when_measured_and_marked_stale_after_a_repack(tmp_path):
-    from cfgen.evaluate import write_result
-    from cfgen.report import write_report
+    from cfgen.report.evaluate import write_result
+    from cfgen.report.page import write_report
 
     def rows(text: str) -> dict[str, list[str]]:
         return {r[0]: r[1:] for t in _tables(text) for r in t if r}
@@ -459,7 +459,7 @@ def test_judge_figures_shown_when_measured_and_marked_stale_after_a_repack(tmp_p
 
 @pytest.mark.parametrize("rate, warned", [(0.5, True), (0.05, False)])
 def test_a_warning_when_edits_are_no_larger_than_the_round_trip(tmp_path, rate, warned):
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     text = write_report(hand_run(tmp_path, 8, within_rate=rate)).read_text(encoding="utf-8")
     boxes = re.findall(r"<div class='warn'>(.*?)</div>", text)

@@ -1,4 +1,4 @@
-"""Tests for cfgen.targets (per-sample seeds, counterfactual label choice) and cfgen.metrics."""
+"""Tests for cfgen.targets (per-sample seeds, counterfactual label choice) and cfgen.quality.distances."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cfgen.metrics import l1, l2, mean
+from cfgen.quality.distances import l1, l2, mean
 from cfgen.targets import choose_targets, resolve_fixed_target, sample_seed
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -143,7 +143,7 @@ def test_pairs_say_what_happened_as_the_renderer_oracle_reads_it(text_run):
     changes the class (only then can it flip: do(environment) keeps the class and is no flip, whatever the
     predictor says), and the renderer oracle's verdict, read back here from each stored counterfactual."""
     from cfgen.data.shapes_text import graph, read_concepts, state
-    from cfgen.report import class_counts, headline
+    from cfgen.report.page import class_counts, headline
 
     run_dir, stats = text_run
     g = graph()
@@ -182,7 +182,7 @@ def test_pairs_say_what_happened_as_the_renderer_oracle_reads_it(text_run):
 
 
 def test_report_of_a_text_run_counts_no_class_keeping_flip(text_run):
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     run_dir, _ = text_run
     page = write_report(run_dir).read_text()
@@ -191,7 +191,7 @@ def test_report_of_a_text_run_counts_no_class_keeping_flip(text_run):
     # a do(environment) card's true counterfactual is the scene under that do(), not the class's rendering
     from cfgen.config import load_config
     from cfgen.data.sources import open_source
-    from cfgen.report import _images
+    from cfgen.report.page import _images
 
     cfg = load_config(run_dir / "pairs" / "config.toml")
     causal = open_source(cfg).causal
@@ -247,19 +247,66 @@ def test_counterfactual_edit_prompts_change_only_edits_of_more_than_one_concept(
     assert any(images["concept"][k] != images["counterfactual"][k] for k in shape)
 
 
-def test_without_the_graph_only_the_intervened_words_change(models_dir, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(models_dir, tmp_path_factory) -> Path:
+    """Text without the graph and without CSG: the reverse under the edited caption alone (text.edit_scale
+    is the config's 2.0, as in text_run)."""
+    tmp = tmp_path_factory.mktemp("plain_run")
+    _run(_config(models_dir, tmp, text={"intervene": ["shape"], "propagate": False, "csg": False}), tmp / "run")
+    return tmp / "run"
+
+
+def test_without_the_graph_only_the_intervened_words_change(plain_run):
     from cfgen.data.shapes_text import graph, state
 
-    cfg = _config(models_dir, tmp_path, text={"intervene": ["shape"], "propagate": False, "csg": False})
-    _run(cfg, tmp_path / "run")
-    for s in _pairs(tmp_path / "run").values():
+    for s in _pairs(plain_run).values():
         meta = json.loads(s["json"])
         before = state(int(meta["factual_id"].split("-")[1]))
         record = json.loads(meta["edits"])
         assert record["propagated_changes"] == []
         assert s["cf.txt"].decode() == graph().caption(dict(before, shape=record["new_value"]))  # colour kept
-    rows = pq.read_table(tmp_path / "run" / "pairs" / "manifest.parquet").to_pylist()
+    rows = pq.read_table(plain_run / "pairs" / "manifest.parquet").to_pylist()
     assert all(r["mask_fraction"] is None for r in rows)  # unmasked regeneration
+
+
+def test_k_json_records_the_scale_each_edit_ran_at(models_dir, text_run, plain_run, tmp_path):
+    """guidance_scale is the scale the edit ran at: text.edit_scale with CSG; without CSG the reverse
+    follows the edited caption at 1.0 (e^ = eps(Y) + r_i + 1.0 * (eps(Y') - eps(Y))) whatever text.edit_scale
+    says. Checked on what each mode makes of one image at two edit scales: without CSG the same pairs, each
+    saying 1.0; with CSG other pairs, each saying its own scale."""
+    from cfgen.contract import INVERT
+    from cfgen.data.images import decode_image
+    from cfgen.data.sources import list_samples, load_class_names
+    from cfgen.models.loading import load_models
+    from cfgen.shards import npy_load, read_rows, read_samples
+    from cfgen.stages.common import config_grid
+    from cfgen.stages.guide import open_mode
+
+    for run_dir, scale in ((text_run[0], 2.0), (plain_run, 1.0)):  # both runs' text.edit_scale: 2.0
+        assert {json.loads(s["json"])["guidance_scale"] for s in _pairs(run_dir).values()} == {scale}
+        rows = pq.read_table(run_dir / "pairs" / "manifest.parquet").to_pylist()
+        assert {r["guidance_scale"] for r in rows} == {scale}
+
+    sample = next(iter(read_samples(INVERT.tar(plain_run, 0))))
+    row = next(r for r in read_rows(INVERT.rows(plain_run, 0)) if r["id"] == sample["__key__"])
+    factual = decode_image(sample["png"], 16, 3)[None]
+    noise = npy_load(sample["noise.npy"])[None]
+    made = {}
+    for csg in (False, True):
+        for edit_scale in (2.0, 7.0):
+            (tmp_path / f"{csg}{edit_scale}").mkdir()
+            cfg = _config(models_dir, tmp_path / f"{csg}{edit_scale}",
+                          text={"intervene": ["shape"], "csg": csg, "edit_scale": edit_scale})
+            models = made.get("models") or load_models(cfg)
+            made["models"] = models
+            mode = open_mode(cfg, load_class_names(cfg), list_samples(cfg))
+            made[csg, edit_scale] = mode.batch(models, config_grid(cfg, models.num_train_timesteps), [row], factual,
+                                               noise)
+    for edit_scale in (2.0, 7.0):
+        assert made[False, edit_scale].scale.tolist() == [1.0, 1.0]
+        assert made[True, edit_scale].scale.tolist() == [edit_scale, edit_scale]
+    assert np.array_equal(made[False, 2.0].cf, made[False, 7.0].cf)
+    assert not np.array_equal(made[True, 2.0].cf, made[True, 7.0].cf)
 
 
 def test_classifier_pairs_on_a_concept_source_record_do_label_and_get_concept_checks(models_dir, tmp_path):
@@ -311,7 +358,7 @@ def test_stable_diffusion_layout_runs_text_mode_with_no_code(tmp_path):
 
     from cfgen.data.shapes_text import graph
     from cfgen.models.classifier import NoiseAwareClassifier
-    from cfgen.random_models import bpe_tokenizer
+    from cfgen.bench.random_models import bpe_tokenizer
 
     g = graph()
     words = sorted({w for c in g.concepts for phrase in g.domains[c].values() for w in phrase.split()} | {"on"})

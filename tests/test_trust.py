@@ -215,7 +215,7 @@ def test_the_judge_is_fitted_on_the_source_whatever_the_run_processed(finished_r
     assert full["judge_fit_images"] == half["judge_fit_images"] == sum(s == "train" for _, s in splits)
     assert full["judge_heldout_images"] == half["judge_heldout_images"] == sum(s == "test" for _, s in splits)
     assert full["judge_heldout_accuracy"] == half["judge_heldout_accuracy"] > 0.9
-    from cfgen.report import write_report
+    from cfgen.report.page import write_report
 
     text = write_report(finished_run).read_text(encoding="utf-8")
     assert f"data source images it was fitted on</td><td class='num'>{full['judge_fit_images']}</td>" in text

@@ -27,7 +27,7 @@ WORDS = ["a", "photo", "of", "seven", "cat", "hot", "dog"]
 
 def _clip_tokenizer():
     """A CLIP BPE tokenizer whose merges spell each of WORDS as one token."""
-    from cfgen.random_models import bpe_tokenizer
+    from cfgen.bench.random_models import bpe_tokenizer
 
     return bpe_tokenizer(WORDS)
 

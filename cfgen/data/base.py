@@ -55,7 +55,7 @@ class SampleRef:
 class CausalModel:
     """A source whose data-generating process is known, asked per sample by its manifest `origin`.
 
-    With it a counterfactual can be checked against the TRUE one (quality.py): the same
+    With it a counterfactual can be checked against the TRUE one (cfgen/quality/measures.py): the same
     exogenous factors rendered under another class.
     """
 

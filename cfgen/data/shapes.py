@@ -31,7 +31,7 @@ defaults (3, 1.0) every factor and every pixel is what the 3-class renderer
 drew (tests/test_shapes.py checks it against a frozen copy of that code).
 
 `ShapesSource` is the data source; its `causal` model answers, for any sample,
-the renderings under every class and the causal region (quality.py, report.py).
+the renderings under every class and the causal region (cfgen/quality/measures.py, cfgen/report/page.py).
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ def read_concepts(image: np.ndarray, classes: int = 3) -> dict[str, str]:
 class ShapesTextCausal(CausalModel):
     """The renderer as the causal model over concepts, asked per sample by origin ('shapes-text:<i>').
 
-    As a CausalModel (quality.py, report.py) class k means do(shape = k-th shape): its true
+    As a CausalModel (cfgen/quality/measures.py, cfgen/report/page.py) class k means do(shape = k-th shape): its true
     counterfactual is repainted too. `intervene` answers do() on any concept.
     """
 

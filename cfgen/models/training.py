@@ -43,7 +43,7 @@ from cfgen.data.sources import list_samples, load_class_names, open_source
 from cfgen.device import pick_device
 from cfgen.diffusion import guided_reverse, invert, q_sample, timestep_grid
 from cfgen.errors import ModelLoadError
-from cfgen.metrics import l1
+from cfgen.quality.distances import l1
 from cfgen.models.classifier import SCHEDULE_FILE, NoiseAwareClassifier, schedule_record
 from cfgen.models.loading import load_codec, load_scheduler
 from cfgen.models.runtime import Models

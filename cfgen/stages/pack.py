@@ -13,9 +13,9 @@ and the dataset card README.md (cfgen/card.py). Pairs that fail a gate (pack.req
 max_recon_l1) are rows with status 'rejected', every failed gate in `error`, and
 are not written; stats.json counts them by first reason (`errors`) and by gate
 (`rejected_by_gate`). `flip_rate` is over the pairs whose do() changes the class; text mode's do()s that
-keep it (environment, size) are `class_kept_rate`'s. The quality columns of cfgen/quality.py are filled here
+keep it (environment, size) are `class_kept_rate`'s. The quality columns of cfgen/quality/measures.py are filled here
 for every guided pair, with edit_within_recon (l1 <= recon_l1; stats.json: edit_within_recon_rate)
-and cld (cfgen/cld.py, against the run's own factual images by class, read from the guide shards
+and cld (cfgen/quality/cld.py, against the run's own factual images by class, read from the guide shards
 once, when the first pair needs them; stats.json: mean_cld); where the source knows its causal model
 (shapes) stats.json adds oracle_flip_rate, truth_closer_rate, within_recon_bound_rate,
 mean_truth_l1, mean_outside_change.
@@ -32,15 +32,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfgen import distributed
-from cfgen.cld import References
+from cfgen.quality.cld import References
 from cfgen.config import Config
 from cfgen.card import write_card
 from cfgen.contract import GUIDE, IMAGE_EXTENSIONS, INVERT, PAIRS, ROW_SCHEMA, pair_json
 from cfgen.data.images import decode_image, encode_image
 from cfgen.data.sources import list_samples, load_class_names, open_source
-from cfgen.metrics import mean
+from cfgen.quality.distances import mean
 from cfgen.concepts import class_concept as concept_of_class
-from cfgen.quality import changed_fraction, concept_quality, edit_within_recon, gate_failures, pair_quality, rate
+from cfgen.quality.measures import changed_fraction, concept_quality, edit_within_recon, gate_failures, pair_quality, rate
 from cfgen.runstate import claim, require_upstream, run_lock
 from cfgen.shards import atomic_tar, atomic_write_json, read_rows, sample_digest
 from cfgen.stages.common import (advance, error_reason, finished_inputs, mark_unread, run_shards, samples_until_error,

@@ -21,13 +21,16 @@ Y' is a caption it knows (docs/text-interventions.md measures both).
 
 The reconstruction stored beside each pair is decode(encode(x0)): the text path's round trip is exact
 by construction (csg.py's r_i), so all a reconstruction can lose is the codec's (none for pixel models).
+Each pair's guidance_scale is the scale its edit ran at: text.edit_scale with CSG, 1.0 without (csg_params).
+
+`TextGuide` is this mode behind the guide stage's one interface (stages/guide_mode.py); the graph checks
+(load_graph, checked_graph) also serve the invert stage and `cfgen verify`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ from cfgen.csg import ConceptEdit, CSGParams, abduct, csg_reverse, recording_cro
 from cfgen.data.sources import open_source
 from cfgen.errors import ConfigError
 from cfgen.models.runtime import Models
+from cfgen.stages.guide_mode import BatchResult
 from cfgen.targets import sample_seed
 from cfgen.tensors import to_model_space, to_uint8
 
@@ -127,30 +131,64 @@ def edits_json(iv: Intervention) -> str:
     return json.dumps(iv.to_json(), sort_keys=True)
 
 
-@dataclass
-class TextGuideResult:
-    """Per pair, like guide.GuideResult: `source` indexes the batch's factual images."""
-    source: np.ndarray
-    interventions: list[Intervention]
-    captions: list[str]
-    cf_captions: list[str]
-    targets: np.ndarray      # cf_label: the class concept's value after the intervention (else the label)
-    recon: np.ndarray
-    cf: np.ndarray
-    p_cf: np.ndarray
-    flipped: np.ndarray      # the predictor's top class is cf_label (guide.verdicts: a flip, or the class kept)
-    finite: np.ndarray
-    mask_fraction: np.ndarray  # share of the image the edit could touch (the union of the last masks)
+class TextGuide:
+    """guide.mode = 'text' behind the guide stage's interface (stages/guide_mode.py): the pairs of each
+    sample's interventions. Built before any work: the graph is checked against the config and the data
+    (checked_graph), and each sample's concept state is kept by its id."""
+
+    def __init__(self, cfg: Config, classes: list[str], refs: list):
+        self.cfg, self.classes = cfg, classes
+        self.graph = checked_graph(cfg, refs)
+        self.states = {r.id: r.concepts for r in refs}
+        self.params = csg_params(cfg)
+
+    def refusal(self, row: dict) -> str | None:
+        return None  # every class may be intervened on: the do()s come from the graph, not from the label
+
+    def first_guess(self, steps: int) -> int:
+        """Its reconstruction's cost only: how many do()s an image gets is known when its state is."""
+        return steps
+
+    @torch.no_grad()
+    def batch(self, models: Models, grid: list[int], rows: list[dict], factual: np.ndarray,
+              noise: np.ndarray) -> BatchResult:
+        """Interventions on a batch of factual images (uint8 (B, H, W, C)); `noise` is not read: abduction
+        inverts each image under its own caption here, on the same grid."""
+        cfg, graph = self.cfg, self.graph
+        states = [self.states[r["id"]] for r in rows]
+        pairs = [(b, iv) for b, s in enumerate(states)
+                 for iv in plan(graph, s, cfg.text.intervene, cfg.guide.target, rows[b]["seed"], cfg.text.propagate)]
+        x0 = models.encode(to_model_space(torch.from_numpy(np.require(factual, requirements="W"))).to(models.device))
+        captions = [graph.caption(s) for s in states]
+        prompts = [_prompts(graph, iv, cfg.text.csg, cfg.text.edit_prompt) for _, iv in pairs]
+        cf, finite, share = _edit(models, grid, self.params, x0, captions, [b for b, _ in pairs], prompts,
+                                  factual.shape[1:], cfg.guide.batch_size)
+        cc = class_concept(graph, self.classes)
+        cf_labels = np.array([self.classes.index(iv.after[cc]) if cc else rows[b]["label"] for b, iv in pairs],
+                             dtype=np.int64)
+        p_cf, flipped = _judge(models, cf, cf_labels)
+        src = np.array([b for b, _ in pairs], dtype=np.int64)
+        fields = [{"id": pair_key(rows[b]["id"], iv), "intervention": intervention_text(iv), "edits": edits_json(iv),
+                   "caption": captions[b], "cf_caption": graph.caption(iv.after), "concept": iv.concept,
+                   "concepts_before": {c: iv.before[c] for c in graph.concepts},
+                   "concepts_after": {c: iv.after[c] for c in graph.concepts}} for b, iv in pairs]
+        recon = to_uint8(models.decode(x0))
+        return BatchResult(src, fields, cf_labels, recon[src], cf, np.full(len(pairs), self.params.edit_scale),
+                           p_cf, flipped & finite, finite & np.isfinite(p_cf), share if self.params.preserve else None)
 
 
 def csg_params(cfg: Config) -> CSGParams:
+    """The CSG settings of the run: text.*'s with CSG; without (text.csg = false), the reverse under the
+    edited caption Y' alone, everywhere: e^ = eps(Y) + r_i + 1.0 * (eps(Y') - eps(Y)) = eps(Y') + r_i, no
+    mask, nothing kept; so its edit scale is 1.0 whatever text.edit_scale says, and K.json records 1.0."""
     t = cfg.text
     if t.csg:
         return CSGParams(edit_scale=t.edit_scale, threshold=t.threshold, warmup=t.warmup, intersect=t.intersect,
                          preserve=t.preserve, edit_reference="base", mask_rule=t.mask_rule,
                          combine="mean" if t.edit_prompt == "counterfactual" else "sum")
-    # Y' alone, everywhere: e^ = eps(Y) + r_i + (eps(Y') - eps(Y)) = eps(Y') + r_i, no mask, nothing kept
-    return CSGParams(edit_scale=1.0, threshold=0.0, intersect=False, preserve=False, edit_reference="base")
+    # threshold 0: every mask rule keeps every pixel, so the one term acts everywhere
+    return CSGParams(edit_scale=1.0, threshold=0.0, warmup=0, intersect=False, preserve=False,
+                     edit_reference="base", mask_rule=t.mask_rule)
 
 
 def _prompts(graph: ConceptGraph, iv: Intervention, csg: bool, edit_prompt: str) -> list[tuple[str, str]]:
@@ -162,51 +200,29 @@ def _prompts(graph: ConceptGraph, iv: Intervention, csg: bool, edit_prompt: str)
     return [(graph.caption({**iv.before, e.concept: e.new}), graph.phrase(e.concept, e.new)) for e in iv.edits]
 
 
-@torch.no_grad()
-def text_guide_batch(models: Models, cfg: Config, graph: ConceptGraph, classes: list[str], grid: list[int],
-                     factual: np.ndarray, states: list[dict[str, str]], labels: list[int],
-                     seeds: list[int]) -> TextGuideResult:
-    """Interventions on a batch of factual images (uint8 (B, H, W, C)) with their concept states."""
-    params = csg_params(cfg)
-    cc = class_concept(graph, classes)
-    x0 = models.encode(to_model_space(torch.from_numpy(np.require(factual, requirements="W"))).to(models.device))
-    captions = [graph.caption(s) for s in states]
-    pairs = [(b, iv) for b, s in enumerate(states)
-             for iv in plan(graph, s, cfg.text.intervene, cfg.guide.target, seeds[b], cfg.text.propagate)]
-    prompts = [_prompts(graph, iv, cfg.text.csg, cfg.text.edit_prompt) for _, iv in pairs]
+def _edit(models: Models, grid: list[int], params: CSGParams, x0: torch.Tensor, captions: list[str],
+          source: list[int], prompts: list[list[tuple[str, str]]], image_shape: tuple[int, ...],
+          batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Abduction of the batch's images x0 under their captions, then one csg_reverse per group of pairs
+    (pair j: the image source[j], its terms' prompts[j]). Returns the uint8 counterfactuals, whether each
+    is finite, and the share of each the edit could touch (the union of its last masks)."""
     # every caption of the batch encoded once, to one length (zero rows pad: models/text.py)
     texts = sorted(set(captions) | {y for ps in prompts for y, _ in ps})
-    rows = dict(zip(texts, models.text_states(texts)))
-    tokenizer = models.text.tokenizer
-    length = next(iter(rows.values())).shape[0]
+    encoded = dict(zip(texts, models.text_states(texts)))
     eps = lambda x, t, emb: models.eps(x, t, emb)  # noqa: E731  (csg's TextEpsFn)
-    Y = torch.stack([rows[c] for c in captions])
+    Y = torch.stack([encoded[c] for c in captions])
     reference = abduct(eps, x0, Y, models.alphas_cumprod, grid, params)
-    recon = to_uint8(models.decode(x0))
-
-    n = len(pairs)
-    images = np.zeros((n, *factual.shape[1:]), dtype=np.uint8)
-    share = np.ones(n)
-    finite = np.ones(n, dtype=bool)
+    n = len(prompts)
+    images, share, finite = np.zeros((n, *image_shape), dtype=np.uint8), np.ones(n), np.ones(n, dtype=bool)
     # one csg_reverse per number of edit terms (pairs of a call share it; a do() may change 1 or more concepts)
     by_terms: dict[int, list[int]] = {}
     for j, ps in enumerate(prompts):
         by_terms.setdefault(len(ps), []).append(j)
     for terms, js in by_terms.items():
-        for lo in range(0, len(js), cfg.guide.batch_size):
-            part = js[lo: lo + cfg.guide.batch_size]
-            src = torch.tensor([pairs[j][0] for j in part], device=models.device)
-            edits, stacked = [], {}
-            for k in range(terms):
-                texts_k = tuple(prompts[j][k][0] for j in part)
-                # terms with the same prompts get the same tensor, which csg_reverse runs once
-                if texts_k not in stacked:
-                    stacked[texts_k] = torch.stack([rows[y] for y in texts_k])
-                emb = stacked[texts_k]
-                tokens = torch.zeros(len(part), length, dtype=torch.bool)
-                for r, j in enumerate(part):
-                    tokens[r, token_positions(tokenizer, *prompts[j][k])] = True
-                edits.append(ConceptEdit(emb, tokens))
+        for lo in range(0, len(js), batch_size):
+            part = js[lo: lo + batch_size]
+            src = torch.tensor([source[j] for j in part], device=models.device)
+            edits = _concept_edits(models, encoded, [prompts[j] for j in part], terms)
             if params.intersect and params.edit_scale:
                 with recording_cross_attention(models.unet) as store:
                     out = csg_reverse(eps, reference.select(src), Y[src], edits, models.alphas_cumprod, grid, params,
@@ -217,14 +233,35 @@ def text_guide_batch(models: Models, cfg: Config, graph: ConceptGraph, classes: 
             finite[part] = torch.isfinite(x).flatten(1).all(1).cpu().numpy()
             images[part] = to_uint8(x)
             share[part] = out.union.flatten(1).float().mean(1).cpu().numpy() if params.preserve else 1.0
-    cf_labels = np.array([classes.index(iv.after[cc]) if cc else labels[b] for b, iv in pairs], dtype=np.int64)
-    p_cf, flipped = np.full(n, np.nan), np.zeros(n, dtype=bool)
-    if n and models.classifier is not None:
-        probs = torch.softmax(models.predict(to_model_space(torch.from_numpy(images)).to(models.device)), dim=-1)
-        target = torch.from_numpy(cf_labels).to(probs.device)
-        p_cf = probs.gather(1, target[:, None]).squeeze(1).double().cpu().numpy()
-        flipped = (probs.argmax(1) == target).cpu().numpy()
-    src = np.array([b for b, _ in pairs], dtype=np.int64)
-    return TextGuideResult(src, [iv for _, iv in pairs], [captions[b] for b in src],
-                           [graph.caption(iv.after) for _, iv in pairs], cf_labels, recon[src], images, p_cf,
-                           flipped & finite, finite & np.isfinite(p_cf), share)
+    return images, finite, share
+
+
+def _concept_edits(models: Models, encoded: dict[str, torch.Tensor], prompts: list[list[tuple[str, str]]],
+                   terms: int) -> list[ConceptEdit]:
+    """The `terms` edit terms of a group of pairs (prompts: each pair's (Y_k, phrase) per term), their
+    prompts' encoder states stacked from `encoded` (caption -> states) and their words' token positions."""
+    tokenizer = models.text.tokenizer
+    length = next(iter(encoded.values())).shape[0]
+    edits, stacked = [], {}
+    for k in range(terms):
+        texts_k = tuple(ps[k][0] for ps in prompts)
+        # terms with the same prompts get the same tensor, which csg_reverse runs once
+        if texts_k not in stacked:
+            stacked[texts_k] = torch.stack([encoded[y] for y in texts_k])
+        tokens = torch.zeros(len(prompts), length, dtype=torch.bool)
+        for r, ps in enumerate(prompts):
+            tokens[r, token_positions(tokenizer, *ps[k])] = True
+        edits.append(ConceptEdit(stacked[texts_k], tokens))
+    return edits
+
+
+def _judge(models: Models, images: np.ndarray, cf_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """p(cf_label) on each stored counterfactual and whether it is the predictor's top class (guide.verdicts:
+    a flip, or the class kept); NaN and False without a predictor."""
+    n = len(images)
+    if not n or models.classifier is None:
+        return np.full(n, np.nan), np.zeros(n, dtype=bool)
+    probs = torch.softmax(models.predict(to_model_space(torch.from_numpy(images)).to(models.device)), dim=-1)
+    target = torch.from_numpy(cf_labels).to(probs.device)
+    p_cf = probs.gather(1, target[:, None]).squeeze(1).double().cpu().numpy()
+    return p_cf, (probs.argmax(1) == target).cpu().numpy()

@@ -35,14 +35,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cfgen import report_html as H
-from cfgen import report_plots
+from cfgen.report import html as H
+from cfgen.report import plots as report_plots
 from cfgen.config import Config, load_config
 from cfgen.contract import GUIDE, PAIRS
 from cfgen.data.images import decode_image
 from cfgen.data.sources import open_source
 from cfgen.errors import InputError
-from cfgen.quality import EDIT_WITHIN_RECON_WARN_RATE
+from cfgen.quality.measures import EDIT_WITHIN_RECON_WARN_RATE
 from cfgen.shards import read_samples
 
 SHEET_SIZE = 8          # pairs in the best / worst sheets
@@ -163,7 +163,7 @@ def changes_class(r: dict) -> bool:
 def judge_result(run_dir: Path) -> dict | None:
     """`cfgen evaluate`'s figures (RUN/evaluate/judge.json), with "stale": true when the pairs were packed
     again since; None when the judge has not been run."""
-    from cfgen.evaluate import manifest_digest, result_path
+    from cfgen.quality.judge_record import manifest_digest, result_path
 
     path = result_path(run_dir)
     if not path.is_file():

@@ -1,8 +1,8 @@
 """`make bench-gpu`: one guided DDIM step of real-sized recipes, random weights, no downloads.
 
-    python -m cfgen.gpu_bench                  # on the GPU: both recipes, batch sizes 1..32 (about 5 min on an H100)
-    python -m cfgen.gpu_bench --tiny           # the same code at toy sizes on the CPU (CI runs it)
-    python -m cfgen.gpu_bench --compile        # torch.compile the UNet; counts recompiles
+    python -m cfgen.bench.gpu                  # on the GPU: both recipes, batch sizes 1..32 (about 5 min on an H100)
+    python -m cfgen.bench.gpu --tiny           # the same code at toy sizes on the CPU (CI runs it)
+    python -m cfgen.bench.gpu --compile        # torch.compile the UNet; counts recompiles
 
 Recipes (shapes of the published models, weights random: compute depends on the shapes only):
 - `adm256`: an ADM-256-class pixel UNet (diffusers UNet2DModel, channels 256/256/512/512/1024/1024,
@@ -29,7 +29,7 @@ from dataclasses import replace
 
 import torch
 
-from cfgen.bench import FlopCount, bf16_peak
+from cfgen.bench.guide import FlopCount, bf16_peak
 from cfgen.device import synchronize, use_gpu_math
 from cfgen.diffusion import clean_log_prob_grad, log_prob_grad
 from cfgen.models.runtime import Models
@@ -198,7 +198,7 @@ def measure(recipe: str, batch: int, tiny: bool, device: torch.device, compile_u
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m cfgen.gpu_bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cfgen.bench.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (what CI runs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet and count recompiles")
     ap.add_argument("--recipes", default="adm256,sd15")

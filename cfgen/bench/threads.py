@@ -1,6 +1,6 @@
 """`make bench-threads`: does a thread setting survive a second job on the same cores?
 
-    python -m cfgen.thread_bench --config pipelines/digits.toml --limit 128
+    python -m cfgen.bench.threads --config pipelines/digits.toml --limit 128
 
 For each candidate setting it times `cfgen run` (invert + guide + pack) on the first --limit
 samples, once alone and then two copies side by side, and prints one table row: both wall

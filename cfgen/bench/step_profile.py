@@ -1,6 +1,6 @@
 """Where the guide compute's time goes: one guide batch under torch.profiler, added up by section.
 
-    from cfgen.step_profile import profile_guide, format_profile
+    from cfgen.bench.step_profile import profile_guide, format_profile
     print(format_profile(profile_guide(models, cfg, classes, grid, factual, noise, labels, seeds)))
 
 The sections are the labels of cfgen/sections.py. Top level (they do not overlap): choosing y*,
@@ -64,7 +64,7 @@ def profile_guide(models: Models, cfg: Config, classes, grid, factual: np.ndarra
     """One guide_batch on the given samples (one batch: the caller slices) under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cfgen.stages.guide import guide_batch
+    from cfgen.stages.classifier_guide import guide_batch
 
     cuda = models.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

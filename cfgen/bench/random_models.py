@@ -1,7 +1,7 @@
 """Random-weight models with the shapes of real ones, and an offline BPE tokenizer, for timing where
 no checkpoint can be downloaded: compute depends on the shapes only; their outputs mean nothing.
 
-    python -m cfgen.random_models /tmp/clip-b32    # a CLIP ViT-B/32-shaped CLIPModel + tokenizer
+    python -m cfgen.bench.random_models /tmp/clip-b32    # a CLIP ViT-B/32-shaped CLIPModel + tokenizer
     cfgen tune --config pipelines/digits.toml --bench --set tune.backend=transformers --set tune.vlm=/tmp/clip-b32
 """
 
@@ -40,7 +40,7 @@ def save_timing_clip(path: Path, words: tuple[str, ...] = ("a", "photo", "of", "
     For timing the cache on a realistically sized image encoder where no checkpoint can be
     downloaded: compute depends on the shapes only. Its accuracies mean nothing.
 
-        python -m cfgen.random_models /tmp/clip-b32
+        python -m cfgen.bench.random_models /tmp/clip-b32
         cfgen tune --config pipelines/digits.toml --bench --set tune.backend=transformers --set tune.vlm=/tmp/clip-b32
     """
     from transformers import CLIPConfig, CLIPModel

@@ -11,7 +11,7 @@ flip rate by an independent oracle (shapes: the renderer, quality.nearest_render
 other sources: `cfgen evaluate`'s judge, an RBF SVM fitted on the source's own images), mean L1
 factual -> counterfactual and, where the true counterfactual is known, the mean
 L1 to it, the share closer to it than to the factual image and the share of
-pixels changed outside the causal region, the mean CLD (cfgen/cld.py, against the swept factual
+pixels changed outside the causal region, the mean CLD (cfgen/quality/cld.py, against the swept factual
 images by class) and the share of pairs whose edit is no larger than the s = 0 round trip's
 error (l1 <= recon_l1). Writes RUN/sweep/sweep.json (which
 `cfgen report` draws as the flip-rate-vs-scale curve) and prints the table.
@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfgen.cld import References, batch_cld
+from cfgen.quality.cld import References, batch_cld
 from cfgen.config import Config
 from cfgen.contract import INVERT
 from cfgen.data.sources import load_class_names, open_source
 from cfgen.diffusion import MASK_SOURCES, inversion_trajectory
 from cfgen.errors import ConfigError, InputError
-from cfgen.evaluate import flat, reference_judge
-from cfgen.metrics import l1, mean
-from cfgen.quality import changed_fraction, edit_within_recon, pair_quality
+from cfgen.report.evaluate import flat, reference_judge
+from cfgen.quality.distances import l1, mean
+from cfgen.quality.measures import changed_fraction, edit_within_recon, pair_quality
 from cfgen.shards import atomic_write_json
 from cfgen.tensors import to_model_space
 
@@ -111,7 +111,7 @@ def run_sweep(cfg: Config, run_dir: Path, scales: list[float], limit: int = 300,
     """Rows per mask variant (`parse_masks`; default the configured mask): each scale alone, then escalation."""
     from cfgen.models.loading import load_models
     from cfgen.stages.common import config_grid
-    from cfgen.stages.guide import Localized, counterfactuals, edit_mask, guide_batch
+    from cfgen.stages.classifier_guide import Localized, counterfactuals, edit_mask, guide_batch
     from cfgen.stages.invert import run_invert
 
     if len(scales) < 1 or any(s < 0 for s in scales):

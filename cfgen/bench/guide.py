@@ -16,7 +16,7 @@ backwards, VAE passes, escalation included, and model FLOPs; UNet evaluations
 also per pair the pack gates keep, and with guide.mask = 'off' beside them), the
 achieved FLOP/s of the UNet forward and of the whole guided step (on a GPU in
 bf16, their share of the device's dense bf16 peak, MFU), and where one guide
-batch's time goes (cfgen/step_profile.py: UNet, predictor backward, mask,
+batch's time goes (cfgen/bench/step_profile.py: UNet, predictor backward, mask,
 escalation bookkeeping). The last line is one JSON object.
 """
 
@@ -40,9 +40,10 @@ from cfgen.data.sources import load_class_names
 from cfgen.models.loading import load_models
 from cfgen.models.runtime import Models
 from cfgen.stages.common import config_grid
-from cfgen.stages.guide import guide_batch, run_guide
+from cfgen.stages.classifier_guide import guide_batch
+from cfgen.stages.guide import run_guide
 from cfgen.stages.invert import Inverted, read_inverted, run_invert
-from cfgen.step_profile import format_profile, profile_guide
+from cfgen.bench.step_profile import format_profile, profile_guide
 
 # Dense (not sparse) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets, most specific
 # name first: torch.cuda.get_device_name says e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe",
@@ -219,8 +220,8 @@ def work_per_pair(models: Models, cfg: Config, classes, grid, samples: list[Inve
 
 def _kept(cfg: Config, factual: np.ndarray, res) -> int:
     """How many of a batch's pairs `cfgen pack` keeps: finite, and through the pack gates."""
-    from cfgen.metrics import l1
-    from cfgen.quality import gate_failures
+    from cfgen.quality.distances import l1
+    from cfgen.quality.measures import gate_failures
 
     p = cfg.pack
     return sum(bool(res.finite[j]) and not gate_failures(

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cfgen.card import write_card
 from cfgen.config import Config
 from cfgen.contract import PAIRS, image_keys
 from cfgen.data.images import decode_png
 from cfgen.errors import InputError
+from cfgen.quality.judge_record import manifest_digest, result_path
 from cfgen.shards import atomic_write_json, file_digest
 
 JUDGE_IMAGES = 2000
@@ -39,21 +41,8 @@ JUDGE_VALUES = 1 << 26
 """...and at most this many pixel values on each side (large images: the SVM holds them as float64)."""
 
 
-def result_path(run_dir: Path) -> Path:
-    """Where `cfgen evaluate` leaves its figures: outside pairs/, which readers open as a dataset."""
-    return Path(run_dir) / "evaluate" / "judge.json"
-
-
-def manifest_digest(run_dir: Path) -> str | None:
-    """sha256 of RUN/pairs/manifest.parquet: a re-pack changes it, so a reader can tell stale figures."""
-    manifest = PAIRS.dir(run_dir) / "manifest.parquet"
-    return file_digest(manifest) if manifest.is_file() else None
-
-
 def write_result(run_dir: Path, result: dict) -> Path:
     """judge.json, then the dataset card again: it quotes the judge's figure (cfgen/card.py)."""
-    from cfgen.card import write_card
-
     path = result_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**result, "manifest_sha256": manifest_digest(run_dir)})

@@ -21,9 +21,9 @@ state, propagated by the graph whatever the method knew of it (`concept_quality`
     descendants_ok     every descendant of c reads as the graph's mechanisms say (null: c has none)
     non_descendants_ok every other concept reads as in the factual state (null: there is none)
 and truth_l1 / truth_closer / within_recon_bound are taken against the rendering under do(c = v).
-CLD, the per-pair minimality score against the run's real images, is in cfgen/cld.py.
+CLD, the per-pair minimality score against the run's real images, is in cfgen/quality/cld.py.
 
-All images are uint8 (H, W, C); distances are in [0, 1] intensity units, as in cfgen.metrics.
+All images are uint8 (H, W, C); distances are in [0, 1] intensity units, as in cfgen.quality.distances.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from cfgen.data.base import CausalModel
-from cfgen.metrics import l1
+from cfgen.quality.distances import l1
 
 CHANGE_THRESHOLD = 0.1
 """A pixel 'changed' when some channel moved by more than this (in [0, 1]); the shapes noise
