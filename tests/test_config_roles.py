@@ -70,6 +70,33 @@ def test_path_fields_are_the_paths():
         ("text", "graph"), ("tune", "pairs"), ("tune", "cue_pairs"), ("tune", "vlm")}
 
 
+# Which settings each stage's fingerprint holds, written out here rather than read from the package: a field
+# that loses its Role (or gets another) changes what resumes, and this list is what catches it.
+EXPECTED_STAGE_KEYS = {
+    "invert": {("pipeline", "seed"), ("data", "source"), ("data", "use_split"), ("data", "image_size"),
+               ("data", "channels"), ("data", "shard_size"), ("data", "limit"), ("data", "repeat"),
+               ("data", "max_image_pixels"), ("data", "shapes_count"), ("data", "shapes_spurious"),
+               ("data", "shapes_classes"), ("data", "shapes_scale"), ("data", "only_classes"),
+               ("data", "class_limit"), ("model", "kind"), ("model", "prompt"), ("model", "dtype"),
+               ("invert", "steps"), ("invert", "t_inv"), ("guide", "mode")},
+    "guide": {("model", "predictor"), ("model", "clip_prompts"), ("model", "gradient"), ("guide", "target"),
+              ("guide", "top_k"), ("guide", "scale"), ("guide", "escalation"), ("guide", "confidence"),
+              ("guide", "mask"), ("guide", "mask_threshold"), ("guide", "mask_dilation"), ("guide", "mask_blur"),
+              ("guide", "mask_start"), ("text", "intervene"), ("text", "propagate"), ("text", "csg"),
+              ("text", "edit_scale"), ("text", "edit_prompt"), ("text", "threshold"), ("text", "warmup"),
+              ("text", "intersect"), ("text", "preserve"), ("text", "mask_rule")},
+    "pack": {("pack", "caption"), ("pack", "require_flip"), ("pack", "min_p_cf"), ("pack", "max_l1"),
+             ("pack", "max_recon_l1"), ("pack", "image_format"), ("pack", "image_quality")},
+}
+
+
+def test_each_stage_fingerprints_exactly_the_settings_written_out_here():
+    assert {stage: set(keys) for stage, keys in STAGE_KEYS.items()} == EXPECTED_STAGE_KEYS
+    for stage, keys in EXPECTED_STAGE_KEYS.items():  # and the fingerprint itself carries each of them
+        fp = fingerprint({"invert": INVERT, "guide": GUIDE, "pack": PAIRS}[stage], Config(), refs=[])
+        assert {f"{section}.{key}" for section, key in keys} <= set(fp["config"])
+
+
 def _other_value(cfg: Config, section: str, key: str):
     """A valid value other than the current one, whatever the field's type."""
     if (section, key) == ("data", "source"):
