@@ -33,7 +33,7 @@ from cfgen.config import Config
 from cfgen.data.base import SampleRef, Source
 from cfgen.errors import ConfigError, InputError
 from cfgen.tune.backends import VLM
-from cfgen.tune.features import PairFeatures, load_image_set, refs_fingerprint
+from cfgen.tune.features import ImageSet, PairFeatures, load_image_set, refs_fingerprint
 from cfgen.tune.losses import normalize
 
 
@@ -116,11 +116,8 @@ class CounterfactualFeatures:
         ids = [self.pairs.factual_ids[i] for i in idx]
         origins = pair_origins(ids, self.refs, self.shards)
         targets = [int(self.pairs.cf_label[i]) for i in idx]
-        fp = refs_fingerprint(self.cfg, [], extra=[(i, origins[i], y) for i, y in zip(ids, targets)])
-        loaders = [lambda o=origins[i], y=y: causal.true_counterfactual(o, y) for i, y in zip(ids, targets)]
-        images = load_image_set("true-cf", fp, ids, loaders, self.vlm, self.cache_dir, self.cfg.tune.encode_batch_size)
-        if images.skipped:
-            raise InputError(f"tune.cf_sources 'true': the causal model could not render {images.skipped[0]}")
+        images = encode_truths("true-cf", self.cfg, ids, origins, targets, causal.true_counterfactual, ids,
+                               self.vlm, self.cache_dir)
         self.stats["true"] = images.stats
         return {int(i): images.feat[k] for k, i in enumerate(idx)}
 
@@ -140,3 +137,16 @@ class CounterfactualFeatures:
         self.stats["nearest"] = {**images.stats, "candidates": len(images.ids)}
         self.nearest_ids.update({int(i): images.ids[b] for i, b in zip(idx, best)})
         return {int(i): images.feat[b] for i, b in zip(idx, best)}
+
+
+def encode_truths(name: str, cfg: Config, ids: list[str], origins: dict[str, str], dos: list, render,
+                  cache_ids: list[str], vlm, cache_dir) -> ImageSet:
+    """Features of the causal model's true counterfactuals, `render(origin, do)` for each pair (a class
+    flip's y*, a cue flip's (concept, value)), cached under a fingerprint of (factual id, origin, do). A
+    pair the model cannot render is an error: the true rows would silently compare other shots."""
+    fp = refs_fingerprint(cfg, [], extra=[(i, origins[i], d) for i, d in zip(ids, dos)])
+    loaders = [lambda o=origins[i], d=d: render(o, d) for i, d in zip(ids, dos)]
+    images = load_image_set(name, fp, cache_ids, loaders, vlm, cache_dir, cfg.tune.encode_batch_size)
+    if images.skipped:
+        raise InputError(f"tune.cf_sources 'true': the causal model could not render {images.skipped[0]}")
+    return images

@@ -33,7 +33,7 @@ from cfgen.config import Config
 from cfgen.data.base import SampleRef, Source
 from cfgen.errors import ConfigError, InputError
 from cfgen.tune.backends import VLM
-from cfgen.tune.cfsources import nearest_indices, pair_origins
+from cfgen.tune.cfsources import encode_truths, nearest_indices, pair_origins
 from cfgen.tune.features import PairFeatures, load_image_set, refs_fingerprint
 
 
@@ -102,12 +102,8 @@ class CueFlips:
         ids = [self.cue.factual_ids[r] for r in rows]
         origins = pair_origins(ids, self.refs, self.shards)
         dos = [self._do(int(r)) for r in rows]
-        fp = refs_fingerprint(self.cfg, [], extra=[(i, origins[i], d) for i, d in zip(ids, dos)])
-        loaders = [lambda o=origins[i], d=d: causal.intervene(o, *d)[0] for i, d in zip(ids, dos)]
-        images = load_image_set("true-cue", fp, [self.cue.ids[r] for r in rows], loaders, self.vlm, self.cache_dir,
-                                self.cfg.tune.encode_batch_size)
-        if images.skipped:
-            raise InputError(f"tune.cf_sources 'true': the causal model could not render {images.skipped[0]}")
+        images = encode_truths("true-cue", self.cfg, ids, origins, dos, lambda o, d: causal.intervene(o, *d)[0],
+                               [self.cue.ids[r] for r in rows], self.vlm, self.cache_dir)
         self.stats["true"] = images.stats
         return {int(r): images.feat[k] for k, r in enumerate(rows)}
 
