@@ -34,7 +34,7 @@ BENCH_VLM ?= models/shapes6/vlm
 BENCH_GPU_ARGS ?=
 BENCH_POOL ?= --set data.use_split=train --set 'data.only_classes=["circle", "square", "triangle"]' \
 	--set data.class_limit=40 --set pack.require_flip=true
-# The same pool's cue flips (issue 28): one do(environment) per image through the text path of
+# The same pool's cue flips (issue 28): each image in every other environment through the text path of
 # BENCH_TEXT_CONFIG (the captioned shapes6, models/shapes6-text), gates on (pack.require_flip holds a do()
 # that keeps the class to the class kept); tune reads them with the captioned source (same pixels, plus
 # the renderer's do(environment) for the true cue flips).
