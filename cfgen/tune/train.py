@@ -414,7 +414,7 @@ def prepare(cfg: Config, run_dir: Path, pairs: str | None, log: Callable[[str], 
         cue.prepare(cue_sources, np.concatenate(list(shots.values())))
         cfs.stats.update({f"{k} (cue flips)": v for k, v in cue.stats.items()})
         shot_rows = cue.expand(np.unique(np.concatenate(list(shots.values()))))[1]
-        log(f"cue flips: {sum(map(len, cue.of_image.values()))} of {len(cue.of_image)} images; the shots' images "
+        log(f"cue flips: {sum(map(len, cue.of_image.values()))} pairs of {len(cue.of_image)} images; the shots' images "
             f"have {int((shot_rows >= 0).sum())}")
     log("; ".join([(f"features: {len(data.ids)} pairs from {data.stats['shards']} shards "
                     f"({data.stats['cache_hits']} cached, {data.stats['cache_misses']} encoded), {int(pool.sum())} "
