@@ -204,13 +204,9 @@ def models_table(cfg: Config, digests: dict[str, str]) -> list[tuple[str, str]]:
     return out
 
 
-def card_text(cfg: Config, class_names: list[str], stats: dict, judge: dict | None = None,
-              digests: dict[str, str] | None = None, concepts: list[str] | None = None) -> str:
-    """The whole README.md."""
-    concepts = concepts or ["label"]
-    g, inv, p, t = cfg.guide, cfg.invert, cfg.pack, cfg.text
-    ext = IMAGE_EXTENSIONS[p.image_format]
-    image_desc = ("lossless PNG" if p.image_format == "png" else f"{p.image_format.upper()}, quality {p.image_quality}")
+def _creation(cfg: Config) -> tuple[str, str]:
+    """The card's "how the pairs were made": a paragraph, and the guide stage's rows of its settings table."""
+    g, t = cfg.guide, cfg.text
     ladder = " -> ".join(f"{s:g}" for s in [g.scale, *g.escalation])
     mask = "off (the whole image)" if g.mask == "off" else (
         f"{g.mask} (threshold {g.mask_threshold:g}, dilation {g.mask_dilation}, blur {g.mask_blur}, "
@@ -230,16 +226,12 @@ def card_text(cfg: Config, class_names: list[str], stats: dict, judge: dict | No
         " (action);\nthe reverse path under the edited caption"
         f"{f' with Causal Semantic Guidance (edit scale {t.edit_scale:g}, {t.mask_rule} masks at {t.threshold:g})' if t.csg else ''}"
         " (prediction).")
-    models = "\n".join(f"| {role} | {name} |" for role, name in models_table(cfg, digests or {}))
-    rows = "\n".join(f"| {k} | {v} |" for k, v in figures(cfg, stats, judge))
-    bullets = "\n".join(f"- {line}" for line in limitations(cfg, stats, judge))
-    body = f"""# {cfg.pipeline.name}: factual / counterfactual image pairs
+    return how, guided
 
-Pairs of images made by cfgen: the same image (background, style, pose) before and after
-an intervention on what it shows, {"its class changed by the smallest edit a classifier accepts" if g.mode == "classifier" else "do(concept = value) on its caption's concepts"}.
-{stats.get("pairs", 0)} pairs over {len(class_names)} classes: {", ".join(f"{i} {n}" for i, n in enumerate(class_names))}.
 
-## Dataset Structure
+def _structure(mode: str, ext: str, image_desc: str) -> str:
+    """The card's "Dataset Structure": the members of a pair, how to read them, what `json` holds."""
+    return f"""## Dataset Structure
 
 Each sample is a pair, one WebDataset sample in the `{PAIRS.prefix}-*.tar` shards:
 
@@ -249,7 +241,7 @@ Each sample is a pair, one WebDataset sample in the `{PAIRS.prefix}-*.tar` shard
 | `txt` | its caption |
 | `cls` | its class index |
 | `cf.{ext}` | the counterfactual image ({image_desc}) |
-| `cf.txt` | its caption{" (the edited caption)" if g.mode == "text" else ""} |
+| `cf.txt` | its caption{" (the edited caption)" if mode == "text" else ""} |
 | `cf.cls` | its class index |
 | `json` | per-pair metadata: {", ".join(PAIR_FIELDS)} |
 
@@ -274,7 +266,27 @@ schema (the propagated changes are an empty list on many pairs): `json.loads(pai
 `manifest.parquet` beside the shards has one row per pair (and per failed input), `origin` relative to the
 source's root; `stats.json` the run's summary; `sizes.json` the pairs per shard (open_clip).
 
-## Dataset Creation
+"""
+
+
+def card_text(cfg: Config, class_names: list[str], stats: dict, judge: dict | None = None,
+              digests: dict[str, str] | None = None, concepts: list[str] | None = None) -> str:
+    """The whole README.md."""
+    concepts = concepts or ["label"]
+    g, inv, p = cfg.guide, cfg.invert, cfg.pack
+    ext = IMAGE_EXTENSIONS[p.image_format]
+    image_desc = ("lossless PNG" if p.image_format == "png" else f"{p.image_format.upper()}, quality {p.image_quality}")
+    how, guided = _creation(cfg)
+    models = "\n".join(f"| {role} | {name} |" for role, name in models_table(cfg, digests or {}))
+    rows = "\n".join(f"| {k} | {v} |" for k, v in figures(cfg, stats, judge))
+    bullets = "\n".join(f"- {line}" for line in limitations(cfg, stats, judge))
+    body = f"""# {cfg.pipeline.name}: factual / counterfactual image pairs
+
+Pairs of images made by cfgen: the same image (background, style, pose) before and after
+an intervention on what it shows, {"its class changed by the smallest edit a classifier accepts" if g.mode == "classifier" else "do(concept = value) on its caption's concepts"}.
+{stats.get("pairs", 0)} pairs over {len(class_names)} classes: {", ".join(f"{i} {n}" for i, n in enumerate(class_names))}.
+
+{_structure(g.mode, ext, image_desc)}## Dataset Creation
 
 {how}
 

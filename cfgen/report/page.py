@@ -329,6 +329,39 @@ def _write_cards(out: Path, cfg: Config, run_dir: Path, wanted: list[dict], clas
 
 # ----------------------------------------------------------------------------- the page
 
+def _sheets(rows: list[dict], stats: dict, sheets: dict, cards: dict, classes: list[str], has_truth: bool,
+            text: bool) -> list[str]:
+    """The page's image sheets: one pair per class pair, the best, the worst, then the rejected and failed."""
+    parts: list[str] = []
+    panel_legend = ("Each card: factual | s = 0 round trip (the model's reconstruction without guidance) | "
+                    "counterfactual | |counterfactual − factual| (max over channels, black 0 .. yellow 1)"
+                    + (" | true counterfactual" if has_truth else "") + f"; every image shown {H.DISPLAY_PX} px.")
+    if has_truth:
+        best_by = "valid for the oracle and closer to the truth, smallest L1 to the true counterfactual"
+        worst_by = "largest L1 to the true counterfactual"
+    else:
+        best_by, worst_by = "flipped pairs with the smallest L1", "the lowest p(y*)"
+    n_class_pairs = len({(r["label"], r["cf_label"], r.get("concept") or "") for r in rows
+                         if r["cf_label"] is not None and r["l1"] is not None and r["status"] == "ok"})
+    capped = f" (the first {CLASS_PAIR_CARDS} of {n_class_pairs})" if n_class_pairs > CLASS_PAIR_CARDS else ""
+    per = "class pair and intervened concept" if text else "class pair"
+    for key, title in (("class_pairs", f"One pair per {per} (the median-L1 example){capped}"),
+                       ("best", f"Best {SHEET_SIZE}: {best_by}"), ("worst", f"Worst {SHEET_SIZE}: {worst_by}")):
+        parts += [f"<h2>{H.esc(title)}</h2>", H.legend(panel_legend), "<div class='sheet'>"]
+        parts += [cards[r["id"]] for r in sheets[key] if r["id"] in cards]
+        parts.append("</div>")
+
+    parts += [f"<h2>Rejected pairs ({stats['rejected']})</h2>",
+              H.legend("Guided, but not written: they failed a pack gate (pack.min_p_cf, max_l1, max_recon_l1, "
+                       f"require_flip). The first {REJECTED_CARDS} with their images, then all of them listed.")]
+    if sheets["rejected"]:
+        parts += ["<div class='sheet'>"] + [cards[r["id"]] for r in sheets["rejected"] if r["id"] in cards] + ["</div>"]
+    parts += [H.rejected_list(rows, classes), f"<h2>Failed inputs ({stats['failed']})</h2>", H.failed_list(rows)]
+
+    return parts
+
+
+
 def write_report(run_dir: Path) -> Path:
     """Write RUN/report/ (replacing an old one); returns the path of report.html."""
     from cfgen.data.sources import load_class_names
@@ -392,31 +425,7 @@ def write_report(run_dir: Path) -> Path:
                        "round trip does."),
               "<img class='plot' src='histograms.png' alt='histograms'>"]
 
-    panel_legend = ("Each card: factual | s = 0 round trip (the model's reconstruction without guidance) | "
-                    "counterfactual | |counterfactual − factual| (max over channels, black 0 .. yellow 1)"
-                    + (" | true counterfactual" if has_truth else "") + f"; every image shown {H.DISPLAY_PX} px.")
-    if has_truth:
-        best_by = "valid for the oracle and closer to the truth, smallest L1 to the true counterfactual"
-        worst_by = "largest L1 to the true counterfactual"
-    else:
-        best_by, worst_by = "flipped pairs with the smallest L1", "the lowest p(y*)"
-    n_class_pairs = len({(r["label"], r["cf_label"], r.get("concept") or "") for r in rows
-                         if r["cf_label"] is not None and r["l1"] is not None and r["status"] == "ok"})
-    capped = f" (the first {CLASS_PAIR_CARDS} of {n_class_pairs})" if n_class_pairs > CLASS_PAIR_CARDS else ""
-    per = "class pair and intervened concept" if text else "class pair"
-    for key, title in (("class_pairs", f"One pair per {per} (the median-L1 example){capped}"),
-                       ("best", f"Best {SHEET_SIZE}: {best_by}"), ("worst", f"Worst {SHEET_SIZE}: {worst_by}")):
-        parts += [f"<h2>{H.esc(title)}</h2>", H.legend(panel_legend), "<div class='sheet'>"]
-        parts += [cards[r["id"]] for r in sheets[key] if r["id"] in cards]
-        parts.append("</div>")
-
-    parts += [f"<h2>Rejected pairs ({stats['rejected']})</h2>",
-              H.legend("Guided, but not written: they failed a pack gate (pack.min_p_cf, max_l1, max_recon_l1, "
-                       f"require_flip). The first {REJECTED_CARDS} with their images, then all of them listed.")]
-    if sheets["rejected"]:
-        parts += ["<div class='sheet'>"] + [cards[r["id"]] for r in sheets["rejected"] if r["id"] in cards] + ["</div>"]
-    parts += [H.rejected_list(rows, classes), f"<h2>Failed inputs ({stats['failed']})</h2>", H.failed_list(rows)]
-
+    parts += _sheets(rows, stats, sheets, cards, classes, has_truth, text)
     parts.append("<h2>Flip rate vs guidance scale</h2>")
     if sweep:
         parts += ["<img class='plot' src='flip_vs_scale.png' alt='flip rate vs scale'>", H.sweep_table(sweep)]
