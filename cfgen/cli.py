@@ -440,9 +440,22 @@ def main() -> None:
     from cfgen.threads import prepare_environment
 
     prepare_environment()  # before torch is imported: OpenMP reads its wait policy when it loads
+    # the handlers are main's alone: restored when it returns, so that a caller running main in its own
+    # process (the tests) keeps its own
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: keep it so
+    if before[signal.SIGINT] is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: keep it so
         signal.signal(signal.SIGINT, _on_signal)
+    try:
+        _run_app()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def _run_app() -> None:
+    import signal
+
     try:
         code = app(standalone_mode=False, prog_name="cfgen")  # returns typer.Exit's code instead of exiting
         if isinstance(code, int) and code:

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -314,6 +315,15 @@ def seed_workers(t: TuneConfig, device: torch.device) -> int:
 _FORKED: tuple = ()  # (setup, log): what a forked worker inherits (run_seeds)
 
 
+def _worker_signals() -> None:
+    """A forked worker's signals: SIGTERM kills it (Pool.terminate's way of ending it) and Ctrl-C is the
+    parent's to handle. Why: a fork inherits `cfgen`'s handlers, which turn SIGTERM into an exception; a
+    worker that took one while holding the pool's task-queue lock died holding it, and the other worker
+    and the parent's join then waited forever (a test run hung so)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _learner_job(job: tuple[int, str]) -> dict:
     setup, log = _FORKED
     return train_learner(setup, job[0], job[1], log)
@@ -334,8 +344,10 @@ def run_seeds(setup: "TuneSetup", log: Callable[[str], None], workers: int) -> l
         log(f"{len(jobs)} (seed, learner) jobs in {workers} processes of one thread each (tune.workers)")
         try:  # the longest learners first, so that no process is left with one long job at the end
             order = sorted(range(len(jobs)), key=lambda i: LEARNER_COST.get(jobs[i][1], 1), reverse=True)
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
                 out = pool.map(_learner_job, [jobs[i] for i in order], chunksize=1)
+                pool.close()  # the workers end on the queue's sentinel, not on a signal (the exit's terminate)
+                pool.join()
             done = [None] * len(jobs)
             for i, r in zip(order, out):
                 done[i] = r
