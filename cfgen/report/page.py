@@ -357,9 +357,7 @@ def _sheets(rows: list[dict], stats: dict, sheets: dict, cards: dict, classes: l
     if sheets["rejected"]:
         parts += ["<div class='sheet'>"] + [cards[r["id"]] for r in sheets["rejected"] if r["id"] in cards] + ["</div>"]
     parts += [H.rejected_list(rows, classes), f"<h2>Failed inputs ({stats['failed']})</h2>", H.failed_list(rows)]
-
     return parts
-
 
 
 def write_report(run_dir: Path) -> Path:
