@@ -11,10 +11,9 @@ import typing
 import pytest
 
 from cfgen.config import PATH_FIELDS, Config, GuideConfig, field_roles
-from cfgen.contract import GUIDE, INVERT, PAIRS
-from cfgen.runstate import STAGE_KEYS, fingerprint
+from cfgen.runstate import ORDER, STAGE_KEYS, fingerprint
 
-STAGES = (INVERT, GUIDE, PAIRS)
+STAGES = ORDER  # the stages' handles for fingerprint(); their names and order are spelled out below
 
 
 def _leaves():
@@ -91,9 +90,10 @@ EXPECTED_STAGE_KEYS = {
 
 
 def test_each_stage_fingerprints_exactly_the_settings_written_out_here():
+    assert [s.name for s in STAGES] == ["invert", "guide", "pack"]  # the commands, in the order they run
     assert {stage: set(keys) for stage, keys in STAGE_KEYS.items()} == EXPECTED_STAGE_KEYS
     for stage, keys in EXPECTED_STAGE_KEYS.items():  # and the fingerprint itself carries each of them
-        fp = fingerprint({"invert": INVERT, "guide": GUIDE, "pack": PAIRS}[stage], Config(), refs=[])
+        fp = fingerprint(next(s for s in STAGES if s.name == stage), Config(), refs=[])
         assert {f"{section}.{key}" for section, key in keys} <= set(fp["config"])
 
 
