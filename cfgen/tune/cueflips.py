@@ -115,13 +115,18 @@ class CueFlips:
         images = load_image_set(f"nearest-cue-not-{eval_split}", fp, [r.id for r in cands], [r.load for r in cands],
                                 self.vlm, self.cache_dir, self.cfg.tune.encode_batch_size)
         by_id = {r.id: r for r in cands}
+        cand_ids = np.array(images.ids)
+        cand_label = np.array([by_id[i].label for i in images.ids])
+        cand_value: dict[str, np.ndarray] = {}  # concept -> each candidate's value, built once per concept
         out = {}
         for r in rows:
             concept, value = self._do(int(r))
+            if concept not in cand_value:
+                cand_value[concept] = np.array([by_id[i].concepts.get(concept) for i in images.ids], dtype=object)
             y = int(self.cue.label[r])
             # the candidates of class y with the do()'s value, coded as 'class' y vs anything else
-            keep = np.array([by_id[i].label == y and by_id[i].concepts.get(concept) == value for i in images.ids])
-            if not (keep & (np.array(images.ids) != self.cue.factual_ids[r])).any():
+            keep = (cand_label == y) & (cand_value[concept] == value)
+            if not (keep & (cand_ids != self.cue.factual_ids[r])).any():
                 raise InputError(f"tune.cf_sources 'nearest': no real image of class {y} with {concept} = {value!r} "
                                  f"outside the evaluation split to pair with {self.cue.factual_ids[r]}")
             best = nearest_indices(self.cue.feat[[int(r)]], [self.cue.factual_ids[r]], np.array([1]), images.feat,
